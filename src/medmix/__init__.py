@@ -1,0 +1,29 @@
+"""medmix: train, evaluate, explain and serve medical image classifiers on CPUs.
+
+>>> import medmix
+>>> result = medmix.train(dataset="breastmnist", epochs=5)          # a run directory with best_model.pth
+>>> medmix.evaluate(result.run_dir, split="test")["acc"]
+>>> medmix.Predictor(result.run_dir).predict(["image.png"])[0]["label"]
+"""
+__version__ = "0.1.0"
+
+from .errors import MedmixError  # noqa: E402
+
+
+def __getattr__(name: str):  # lazy: `import medmix` stays cheap for the CLI's --help
+    if name in ("train", "TrainConfig", "TrainResult"):
+        from . import engine
+
+        return getattr(engine, name)
+    if name == "evaluate":
+        from .evaluate import evaluate
+
+        return evaluate
+    if name == "Predictor":
+        from .predict import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'medmix' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "MedmixError", "train", "TrainConfig", "TrainResult", "evaluate", "Predictor"]

@@ -1,0 +1,201 @@
+"""The ``medmix`` command: parses arguments, calls the library, prints. No logic of its own.
+
+Library errors (:class:`medmix.errors.MedmixError`) become one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import MedmixError
+
+
+def _print_json(obj: Any) -> None:
+    from .engine import _jsonable
+
+    print(json.dumps(_jsonable(obj), indent=2))
+
+
+def cmd_datasets(a: argparse.Namespace) -> None:
+    from .catalog import dataset_table
+
+    rows = dataset_table(a.data_dir)
+    if a.json:
+        return _print_json(rows)
+    print(f"{'dataset':<16} {'task':<26} {'ch':>2} {'classes':>7} {'train/val/test':>22}  local")
+    for r in rows:
+        sizes = "/".join(str(r["split_sizes"][k]) for k in ("train", "val", "test")) if r["split_sizes"] \
+            else f"{r['n_images']} -> 70/15/15" if r.get("n_images") else "70/15/15 split"
+        local = ", ".join(str(s) for s in r["local_sizes"]) or "-"
+        print(f"{r['name']:<16} {r['task']:<26} {r['n_channels']:>2} {r['n_classes'] or '?':>7} {sizes:>22}  {local}")
+    print(f"\ndata dir: {rows[0]['data_dir'] if rows else '-'}  (--data-dir or $MEDMIX_DATA)")
+
+
+def cmd_models(a: argparse.Namespace) -> None:
+    from .catalog import model_table
+
+    rows = model_table(a.img_size, a.in_chans, a.num_classes)
+    if a.json:
+        return _print_json(rows)
+    print(f"{'model':<22} {'family':<16} {'params':>9} {'MMACs@' + str(a.img_size):>12}  paper")
+    for r in rows:
+        macs = f"{r['macs'] / 1e6:.1f}" if r["macs"] is not None else "n/a"
+        print(f"{r['name']:<22} {r['family']:<16} {r['params'] / 1e6:8.2f}M {macs:>12}  {r['paper']}")
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from .engine import TrainConfig, set_threads, train
+
+    set_threads()
+    cfg = TrainConfig(dataset=a.dataset, data_dir=a.data_dir, size=a.size, img_size=a.img_size, model=a.model,
+                      epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
+                      optimizer=a.optimizer, schedule=a.schedule, loss=a.loss, alpha=a.alpha, margin=a.margin,
+                      ordinal_variant=a.ordinal_variant, label_smoothing=a.label_smoothing, augment=a.augment,
+                      patience=a.patience, monitor=a.monitor, precision=a.precision, seed=a.seed, out=a.out,
+                      overwrite=a.overwrite, download=a.download, drop_rate=a.drop_rate,
+                      drop_path_rate=a.drop_path_rate, quiet=a.quiet or a.json)
+    result = train(cfg)
+    if a.json:
+        return _print_json(result.summary())
+    from .report import format_metrics
+
+    print(format_metrics(result.test, f"test split, best epoch {result.best_epoch} "
+                                            f"({result.seconds:.0f} s of training):"))
+    print(f"run directory: {result.run_dir}")
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from .engine import set_threads
+    from .evaluate import evaluate
+    from .report import format_metrics
+
+    set_threads()
+    m = evaluate(a.checkpoint, data_dir=a.data_dir, split=a.split, out=a.out, precision=a.precision)
+    if a.json:
+        return _print_json(m)
+    print(format_metrics(m, f"{m['dataset']} {m['split']} split, {m['model']}:"))
+    if m.get("confusion_png"):
+        print(f"confusion matrix: {m['confusion_png']}")
+
+
+def cmd_predict(a: argparse.Namespace) -> None:
+    from .predict import Predictor, format_prediction
+
+    results = Predictor(a.checkpoint, threshold=a.threshold).predict(a.images, top_k=a.top_k)
+    if a.json:
+        return _print_json(results)
+    print("\n\n".join(format_prediction(r) for r in results))
+
+
+def cmd_quickstart(a: argparse.Namespace) -> None:
+    from .engine import set_threads
+    from .quickstart import quickstart
+
+    set_threads()
+    quickstart(out=a.out, epochs=a.epochs, quiet=a.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medmix", description="Medical image classification on CPUs.")
+    p.add_argument("--version", action="version", version=f"medmix {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def data_dir(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data-dir", default=None, help="folder with the dataset files (default $MEDMIX_DATA, "
+                                                         "else medmnist's ~/.medmnist)")
+
+    s = sub.add_parser("datasets", help="list known datasets and whether their files are present")
+    data_dir(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_datasets)
+
+    s = sub.add_parser("models", help="list models with parameters and MACs")
+    s.add_argument("--img-size", type=int, default=28)
+    s.add_argument("--in-chans", type=int, default=1)
+    s.add_argument("--num-classes", type=int, default=2)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("train", help="train a model and evaluate it on the test split")
+    s.add_argument("--dataset", required=True, help="a dataset name (see `medmix datasets`), a class-folder "
+                                                    "directory or an npz file")
+    data_dir(s)
+    s.add_argument("--size", type=int, default=28, choices=(28, 64, 128, 224), help="MedMNIST file size")
+    s.add_argument("--img-size", type=int, default=None, help="model input side (default: stored image size)")
+    s.add_argument("--model", default="hybrid_mixer_small")
+    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--weight-decay", type=float, default=0.0)
+    s.add_argument("--optimizer", choices=("adam", "adamw"), default="adam")
+    s.add_argument("--schedule", choices=("cosine", "step", "none"), default="cosine")
+    s.add_argument("--loss", choices=("ce", "nll", "bce", "ordinal"), default=None,
+                   help="default: ce (single label) or bce (multi-label)")
+    s.add_argument("--alpha", type=float, default=0.2, help="ordinal loss: weight of the rank loss")
+    s.add_argument("--margin", type=float, default=0.1, help="ordinal loss: ranking margin")
+    s.add_argument("--ordinal-variant", choices=("peaked", "printed"), default="peaked")
+    s.add_argument("--label-smoothing", type=float, default=0.0)
+    s.add_argument("--augment", default=None, help="augmentation policy (default by dataset): "
+                                                   "none, radiology, ultrasound, rotation_free, rotate_flip_zoom")
+    s.add_argument("--drop-rate", type=float, default=0.0)
+    s.add_argument("--drop-path-rate", type=float, default=0.0)
+    s.add_argument("--patience", type=int, default=10, help="early stopping: epochs without val improvement")
+    s.add_argument("--monitor", choices=("auto", "acc", "auc", "loss", "f1"), default="auto",
+                   help="validation metric that picks the best epoch (auto: AUC for binary/multi-label, else ACC)")
+    s.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 autocast where the CPU has native bf16, else fp32")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<model>-s<seed>-<time>)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    s.add_argument("--download", action="store_true", help="download a missing MedMNIST file (needs internet)")
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="metrics of a checkpoint on a split")
+    s.add_argument("checkpoint", help="best_model.pth or a run directory")
+    data_dir(s)
+    s.add_argument("--split", choices=("train", "val", "test"), default="test")
+    s.add_argument("--out", default=None, help="write the confusion matrix PNG here")
+    s.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("predict", help="classify images with a checkpoint")
+    s.add_argument("checkpoint", help="best_model.pth or a run directory")
+    s.add_argument("images", nargs="+", help="PNG/JPEG/TIFF/BMP files or .npy arrays")
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--threshold", type=float, default=None, help="multi-label decision threshold")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("quickstart", help="train, evaluate and predict on the embedded BreastMNIST")
+    s.add_argument("--out", default="runs/quickstart")
+    s.add_argument("--epochs", type=int, default=40)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_quickstart)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MedmixError as e:
+        print(f"medmix: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medmix: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

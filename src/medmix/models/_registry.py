@@ -1,0 +1,80 @@
+"""One registry for every model: ``register_model`` decorates a builder, ``create_model`` calls it.
+
+A builder takes the uniform keyword arguments ``num_classes``, ``in_chans``, ``img_size``, ``drop_rate`` and
+``drop_path_rate`` (plus its own extras) and returns an ``nn.Module`` whose ``forward`` returns logits and which
+has ``forward_features(x)`` and ``forward_head(x, pre_logits=False)``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+from ..errors import ConfigError, UnknownNameError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    builder: Callable[..., nn.Module]
+    family: str
+    paper: str = ""
+    description: str = ""
+    default_img_size: int = 28
+    min_img_size: int = 28
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+_MODELS: dict[str, ModelInfo] = {}
+
+
+def register_model(
+    *, family: str, paper: str = "", description: str = "", default_img_size: int = 28, min_img_size: int = 28,
+    tags: tuple[str, ...] = (),
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register ``fn`` under its function name."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = fn.__name__
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} registered twice")
+        _MODELS[name] = ModelInfo(name, fn, family, paper, description or (fn.__doc__ or "").strip().split("\n")[0],
+                                  default_img_size, min_img_size, tuple(tags))
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def model_info(name: str) -> ModelInfo:
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise UnknownNameError("model", name, list(_MODELS)) from None
+
+
+def create_model(
+    name: str, *, num_classes: int = 2, in_chans: int = 1, img_size: int = 28, drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0, **kwargs,
+) -> nn.Module:
+    """Build a registered model. Unknown names raise :class:`UnknownNameError` listing the known ones."""
+    info = model_info(name)
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    if in_chans < 1:
+        raise ConfigError(f"in_chans must be >= 1, got {in_chans}")
+    if img_size < info.min_img_size:
+        raise ConfigError(f"model {name!r} needs img_size >= {info.min_img_size}, got {img_size}")
+    params = inspect.signature(info.builder).parameters
+    unknown = [k for k in kwargs if k not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values())]
+    if unknown:
+        raise ConfigError(f"model {name!r} does not take {', '.join(unknown)}")
+    model = info.builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size, drop_rate=drop_rate,
+                         drop_path_rate=drop_path_rate, **kwargs)
+    model.medmix_name = name  # type: ignore[attr-defined]
+    return model

@@ -1,0 +1,175 @@
+"""HybridCNN with a Global Token Mixer.
+
+After Ananth Angel et al., "Hybrid Convolutional Neural Network with Global Token Mixer for Medical Image
+Classification": a convolutional backbone extracts local features, the feature map is cut into patches, each
+patch is embedded linearly as a token, MLPs with GELU mix information across *all* tokens, the tokens are
+average-pooled and a linear layer classifies. The paper gives no widths or depths; the token mixer here is the
+MLP-Mixer block (token-mixing MLP across tokens, then channel-mixing MLP across features, each with LayerNorm and
+a residual), which is what "MLP with GELU across all tokens" describes.
+
+Shape of the model::
+
+    ConvStage (conv3x3-BN-GELU x2, maxpool /2)  x2      -> B x C x H/4 x W/4
+    PatchEmbed (conv k=p, s=p == cut into p x p patches + shared linear)  -> B x N x D, N = (H/4p)^2
+    MixerBlock x depth                                   -> B x N x D
+    LayerNorm, mean over tokens, dropout, Linear         -> logits
+
+The patch size defaults to the one that gives a token grid of about 7 x 7 at the configured ``img_size``
+(1 at 28 px, 2 at 64 px, 8 at 224 px). The model returns logits: the paper's LogSoftmax + NLL is the
+``--loss nll`` option of the trainer and equals cross-entropy on these logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, Mlp, trunc_normal_
+
+from ..errors import ConfigError
+from ._registry import register_model
+
+__all__ = ["ConvStage", "PatchEmbed", "MixerBlock", "HybridMixer", "hybrid_mixer_small", "hybrid_mixer_base"]
+
+_PAPER = "Ananth Angel et al., Hybrid CNN with Global Token Mixer for Medical Image Classification"
+
+
+class ConvStage(nn.Module):
+    """``depth`` x (conv3x3 -> BatchNorm -> GELU), then 2x2 max pooling."""
+
+    def __init__(self, in_chs: int, out_chs: int, depth: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Conv2d(in_chs if i == 0 else out_chs, out_chs, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(out_chs), nn.GELU()]
+        self.convs = nn.Sequential(*layers)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.convs(x))
+
+
+class PatchEmbed(nn.Module):
+    """Cut a feature map into ``patch_size`` squares and embed each linearly (a strided conv does exactly that)."""
+
+    def __init__(self, in_chs: int, embed_dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chs, embed_dim, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # B, N, D
+
+
+class MixerBlock(nn.Module):
+    """Token mixing across all tokens, then channel mixing, both MLPs with GELU, pre-norm and residual."""
+
+    def __init__(self, dim: int, num_tokens: int, token_mlp_ratio: float = 0.5, channel_mlp_ratio: float = 4.0,
+                 drop: float = 0.0, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.mlp_tokens = Mlp(num_tokens, max(8, int(num_tokens * token_mlp_ratio)), act_layer=nn.GELU, drop=drop)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp_channels = Mlp(dim, int(dim * channel_mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
+        return x + self.drop_path(self.mlp_channels(self.norm2(x)))
+
+
+def auto_patch_size(feature_size: int, target_grid: int = 7) -> int:
+    """The patch size whose grid over a ``feature_size`` map is closest to ``target_grid`` tokens per side."""
+    return max(1, round(feature_size / target_grid))
+
+
+class HybridMixer(nn.Module):
+    """Conv backbone -> patch tokens -> global token mixer -> average pool -> linear head."""
+
+    def __init__(self, *, num_classes: int = 2, in_chans: int = 1, img_size: int = 28,
+                 conv_widths: tuple[int, ...] = (32, 64), conv_depth: int = 2, embed_dim: int = 128,
+                 depth: int = 4, patch_size: int | None = None, token_mlp_ratio: float = 0.5,
+                 channel_mlp_ratio: float = 4.0, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img_size
+        self.num_features = self.embed_dim = embed_dim
+        stages, chs = [], in_chans
+        for w in conv_widths:
+            stages.append(ConvStage(chs, w, conv_depth))
+            chs = w
+        self.backbone = nn.Sequential(*stages)
+        self.reduction = 2 ** len(conv_widths)
+        feat = img_size // self.reduction
+        if feat < 1:
+            raise ConfigError(f"img_size {img_size} is too small for {len(conv_widths)} pooling stages")
+        self.patch_size = patch_size or auto_patch_size(feat)
+        self.grid_size = feat // self.patch_size
+        if self.grid_size < 1:
+            raise ConfigError(f"patch_size {self.patch_size} is larger than the {feat}x{feat} feature map")
+        self.num_tokens = self.grid_size ** 2
+        self.patch_embed = PatchEmbed(chs, embed_dim, self.patch_size)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(*[MixerBlock(embed_dim, self.num_tokens, token_mlp_ratio, channel_mlp_ratio,
+                                                 drop=0.0, drop_path=dpr[i]) for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def gradcam_layer(self) -> nn.Module:
+        """The last convolutional stage: its output is the 2D map the tokens are cut from."""
+        return self.backbone[-1]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ConfigError(f"expected input of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        grid = (x.shape[-1] // self.reduction) // self.patch_size
+        if x.shape[-1] != x.shape[-2] or grid != self.grid_size:
+            raise ConfigError(f"model was built for {self.img_size}x{self.img_size} inputs, got "
+                              f"{x.shape[-2]}x{x.shape[-1]}")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the mixer and the final LayerNorm: ``(B, N, D)``."""
+        self._check_input(x)
+        x = self.patch_embed(self.backbone(x))
+        return self.norm(self.blocks(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(x.mean(dim=1))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@register_model(family="hybrid_mixer", paper=_PAPER, default_img_size=28, min_img_size=8)
+def hybrid_mixer_small(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 28, drop_rate: float = 0.0,
+                       drop_path_rate: float = 0.0, **kwargs) -> HybridMixer:
+    """HybridCNN + Global Token Mixer, small: convs 32/64, 4 mixer blocks of width 128 (the default model)."""
+    cfg = dict(conv_widths=(32, 64), embed_dim=128, depth=4)
+    return HybridMixer(num_classes=num_classes, in_chans=in_chans, img_size=img_size, drop_rate=drop_rate,
+                       drop_path_rate=drop_path_rate, **{**cfg, **kwargs})
+
+
+@register_model(family="hybrid_mixer", paper=_PAPER, default_img_size=28, min_img_size=8)
+def hybrid_mixer_base(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 28, drop_rate: float = 0.0,
+                      drop_path_rate: float = 0.1, **kwargs) -> HybridMixer:
+    """HybridCNN + Global Token Mixer, base: convs 48/96, 8 mixer blocks of width 192."""
+    cfg = dict(conv_widths=(48, 96), embed_dim=192, depth=8)
+    return HybridMixer(num_classes=num_classes, in_chans=in_chans, img_size=img_size, drop_rate=drop_rate,
+                       drop_path_rate=drop_path_rate, **{**cfg, **kwargs})
+

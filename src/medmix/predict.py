@@ -1,0 +1,81 @@
+"""Ask a trained model about new images: label, confidence and the full probability distribution.
+
+>>> from medmix import Predictor
+>>> p = Predictor("runs/quickstart")                   # a run directory or a best_model.pth
+>>> p.predict(["scan.png"])[0]
+{'file': 'scan.png', 'label': 'normal, benign', 'index': 1, 'confidence': 0.93, 'probabilities': {...}}
+
+Images are converted exactly like the training data (see :mod:`medmix.data.images`): channels matched to the model,
+resized to the stored image size, then the same resize/normalisation transform as evaluation.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import torch
+
+from .checkpoint import load_model, resolve_checkpoint
+from .data import BatchTransform
+from .data.images import load_image
+from .data.tasks import MULTI_LABEL, TaskInfo
+from .engine import predict_logits, probabilities
+from .errors import ConfigError
+
+
+class Predictor:
+    """Loads a checkpoint once and classifies images (paths, bytes, PIL images or arrays)."""
+
+    def __init__(self, checkpoint: str | os.PathLike, *, threshold: float | None = None) -> None:
+        self.path = resolve_checkpoint(checkpoint)
+        self.model, self.meta = load_model(self.path)
+        self.info = TaskInfo.from_dict(self.meta["task"])
+        self.transform = BatchTransform(self.meta["img_size"], self.meta["mean"], self.meta["std"])
+        self.temperature = float(self.meta.get("temperature", 1.0))
+        self.threshold = float(threshold if threshold is not None else self.meta.get("threshold", 0.5))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.info.class_names
+
+    def load(self, src: Any, name: str | None = None) -> torch.Tensor:
+        """One input -> uint8 ``(C, H, W)`` at the stored data size."""
+        return load_image(src, self.info.n_channels, int(self.meta["data_size"]), name)
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batch ``(B, C, H, W)`` -> calibrated probabilities ``(B, K)``."""
+        logits = predict_logits(self.model, images, self.transform)
+        return probabilities(logits, self.info.task, self.temperature)
+
+    def predict(self, inputs: Iterable[Any], top_k: int | None = None) -> list[dict]:
+        items = list(inputs)
+        if not items:
+            raise ConfigError("no images given")
+        names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image[{i}]" for i, x in enumerate(items)]
+        batch = torch.stack([self.load(x, n) for x, n in zip(items, names)])
+        probs = self.probabilities(batch)
+        return [self._describe(n, p, top_k) for n, p in zip(names, probs)]
+
+    def _describe(self, name: str, p: torch.Tensor, top_k: int | None) -> dict:
+        order = torch.argsort(p, descending=True).tolist()
+        if top_k:
+            order = order[:top_k]
+        dist = {self.class_names[k]: round(float(p[k]), 6) for k in order}
+        if self.info.task == MULTI_LABEL:
+            present = [self.class_names[k] for k in range(len(p)) if float(p[k]) > self.threshold]
+            return {"file": name, "labels": present, "threshold": self.threshold, "probabilities": dist,
+                    "label": ", ".join(present) if present else "(none)", "index": None,
+                    "confidence": float(p.max())}
+        k = int(torch.argmax(p))
+        return {"file": name, "label": self.class_names[k], "index": k, "confidence": round(float(p[k]), 6),
+                "probabilities": dist}
+
+
+def format_prediction(r: dict) -> str:
+    """A readable block: the file, the answer and the distribution sorted by probability."""
+    lines = [f"{r['file']}: {r['label']}  (confidence {r['confidence']:.2%})"]
+    w = max(len(c) for c in r["probabilities"])
+    for c, p in r["probabilities"].items():
+        bar = "#" * int(round(p * 30))
+        lines.append(f"  {c:<{w}}  {p:7.2%}  {bar}")
+    return "\n".join(lines)
