@@ -1,10 +1,12 @@
 """MedViT (medmix.models.medvit): shapes, gradients, learning, parameter counts and the official block layout."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from medmix.models import create_model
 from medmix.models.medvit import E_MHSA, ECB, LTB, MedViT
@@ -21,11 +23,24 @@ def _n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.fixture(scope="module", params=[1, 3], ids=["1ch", "3ch"])
-def small(request: pytest.FixtureRequest) -> MedViT:
+def _build_small(in_chans: int) -> MedViT:
     torch.manual_seed(0)
-    return create_model("medvit_small", num_classes=NUM_CLASSES, in_chans=request.param, img_size=28,
-                        drop_path_rate=0.1)
+    return create_model("medvit_small", num_classes=NUM_CLASSES, in_chans=in_chans, img_size=28, drop_path_rate=0.1)
+
+
+@pytest.fixture(scope="module")
+def small_1ch() -> MedViT:
+    return _build_small(1)
+
+
+@pytest.fixture(scope="module")
+def small_3ch() -> MedViT:
+    return _build_small(3)
+
+
+@pytest.fixture(params=[1, 3], ids=["1ch", "3ch"])
+def small(request: pytest.FixtureRequest) -> MedViT:
+    return request.getfixturevalue(f"small_{request.param}ch")
 
 
 def _expected_ltb_indices(depths: tuple[int, ...]) -> dict[int, int]:
@@ -53,18 +68,20 @@ def test_small_forward_backward(small: MedViT, size: int) -> None:
     assert small.proj_head[0].weight.grad is not None
 
 
-def test_small_forward_backward_224() -> None:
+def test_small_forward_backward_224(small_1ch: MedViT) -> None:
+    """One 224 px pass (1 channel, batch 1); 3 channels are covered at 28 and 64 px."""
+    small = small_1ch
     torch.manual_seed(2)
-    model = create_model("medvit_small", num_classes=NUM_CLASSES, in_chans=1, img_size=224)
-    model.train()
-    x = torch.randn(1, 1, 224, 224)
-    feats = model.forward_features(x)
+    small.train()
+    small.zero_grad(set_to_none=True)
+    feats = small.forward_features(torch.randn(1, 1, 224, 224))
     assert feats.shape == (1, 1024, 7, 7)
-    out = model.forward_head(feats)
+    out = small.forward_head(feats)
     assert out.shape == (1, NUM_CLASSES) and torch.isfinite(out).all()
     F.cross_entropy(out, torch.tensor([1])).backward()
-    grad = model.stem[0].conv.weight.grad
+    grad = small.stem[0].conv.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    small.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize(("size", "final"), [(28, 1), (30, 1), (64, 2)])
@@ -78,7 +95,8 @@ def test_feature_map_and_head(small: MedViT, size: int, final: int) -> None:
         torch.testing.assert_close(small.forward_head(feats), small(x))
 
 
-def test_grad_checkpointing_matches(small: MedViT) -> None:
+def test_grad_checkpointing_matches(small_3ch: MedViT) -> None:
+    small = small_3ch
     small.eval()
     x = torch.randn(2, small.in_chans, 28, 28)
     ref = small(x)
@@ -92,23 +110,22 @@ def test_grad_checkpointing_matches(small: MedViT) -> None:
     torch.testing.assert_close(out, ref)
 
 
-def test_adam_steps_lower_the_loss() -> None:
+def test_adam_steps_lower_the_loss(small_1ch: MedViT) -> None:
     torch.manual_seed(3)
-    model = create_model("medvit_small", num_classes=4, in_chans=1, img_size=28, drop_path_rate=0.0)
-    model.train()
-    y = torch.arange(8) % 4
-    # a learnable batch: each class is a different mean intensity plus noise
-    x = 0.5 * torch.randn(8, 1, 28, 28) + y.view(8, 1, 1, 1).float() - 1.5
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = copy.deepcopy(small_1ch).train()  # a fresh copy: the shared fixture keeps its weights
+    y = torch.arange(6) % NUM_CLASSES
+    # one fixed, learnable batch: each class has its own mean intensity
+    x = 0.5 * torch.randn(6, 1, 28, 28) + y.view(6, 1, 1, 1).float() - 1.0
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)  # 1e-3 makes a 31 M-parameter model oscillate
     losses = []
-    for _ in range(5):
+    for _ in range(4):
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < losses[0], losses
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 @pytest.mark.parametrize("name", ["medvit_base", "medvit_large"])

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch import nn
 
 from medmix.errors import ConfigError
 from medmix.models import create_model, list_models, model_info

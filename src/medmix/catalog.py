@@ -32,8 +32,11 @@ def dataset_table(data_dir: str | os.PathLike | None = None) -> list[dict]:
             if present:  # read only the small arrays of the packed file
                 import numpy as np
 
-                with np.load(root / spec.file, allow_pickle=False) as z:
-                    classes, n = [str(c) for c in z["classes"]], int(len(z["labels"]))
+                try:
+                    with np.load(root / spec.file, allow_pickle=False) as z:
+                        classes, n = [str(c) for c in z["classes"]], int(len(z["labels"]))
+                except Exception:  # unreadable or wrong keys: listed as present; train reports the reason
+                    classes, n = [], None
             rows.append({"name": name, "task": "multi-class", "n_channels": 1, "n_classes": len(classes) or None,
                          "classes": classes, "split_sizes": None, "n_images": n,
                          "local_sizes": list(spec.sizes) if present else [], "license": "CC BY-SA 4.0",

@@ -57,7 +57,7 @@ def cmd_train(a: argparse.Namespace) -> None:
                       ordinal_variant=a.ordinal_variant, label_smoothing=a.label_smoothing, augment=a.augment,
                       patience=a.patience, monitor=a.monitor, precision=a.precision, seed=a.seed, out=a.out,
                       overwrite=a.overwrite, download=a.download, drop_rate=a.drop_rate,
-                      drop_path_rate=a.drop_path_rate, quiet=a.quiet or a.json)
+                      drop_path_rate=a.drop_path_rate, tune_threshold=a.tune_threshold, quiet=a.quiet or a.json)
     result = train(cfg)
     if a.json:
         return _print_json(result.summary())
@@ -85,7 +85,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 def cmd_predict(a: argparse.Namespace) -> None:
     from .predict import Predictor, format_prediction
 
-    results = Predictor(a.checkpoint, threshold=a.threshold).predict(a.images, top_k=a.top_k)
+    results = Predictor(a.checkpoint, threshold=a.threshold, ordinal_mode=a.ordinal).predict(a.images, top_k=a.top_k)
     if a.json:
         return _print_json(results)
     print("\n\n".join(format_prediction(r) for r in results))
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label-smoothing", type=float, default=0.0)
     s.add_argument("--augment", default=None, help="augmentation policy (default by dataset): "
                                                    "none, radiology, ultrasound, rotation_free, rotate_flip_zoom")
+    s.add_argument("--tune-threshold", action="store_true",
+                   help="multi-label: choose each label's decision threshold on the validation split")
     s.add_argument("--drop-rate", type=float, default=0.0)
     s.add_argument("--drop-path-rate", type=float, default=0.0)
     s.add_argument("--patience", type=int, default=10, help="early stopping: epochs without val improvement")
@@ -169,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="best_model.pth or a run directory")
     s.add_argument("images", nargs="+", help="PNG/JPEG/TIFF/BMP files or .npy arrays")
     s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--threshold", type=float, default=None, help="multi-label decision threshold")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="multi-label decision threshold (default: the checkpoint's, tuned on val, else 0.5)")
+    s.add_argument("--ordinal", choices=("argmax", "expected"), default="argmax",
+                   help="ordinal tasks: report the most probable grade or the rounded expected grade")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_predict)
 

@@ -82,6 +82,7 @@ class TrainConfig:
     overwrite: bool = False
     download: bool = False
     eval_batch_size: int = 512
+    tune_threshold: bool = False  # multi-label: per-label thresholds chosen on val (else 0.5)
     quiet: bool = False
     model_kwargs: dict = field(default_factory=dict)
 
@@ -132,10 +133,13 @@ def predict_logits(model: nn.Module, images: torch.Tensor, transform: BatchTrans
 
 
 def evaluate_split(model: nn.Module, split: Split, transform: BatchTransform, task: str, class_names, loss_fn=None,
-                   batch_size: int = 512, precision: str = "fp32", temperature: float = 1.0) -> dict:
+                   batch_size: int = 512, precision: str = "fp32", temperature: float = 1.0,
+                   threshold: float | list[float] = 0.5, return_probs: bool = False) -> dict:
     logits = predict_logits(model, split.images, transform, batch_size, precision)
     probs = probabilities(logits, task, temperature).numpy()
-    metrics = compute_metrics(split.labels.numpy(), probs, task, class_names)
+    metrics = compute_metrics(split.labels.numpy(), probs, task, class_names, threshold=threshold)
+    if return_probs:
+        metrics["_probs"] = probs
     if loss_fn is not None:
         with torch.no_grad():
             metrics["loss"] = float(loss_fn(logits, split.labels))
@@ -283,7 +287,7 @@ def train(cfg: TrainConfig | None = None, *, log: Callable[[str], None] | None =
             if sched is not None:
                 sched.step()
             seen += len(idx)
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
@@ -319,10 +323,16 @@ def train(cfg: TrainConfig | None = None, *, log: Callable[[str], None] | None =
     state, _, _ = load_checkpoint(run / "best_model.pth")
     model.load_state_dict(state)
     val = evaluate_split(model, bundle.splits["val"], eval_tf, info.task, info.class_names, eval_loss,
-                         cfg.eval_batch_size, precision)
+                         cfg.eval_batch_size, precision, return_probs=True)
+    threshold: float | list[float] = 0.5
+    if cfg.tune_threshold and info.task == MULTI_LABEL:
+        threshold = tune_thresholds(val.pop("_probs"), bundle.splits["val"].labels.numpy())
+        val = evaluate_split(model, bundle.splits["val"], eval_tf, info.task, info.class_names, eval_loss,
+                             cfg.eval_batch_size, precision, threshold=threshold)
+    val.pop("_probs", None)
     test = evaluate_split(model, bundle.splits["test"], eval_tf, info.task, info.class_names, eval_loss,
-                          cfg.eval_batch_size, precision)
-    meta.update(epoch=best_epoch, val_metrics=_slim(val), test_metrics=_slim(test), train_seconds=seconds,
+                          cfg.eval_batch_size, precision, threshold=threshold)
+    meta.update(threshold=threshold, epoch=best_epoch, val_metrics=_slim(val), test_metrics=_slim(test), train_seconds=seconds,
                 machine=machine_description())
     save_checkpoint(run / "best_model.pth", model, meta)
     metrics_doc = {"dataset": bundle.name, "model": cfg.model, "seed": cfg.seed, "best_epoch": best_epoch,
@@ -336,6 +346,17 @@ def train(cfg: TrainConfig | None = None, *, log: Callable[[str], None] | None =
     write_confusion(test, info, run / "confusion_test.png", f"{bundle.name} test - {cfg.model}")
     _finish_run_dir(final, run)
     return TrainResult(final, best_epoch, val, test, history, seconds)
+
+
+def tune_thresholds(probs: np.ndarray, labels: np.ndarray, grid: int = 99) -> list[float]:
+    """Per label, the threshold in (0, 1) with the best validation accuracy (ties: the one nearest 0.5)."""
+    cands = np.linspace(0.01, 0.99, grid)
+    out = []
+    for j in range(probs.shape[1]):
+        acc = ((probs[:, j][None, :] > cands[:, None]) == (labels[:, j][None, :] > 0.5)).mean(1)
+        best = np.flatnonzero(acc == acc.max())
+        out.append(float(cands[best[np.argmin(np.abs(cands[best] - 0.5))]]))
+    return out
 
 
 def _known(name: str) -> bool:

@@ -45,7 +45,7 @@ def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | No
     tf = BatchTransform(meta["img_size"], meta["mean"], meta["std"])
     loss = build_loss(default_loss_name(info.task), info.task, info.num_classes)
     m = evaluate_split(model, bundle.splits[split], tf, info.task, info.class_names, loss, batch_size,
-                       resolve_precision(precision), float(meta.get("temperature", 1.0)))
+                       resolve_precision(precision), meta.get("temperature", 1.0), meta.get("threshold", 0.5))
     m.update(split=split, dataset=bundle.name, model=meta["model"], checkpoint=str(path))
     if out is not None:
         from .report import write_confusion

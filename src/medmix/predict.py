@@ -26,13 +26,20 @@ from .errors import ConfigError
 class Predictor:
     """Loads a checkpoint once and classifies images (paths, bytes, PIL images or arrays)."""
 
-    def __init__(self, checkpoint: str | os.PathLike, *, threshold: float | None = None) -> None:
+    def __init__(self, checkpoint: str | os.PathLike, *, threshold: float | None = None,
+                 ordinal_mode: str = "argmax") -> None:
+        """``threshold``: multi-label decision threshold (default: the checkpoint's, tuned on val, else 0.5).
+        ``ordinal_mode``: for ordinal tasks, report the argmax grade or the rounded expected grade."""
+        if ordinal_mode not in ("argmax", "expected"):
+            raise ConfigError(f"unknown ordinal mode {ordinal_mode!r}; use argmax or expected")
+        self.ordinal_mode = ordinal_mode
         self.path = resolve_checkpoint(checkpoint)
         self.model, self.meta = load_model(self.path)
         self.info = TaskInfo.from_dict(self.meta["task"])
         self.transform = BatchTransform(self.meta["img_size"], self.meta["mean"], self.meta["std"])
         self.temperature = float(self.meta.get("temperature", 1.0))
-        self.threshold = float(threshold if threshold is not None else self.meta.get("threshold", 0.5))
+        t = threshold if threshold is not None else self.meta.get("threshold", 0.5)
+        self.thresholds = [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * len(self.class_names)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -62,20 +69,31 @@ class Predictor:
             order = order[:top_k]
         dist = {self.class_names[k]: round(float(p[k]), 6) for k in order}
         if self.info.task == MULTI_LABEL:
-            present = [self.class_names[k] for k in range(len(p)) if float(p[k]) > self.threshold]
-            return {"file": name, "labels": present, "threshold": self.threshold, "probabilities": dist,
-                    "label": ", ".join(present) if present else "(none)", "index": None,
-                    "confidence": float(p.max())}
+            present = {self.class_names[k]: float(p[k]) > self.thresholds[k] for k in range(len(p))}
+            yes = [c for c in dist if present[c]]
+            return {"file": name, "label": ", ".join(yes) if yes else "(none)", "index": None,
+                    "confidence": round(float(p.max()), 6), "labels": yes, "present": present,
+                    "thresholds": dict(zip(self.class_names, self.thresholds)), "probabilities": dist}
         k = int(torch.argmax(p))
-        return {"file": name, "label": self.class_names[k], "index": k, "confidence": round(float(p[k]), 6),
-                "probabilities": dist}
+        out = {"file": name, "label": self.class_names[k], "index": k, "confidence": round(float(p[k]), 6),
+               "probabilities": dist}
+        if self.info.ordinal:
+            grade = float((p * torch.arange(len(p), dtype=p.dtype)).sum())
+            out["expected_grade"] = round(grade, 4)
+            if self.ordinal_mode == "expected":
+                k = min(len(p) - 1, int(grade + 0.5))
+                out.update(label=self.class_names[k], index=k, confidence=round(float(p[k]), 6))
+        return out
 
 
 def format_prediction(r: dict) -> str:
     """A readable block: the file, the answer and the distribution sorted by probability."""
     lines = [f"{r['file']}: {r['label']}  (confidence {r['confidence']:.2%})"]
+    if "expected_grade" in r:
+        lines.append(f"  expected grade {r['expected_grade']:.2f}")
     w = max(len(c) for c in r["probabilities"])
     for c, p in r["probabilities"].items():
         bar = "#" * int(round(p * 30))
-        lines.append(f"  {c:<{w}}  {p:7.2%}  {bar}")
+        mark = ("  yes" if r["present"][c] else "  no") if "present" in r else ""
+        lines.append(f"  {c:<{w}}  {p:7.2%}  {bar}{mark}")
     return "\n".join(lines)

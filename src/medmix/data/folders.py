@@ -32,7 +32,10 @@ def read_packed_npz(path: Path) -> tuple[torch.Tensor, np.ndarray, list[str]]:
         if missing:
             raise DataError(f"{path}: missing keys {', '.join(missing)} (a packed dataset has images, labels, "
                             f"classes)")
-        images, labels, classes = npz["images"], npz["labels"], [str(c) for c in npz["classes"]]
+        try:
+            images, labels, classes = npz["images"], npz["labels"], [str(c) for c in npz["classes"]]
+        except Exception as e:  # a damaged member: zlib.error, BadZipFile (CRC), ValueError, EOFError, ...
+            raise DataError(f"{path}: cannot read the arrays ({type(e).__name__}: {e})") from None
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
         raise DataError(f"{path}: images must be uint8 (N, H, W) or (N, H, W, 3), got {images.dtype} "
                         f"{images.shape}")
@@ -97,10 +100,21 @@ def make_split(labels: np.ndarray, seed: int, fractions: tuple[float, float, flo
         train, rest = train_test_split(idx, train_size=fractions[0], random_state=seed, stratify=stratify)
         val_share = fractions[1] / (fractions[1] + fractions[2])
         val, test = train_test_split(rest, train_size=val_share, random_state=seed,
-                                     stratify=labels[rest] if stratify is not None else None)
+                                     stratify=_rest_strata(labels[rest]) if stratify is not None else None)
     except ValueError as e:
         raise DataError(f"cannot split {len(labels)} images 70/15/15 ({e})") from None
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def _rest_strata(rest_labels: np.ndarray) -> np.ndarray:
+    """Strata for splitting the held-out 30% into val/test. A class with 3-5 images leaves a single image there,
+    which a stratified split cannot place; such singletons share one stratum (or join the largest class)."""
+    key = rest_labels.copy()
+    rare = np.bincount(key)[key] < 2
+    if rare.any():
+        common = key[~rare]
+        key[rare] = -1 if rare.sum() >= 2 or len(common) == 0 else np.bincount(common).argmax()
+    return key
 
 
 def save_split(path: Path, split: dict[str, np.ndarray], seed: int, labels: np.ndarray, source: str) -> None:

@@ -99,7 +99,9 @@ def _decode_bytes(data: bytes, what: str) -> Image.Image:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"{what}: refused as a possible decompression bomb ({e})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except UnidentifiedImageError:
+        raise ImageError(f"{what}: not a readable image (unknown or unsupported format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
     return img
 

@@ -47,8 +47,8 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torchvision.ops import StochasticDepth
 
 from ._registry import register_model

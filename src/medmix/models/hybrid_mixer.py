@@ -9,7 +9,7 @@ a residual), which is what "MLP with GELU across all tokens" describes.
 
 Shape of the model::
 
-    ConvStage (conv3x3-BN-GELU x2, maxpool /2)  x2      -> B x C x H/4 x W/4
+    ConvStage (conv3x3-BN-GELU x d, maxpool /2)  x2     -> B x C x H/4 x W/4
     PatchEmbed (conv k=p, s=p == cut into p x p patches + shared linear)  -> B x N x D, N = (H/4p)^2
     MixerBlock x depth                                   -> B x N x D
     LayerNorm, mean over tokens, dropout, Linear         -> logits
@@ -86,15 +86,17 @@ class HybridMixer(nn.Module):
     """Conv backbone -> patch tokens -> global token mixer -> average pool -> linear head."""
 
     def __init__(self, *, num_classes: int = 2, in_chans: int = 1, img_size: int = 28,
-                 conv_widths: tuple[int, ...] = (32, 64), conv_depth: int = 2, embed_dim: int = 128,
+                 conv_widths: tuple[int, ...] = (32, 64), conv_depths: tuple[int, ...] = (1, 2), embed_dim: int = 128,
                  depth: int = 4, patch_size: int | None = None, token_mlp_ratio: float = 0.5,
                  channel_mlp_ratio: float = 4.0, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img_size
         self.num_features = self.embed_dim = embed_dim
+        if len(conv_depths) != len(conv_widths):
+            raise ConfigError("conv_depths and conv_widths need one entry per stage")
         stages, chs = [], in_chans
-        for w in conv_widths:
-            stages.append(ConvStage(chs, w, conv_depth))
+        for w, d in zip(conv_widths, conv_depths):
+            stages.append(ConvStage(chs, w, d))
             chs = w
         self.backbone = nn.Sequential(*stages)
         self.reduction = 2 ** len(conv_widths)
@@ -160,7 +162,7 @@ class HybridMixer(nn.Module):
 def hybrid_mixer_small(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 28, drop_rate: float = 0.0,
                        drop_path_rate: float = 0.0, **kwargs) -> HybridMixer:
     """HybridCNN + Global Token Mixer, small: convs 32/64, 4 mixer blocks of width 128 (the default model)."""
-    cfg = dict(conv_widths=(32, 64), embed_dim=128, depth=4)
+    cfg = dict(conv_widths=(32, 64), conv_depths=(1, 2), embed_dim=128, depth=4, channel_mlp_ratio=2.0)
     return HybridMixer(num_classes=num_classes, in_chans=in_chans, img_size=img_size, drop_rate=drop_rate,
                        drop_path_rate=drop_path_rate, **{**cfg, **kwargs})
 
@@ -169,7 +171,7 @@ def hybrid_mixer_small(*, num_classes: int = 2, in_chans: int = 1, img_size: int
 def hybrid_mixer_base(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 28, drop_rate: float = 0.0,
                       drop_path_rate: float = 0.1, **kwargs) -> HybridMixer:
     """HybridCNN + Global Token Mixer, base: convs 48/96, 8 mixer blocks of width 192."""
-    cfg = dict(conv_widths=(48, 96), embed_dim=192, depth=8)
+    cfg = dict(conv_widths=(48, 96), conv_depths=(2, 2), embed_dim=192, depth=8)
     return HybridMixer(num_classes=num_classes, in_chans=in_chans, img_size=img_size, drop_rate=drop_rate,
                        drop_path_rate=drop_path_rate, **{**cfg, **kwargs})
 

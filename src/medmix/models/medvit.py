@@ -44,15 +44,17 @@ checkpoint loads with ``load_state_dict(strict=True)`` except where the shapes b
 
 Nothing else differs: h-swish / h-sigmoid are ``nn.Hardswish`` / ``nn.Hardsigmoid`` (same functions, no
 parameters), the official ``self.sr = nn.AvgPool1d`` (no parameters) is a functional call here, and the
-``Dropout`` of the head (``drop_rate``) has no parameters.
+``Dropout`` of the head (``drop_rate``) has no parameters, and a zero drop-path rate gives ``nn.Identity``
+instead of ``DropPath(0.0)``.
 
 Behavioural deviations from the official code
 ---------------------------------------------
 1. ``in_chans`` is configurable (official: always 3).
-2. Spatial-reduction pooling is clamped: the kernel is ``min(sr**2, N)`` for ``N`` tokens, so maps smaller than the
-   reduction ratio (e.g. 4x4 tokens with sr 4 at 28 px input) still work. When ``N >= sr**2`` -- every case the
-   official code can run -- the result is identical. Like the official ``AvgPool1d`` it floors, i.e. trailing
-   tokens that do not fill a window are dropped when ``N`` is not a multiple of the kernel.
+2. Spatial-reduction pooling is clamped: the kernel is ``min(sr**2, N)`` for ``N`` tokens, so maps with fewer tokens
+   than ``sr**2`` still work (the official code fails there, e.g. for inputs below 25 px or very thin images). At
+   28 px the stage-1 LTB sees 4x4 = 16 = 4**2 tokens, so the official code and this one agree from 28 px up: when
+   ``N >= sr**2`` the result is identical. Like the official ``AvgPool1d`` it floors, i.e. trailing tokens that do
+   not fill a window are dropped when ``N`` is not a multiple of the kernel.
 3. ``drop_rate`` is classifier dropout before the linear head (timm convention; the official head has none).
    The official ``drop`` argument (dropout after the E_MHSA output projection) is called ``proj_drop`` here and
    the official ``path_dropout`` is ``drop_path_rate``; ``attn_drop`` keeps its name. The official ECB accepts
@@ -61,24 +63,28 @@ Behavioural deviations from the official code
 5. The official ``merge_bn`` (inference BN folding) is not ported: it refers to an ``mlp`` attribute that the
    official blocks no longer create, so it cannot run there either. The ``print`` in the constructor is dropped.
 6. ``forward_features`` / ``forward_head`` are split timm-style; ``forward`` computes the same as the official one.
-7. ``depths[2]`` must be a multiple of 5 (the official code silently builds a wrong-length stage otherwise).
+7. Bad ``depths`` raise ``ValueError`` up front: ``depths[2]`` must be a positive multiple of 5 (the official code
+   fails with an ``IndexError`` otherwise).
 
 The default stochastic-depth rates of the builders follow the official registrations (0.1 for small, 0.2 for base
 and large); note that :func:`medmix.models.create_model` always passes its own ``drop_path_rate``.
 
-Parameter counts (num_classes=9, in_chans=3; in_chans=1 is 1,152 fewer)
------------------------------------------------------------------------
-================  ==============  =============
-model             this module     paper (Tab.)
-================  ==============  =============
-``medvit_small``  31,146,869      10.8 M
-``medvit_base``   44,869,673      23.5 M
-``medvit_large``  58,592,477      45.8 M
-================  ==============  =============
+Parameter counts (num_classes=9, in_chans=3; in_chans=1 is 64 * 2 * 9 = 1,152 fewer)
+--------------------------------------------------------------------------------------
+================  ===============  ==============  ========
+model             this module      official code   paper
+================  ===============  ==============  ========
+``medvit_small``  31,145,665       31,145,665      ~10 M
+``medvit_base``   44,415,197       44,415,197      ~23 M
+``medvit_large``  57,684,729       57,684,729      ~45 M
+================  ===============  ==============  ========
 
-These match the official code (about 31/44/58 M) because the layout above -- and thus checkpoint compatibility --
-is the official one; the paper's numbers cannot be reproduced from its own released code (the released LFFN with
-expand ratio 3 at widths up to 1024 alone accounts for most of the difference), so we follow the code.
+We match the official code, not the paper: the issue asks for an official state dict to load, which fixes every
+shape, and the paper's counts do not follow from the released configuration. (In the released code the LFFNs --
+expand ratio 3 in ECB, 2 in LTB, at widths up to 1024 -- alone hold 22.0 M of MedViT-S's 31.1 M parameters, and
+stage 3 holds 16.1 M.) Checked against a transcription of the official ``MedViT.py``: identical state-dict keys
+(832 / 1232 / 1632 entries) and shapes for 3 channels, and identical logits (float32 rounding) after
+``load_state_dict(official.state_dict(), strict=True)`` at 28, 64 and 224 px.
 
 Input sizes: any size >= 28 px works (28 -> 14 -> 7 after the stem, then 7 -> 4 -> 2 -> 1 through the stride-2
 stages with ``ceil_mode`` pooling). Training needs a batch of at least 2 at 28 px because BatchNorm then sees
@@ -91,16 +97,16 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ._registry import register_model
 
 __all__ = [
-    "ConvBNReLU", "PatchEmbed", "MHCA", "SELayer", "ECALayer", "LocalityFeedForward", "E_MHSA", "ECB", "LTB",
-    "MedViT", "medvit_small", "medvit_base", "medvit_large",
+    "ECB", "E_MHSA", "LTB", "MHCA", "ConvBNReLU", "ECALayer", "LocalityFeedForward", "MedViT", "PatchEmbed",
+    "SELayer", "medvit_base", "medvit_large", "medvit_small",
 ]
 
 NORM_EPS = 1e-5
@@ -193,7 +199,7 @@ class ECALayer(nn.Module):
 
     def __init__(self, channel: int, gamma: int = 2, b: int = 1, sigmoid: bool = True):
         super().__init__()
-        t = int(abs((math.log(channel, 2) + b) / gamma))
+        t = int(abs((math.log2(channel) + b) / gamma))
         k = t if t % 2 else t + 1
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
         self.conv = nn.Conv1d(1, 1, kernel_size=k, padding=k // 2, bias=False)
@@ -246,7 +252,7 @@ class LocalityFeedForward(nn.Module):
         return x + self.conv(x)
 
 
-class E_MHSA(nn.Module):  # noqa: N801  (official name)
+class E_MHSA(nn.Module):
     """Efficient multi-head self-attention: keys/values from an ``sr**2``-fold average-pooled token sequence.
 
     Input and output are token sequences ``(B, N, C)``. For ``sr_ratio > 1`` the sequence is pooled with kernel and
@@ -518,7 +524,7 @@ _PAPER = "Manzari et al. 2023, MedViT"
 @register_model(family="medvit", paper=_PAPER, default_img_size=224, min_img_size=28)
 def medvit_small(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 224, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, **kwargs) -> MedViT:
-    """MedViT-S (official MedViT_small): depths [3, 4, 10, 3], ~31.1 M parameters."""
+    """MedViT-S (official MedViT_small): depths [3, 4, 10, 3], 31.1 M parameters."""
     return _create_medvit((3, 4, 10, 3), num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                           drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
 
@@ -526,7 +532,7 @@ def medvit_small(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 224
 @register_model(family="medvit", paper=_PAPER, default_img_size=224, min_img_size=28)
 def medvit_base(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 224, drop_rate: float = 0.0,
                 drop_path_rate: float = 0.2, **kwargs) -> MedViT:
-    """MedViT-B (official MedViT_base): depths [3, 4, 20, 3], ~44.9 M parameters."""
+    """MedViT-B (official MedViT_base): depths [3, 4, 20, 3], 44.4 M parameters."""
     return _create_medvit((3, 4, 20, 3), num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                           drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
 
@@ -534,6 +540,6 @@ def medvit_base(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 224,
 @register_model(family="medvit", paper=_PAPER, default_img_size=224, min_img_size=28)
 def medvit_large(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 224, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.2, **kwargs) -> MedViT:
-    """MedViT-L (official MedViT_large): depths [3, 4, 30, 3], ~58.6 M parameters."""
+    """MedViT-L (official MedViT_large): depths [3, 4, 30, 3], 57.7 M parameters."""
     return _create_medvit((3, 4, 30, 3), num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                           drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)

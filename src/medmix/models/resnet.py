@@ -41,8 +41,8 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torchvision
+from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import stochastic_depth
 

@@ -1,0 +1,273 @@
+"""Where did the model look? Class-activation heatmaps (Grad-CAM and friends) built on ``pytorch-grad-cam``.
+
+>>> from medmix.explain import explain
+>>> r = explain("runs/quickstart", ["scan.png"], "explanations")[0]
+>>> r["png"], r["label"], r["explained_class"], r["cam"].shape
+('explanations/scan_gradcam.png', 'malignant', 'malignant', (28, 28))
+
+Images are loaded and converted exactly like :class:`medmix.predict.Predictor` does (same decoding, resize,
+normalisation and calibration temperature). The heatmap is taken at ``model.gradcam_layer``, the module whose
+output is the model's last 2-D convolutional feature map: the last conv stage for the ResNets, the last conv stage
+before tokenisation for the token mixer and the CNN-transformer, the last block of ``features`` for MedViT. A
+layer that outputs tokens ``(B, N, D)`` is reshaped back to its 2-D grid (the model's own
+``gradcam_reshape_transform`` if it has one, else a square grid, dropping a leading class token).
+
+Each image gets a PNG panel: the input (enlarged with nearest-neighbour so a 28 px image stays readable), the
+heatmap overlaid on it, and the top-k probabilities with the explained class marked.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .checkpoint import atomic_write_bytes
+from .errors import ConfigError
+
+__all__ = ["METHODS", "explain", "cam_array", "target_layer", "tokens_to_map", "resolve_class"]
+
+# method name -> pytorch_grad_cam class name
+METHODS: dict[str, str] = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "layercam": "LayerCAM",
+    "xgradcam": "XGradCAM",
+    "hirescam": "HiResCAM",
+    "eigencam": "EigenCAM",  # class-agnostic: the first principal component of the feature map
+}
+PANEL_SIDE = 224  # the input is shown at least this many pixels wide
+_CHUNK = 32  # images per Grad-CAM forward/backward pass
+
+
+# ----------------------------------------------------------------------------------------------- the layer
+def target_layer(model: nn.Module) -> nn.Module:
+    """The Grad-CAM target: ``model.gradcam_layer``; for a model without it, the last block of ``model.features``
+    (MedViT's layout), else an error."""
+    layer = getattr(model, "gradcam_layer", None)
+    if isinstance(layer, nn.Module):
+        return layer
+    feats = getattr(model, "features", None)
+    if isinstance(feats, nn.Sequential) and len(feats) > 0:
+        return feats[-1]
+    raise ConfigError(f"{type(model).__name__} has no gradcam_layer: cannot choose a Grad-CAM target layer")
+
+
+def tokens_to_map(t: torch.Tensor) -> torch.Tensor:
+    """``(B, N, D)`` tokens -> ``(B, D, h, w)`` on a square grid (a leading class token is dropped); 4-D maps pass
+    through unchanged."""
+    if t.ndim != 3:
+        return t
+    b, n, d = t.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        side = math.isqrt(n - 1)
+        if side * side != n - 1:
+            raise ConfigError(f"cannot reshape {n} tokens into a square grid; give the model a "
+                              f"gradcam_reshape_transform")
+        t = t[:, 1:]
+    return t.transpose(1, 2).reshape(b, d, side, side)
+
+
+def _reshape_transform(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    fn = getattr(model, "gradcam_reshape_transform", None)
+    return fn if callable(fn) else tokens_to_map
+
+
+def _cam_class(method: str):
+    if method not in METHODS:
+        raise ConfigError(f"unknown explanation method {method!r}; use one of {', '.join(METHODS)}")
+    import pytorch_grad_cam
+
+    return getattr(pytorch_grad_cam, METHODS[method])
+
+
+# ----------------------------------------------------------------------------------------------- the heatmap
+def cam_array(model: nn.Module, x: torch.Tensor, target_class: int | Sequence[int] | None = None, *,
+              method: str = "gradcam") -> np.ndarray:
+    """Heatmaps ``(B, H, W)`` in [0, 1] at the input size for a normalised float batch ``x`` ``(B, C, H, W)``.
+
+    ``target_class``: one class index for every image, one per image, or None for each image's highest logit.
+    Each map is min-max scaled on its own (an all-zero map means no positive evidence for the class).
+    """
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    if x.ndim != 4 or not torch.is_floating_point(x):
+        raise ConfigError(f"expected a float batch (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
+    cls = _cam_class(method)
+    layer = target_layer(model)
+    was_training = model.training
+    out: list[np.ndarray] = []
+    try:
+        with torch.enable_grad(), cls(model=model, target_layers=[layer],
+                                      reshape_transform=_reshape_transform(model)) as cam:
+            for start in range(0, len(x), _CHUNK):
+                xb = x[start:start + _CHUNK].detach().clone().requires_grad_(True)  # grads even for frozen weights
+                if target_class is None:
+                    targets = None
+                elif isinstance(target_class, (int, np.integer)):
+                    targets = [ClassifierOutputTarget(int(target_class))] * len(xb)
+                else:
+                    ks = list(target_class)[start:start + len(xb)]
+                    if len(ks) != len(xb):
+                        raise ConfigError(f"target_class has {len(list(target_class))} entries for {len(x)} images")
+                    targets = [ClassifierOutputTarget(int(k)) for k in ks]
+                out.append(np.asarray(cam(input_tensor=xb, targets=targets), dtype=np.float32))
+    finally:
+        model.train(was_training)
+    maps = np.concatenate(out) if out else np.zeros((0,) + tuple(x.shape[-2:]), np.float32)
+    return np.clip(np.nan_to_num(maps, nan=0.0), 0.0, 1.0)
+
+
+def resolve_class(target: int | str | None, class_names: Sequence[str]) -> int | None:
+    """A class given by name (exact, then case-insensitive) or index (``2``, ``"2"``, ``-1``) -> its index."""
+    if target is None:
+        return None
+    names = list(class_names)
+    listing = ", ".join(f"{i}={n!r}" for i, n in enumerate(names))
+    if isinstance(target, str):
+        if target in names:
+            return names.index(target)
+        folded = [n.casefold() for n in names]
+        if folded.count(target.casefold()) == 1:
+            return folded.index(target.casefold())
+        try:
+            target = int(target.strip())
+        except ValueError:
+            raise ConfigError(f"unknown class {target!r}; the classes are {listing}") from None
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        k = int(target)
+        if -len(names) <= k < len(names):
+            return k % len(names)
+        raise ConfigError(f"class index {k} is out of range; the classes are {listing}")
+    raise ConfigError(f"a class must be a name or an index, got {target!r}; the classes are {listing}")
+
+
+# ----------------------------------------------------------------------------------------------- the panel
+def _display_image(img: torch.Tensor) -> np.ndarray:
+    """uint8 ``(C, H, W)`` -> float RGB ``(h, w, 3)`` in [0, 1], enlarged by an integer factor (nearest)."""
+    a = img.numpy().astype(np.float32) / 255.0
+    a = np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a[:3]
+    a = a.transpose(1, 2, 0)
+    f = max(1, math.ceil(PANEL_SIDE / max(a.shape[:2])))
+    return np.ascontiguousarray(np.repeat(np.repeat(a, f, axis=0), f, axis=1))
+
+
+def _resize_map(m: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    if m.shape == tuple(hw):
+        return m
+    import torch.nn.functional as F
+
+    t = F.interpolate(torch.from_numpy(m)[None, None], size=hw, mode="bilinear", align_corners=False)
+    return np.clip(t[0, 0].numpy(), 0.0, 1.0)
+
+
+def _panel_png(img: torch.Tensor, cam: np.ndarray, probs: Sequence[tuple[str, float]], explained: str, title: str,
+               method: str) -> bytes:
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    from .metrics import _new_figure
+
+    big = _display_image(img)
+    overlay = show_cam_on_image(big, _resize_map(cam, big.shape[:2]), use_rgb=True, image_weight=0.55)
+    fig = _new_figure(12.0, 4.2)
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.25]})
+    axes[0].imshow(big, interpolation="nearest")
+    axes[0].set_title(f"input ({img.shape[-1]}x{img.shape[-2]} px)")
+    axes[1].imshow(overlay, interpolation="nearest")
+    what = "class-agnostic" if method == "eigencam" else f"for {explained!r}"
+    axes[1].set_title(f"{method} {what}")
+    for ax in axes[:2]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    names = [n for n, _ in probs][::-1]
+    vals = [p for _, p in probs][::-1]
+    colors = ["tab:red" if n == explained else "tab:blue" for n in names]
+    ax = axes[2]
+    ax.barh(range(len(vals)), vals, color=colors)
+    ax.set_yticks(range(len(vals)))
+    ax.set_yticklabels([n if len(n) <= 28 else n[:27] + "…" for n in names])
+    for i, v in enumerate(vals):
+        ax.text(min(v + 0.02, 0.98), i, f"{v:.1%}", va="center", ha="right" if v > 0.8 else "left", fontsize=9,
+                color="white" if v > 0.8 else "black")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("probability (calibrated)")
+    ax.set_title(f"top-{len(vals)} probabilities (red: explained)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _slug(method: str) -> str:
+    return method.replace("+", "p")
+
+
+def _stem(name: str, i: int, used: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._") or f"image{i}"
+    if name == f"image[{i}]":
+        stem = f"image{i}"
+    base, k = stem, 1
+    while stem in used:
+        k += 1
+        stem = f"{base}-{k}"
+    used.add(stem)
+    return stem
+
+
+# ----------------------------------------------------------------------------------------------- the API
+def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, *, method: str = "gradcam",
+            target_class: int | str | None = None, top_k: int = 3) -> list[dict]:
+    """Heatmap panels for ``images`` (paths, bytes, PIL images or arrays) under ``out_dir``.
+
+    ``checkpoint``: a checkpoint file, a run directory or a :class:`~medmix.predict.Predictor`. ``target_class``
+    (name or index) is explained for every image; by default each image's predicted (most probable) class.
+    Returns one dict per image: ``file``, ``png`` (``<stem>_<method>.png``, e.g. ``scan_gradcam.png``), ``label``,
+    ``confidence``, ``explained_class``, ``explained_index``, ``explained_probability``, ``probabilities`` (top-k)
+    and ``cam`` (float32 ``(H, W)`` in [0, 1] at the size of the loaded image).
+    """
+    from .predict import Predictor
+
+    _cam_class(method)  # fail on an unknown method before loading anything
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {top_k}")
+    pred = checkpoint if isinstance(checkpoint, Predictor) else Predictor(checkpoint)
+    names_cls = pred.class_names
+    fixed = resolve_class(target_class, names_cls)
+    items = list(images)
+    if not items:
+        raise ConfigError("no images given")
+    names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image[{i}]" for i, x in enumerate(items)]
+    batch = torch.stack([pred.load(x, n) for x, n in zip(items, names)])
+    probs = pred.probabilities(batch)
+    targets = [fixed if fixed is not None else int(torch.argmax(p)) for p in probs]
+    x = pred.transform(batch)
+    cams = cam_array(pred.model, x, targets, method=method)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    results = []
+    for i, (name, img, p, k, cam) in enumerate(zip(names, batch, probs, targets, cams)):
+        d = pred._describe(name, p, None)
+        order = torch.argsort(p, descending=True).tolist()[:top_k]
+        top = [(names_cls[j], float(p[j])) for j in order]
+        if k not in order:  # always show the explained class
+            top.append((names_cls[k], float(p[k])))
+        cam = _resize_map(cam, tuple(img.shape[-2:]))
+        png = out / f"{_stem(name, i, used)}_{_slug(method)}.png"
+        title = (f"{Path(name).name}: {d['label']} ({d['confidence']:.1%})  -  {pred.meta['model']}, "
+                 f"explaining {names_cls[k]!r}")
+        atomic_write_bytes(png, _panel_png(img, cam, top, names_cls[k], title, method))
+        results.append({"file": name, "png": str(png), "label": d["label"], "confidence": float(d["confidence"]),
+                        "explained_class": names_cls[k], "explained_index": k,
+                        "explained_probability": float(p[k]), "method": method,
+                        "probabilities": {n: round(v, 6) for n, v in top}, "cam": cam})
+    return results
