@@ -136,7 +136,8 @@ def trained_run(tmp_path_factory):
                  batch_size=32, lr=3e-3, seed=0, precision="fp32", out=str(out), quiet=True)
 
 
-TINY_TRAIN = dict(model="hybrid_mixer_small", epochs=2, batch_size=16, lr=3e-3, precision="fp32", quiet=True)
+TINY_TRAIN = {"model": "hybrid_mixer_small", "epochs": 2, "batch_size": 16, "lr": 3e-3, "precision": "fp32",
+              "quiet": True}
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import shared_file, write_class_folders, write_official_npz, write_packed_npz
 from medmnist import INFO
 
-from conftest import shared_file, write_class_folders, write_official_npz, write_packed_npz
 from medmix.data import AugmentConfig, BatchTransform, dataset_spec, list_datasets, load_dataset
 from medmix.data import medmnist as mm
 from medmix.data.folders import load_split, make_split, save_split

@@ -9,7 +9,7 @@ from conftest import write_official_npz
 
 from medmix.cli import main
 from medmix.engine import train
-from medmix.evaluate import evaluate
+from medmix.evaluation import evaluate
 from medmix.metrics import medmnist_acc, medmnist_auc
 from medmix.predict import Predictor
 

@@ -16,7 +16,7 @@ def __getattr__(name: str):  # lazy: `import medmix` stays cheap for the CLI's -
 
         return getattr(engine, name)
     if name == "evaluate":
-        from .evaluate import evaluate
+        from .evaluation import evaluate
 
         return evaluate
     if name == "Predictor":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
+        # torch's message is a paragraph of advice (with terminal escape codes); keep only what was refused
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip()
+        first = (detail.splitlines() or ["unsupported object"])[0].split(". ")[0]
         raise CheckpointError(f"{p}: refused: the file holds Python objects that would run code when loaded, "
                               f"not just weights ({first[:160]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:

@@ -13,6 +13,9 @@ from typing import Any, Sequence
 from . import __version__
 from .errors import MedmixError
 
+# explanation methods, kept here so `medmix --help` does not import pytorch_grad_cam
+EXPLAIN_METHODS = ("gradcam", "gradcam++", "layercam", "xgradcam", "hirescam", "eigencam")
+
 
 def _print_json(obj: Any) -> None:
     from .engine import _jsonable
@@ -70,7 +73,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from .engine import set_threads
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .report import format_metrics
 
     set_threads()
@@ -89,6 +92,36 @@ def cmd_predict(a: argparse.Namespace) -> None:
     if a.json:
         return _print_json(results)
     print("\n\n".join(format_prediction(r) for r in results))
+
+
+def cmd_explain(a: argparse.Namespace) -> None:
+    from .engine import set_threads
+    from .explain import explain
+
+    set_threads()
+    results = explain(a.checkpoint, a.images, a.out, method=a.method, target_class=a.target_class, top_k=a.top_k)
+    if a.json:
+        return _print_json([{k: v for k, v in r.items() if k != "cam"} for r in results])
+    for r in results:
+        print(f"{r['file']}: {r['label']} (confidence {r['confidence']:.2%}); {r['method']} for "
+              f"{r['explained_class']!r} -> {r['png']}")
+
+
+def cmd_calibrate(a: argparse.Namespace) -> None:
+    from .calibrate import calibrate
+    from .engine import set_threads
+
+    set_threads()
+    r = calibrate(a.checkpoint, data_dir=a.data_dir)
+    if a.json:
+        return _print_json(r)
+    t = r["temperature"]
+    shown = f"{t:.4f}" if isinstance(t, float) else "[" + ", ".join(f"{v:.3f}" for v in t) + "]"
+    print(f"{r['dataset']} {r['split']} split ({r['n']} images), {r['model']}: temperature {shown}")
+    print(f"  NLL {r['nll_before']:.4f} -> {r['nll_after']:.4f}")
+    print(f"  ECE {r['ece_before']:.4f} -> {r['ece_after']:.4f}  ({r['n_bins']} bins)")
+    print(f"stored in {r['checkpoint']}")
+    print(f"reliability diagrams: {r['reliability_before']}, {r['reliability_after']}")
 
 
 def cmd_quickstart(a: argparse.Namespace) -> None:
@@ -177,6 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ordinal tasks: report the most probable grade or the rounded expected grade")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("explain", help="Grad-CAM heatmaps: where a checkpoint looked in images")
+    s.add_argument("checkpoint", help="best_model.pth or a run directory")
+    s.add_argument("images", nargs="+", help="PNG/JPEG/TIFF/BMP files or .npy arrays")
+    s.add_argument("--out", required=True, help="directory for the <image>_<method>.png panels")
+    s.add_argument("--method", choices=tuple(EXPLAIN_METHODS), default="gradcam",
+                   help="gradcam (default), gradcam++, layercam, xgradcam, hirescam or eigencam (class-agnostic)")
+    s.add_argument("--class", dest="target_class", default=None, metavar="NAME_OR_INDEX",
+                   help="explain this class (name or index) instead of the predicted one")
+    s.add_argument("--top-k", type=int, default=3, help="probabilities shown in the panel")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_explain)
+
+    s = sub.add_parser("calibrate", help="fit the confidence temperature on the validation split and store it")
+    s.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="a run directory or a checkpoint file")
+    data_dir(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("quickstart", help="train, evaluate and predict on the embedded BreastMNIST")
     s.add_argument("--out", default="runs/quickstart")

@@ -115,8 +115,14 @@ def _autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def probabilities(logits: torch.Tensor, task: str, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """Logits -> the scores the official evaluator expects (sigmoid for multi-label, softmax otherwise)."""
+def probabilities(logits: torch.Tensor, task: str, temperature: float | list[float] | torch.Tensor = 1.0
+                  ) -> torch.Tensor:
+    """Logits -> the scores the official evaluator expects (sigmoid for multi-label, softmax otherwise).
+
+    ``temperature`` divides the logits: one number, or one per column (per-label temperatures of multi-label
+    tasks)."""
+    if not isinstance(temperature, (int, float)):
+        temperature = torch.as_tensor(temperature, dtype=torch.float32)
     z = logits.float() / temperature
     return torch.sigmoid(z) if task == MULTI_LABEL else torch.softmax(z, dim=1)
 

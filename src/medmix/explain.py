@@ -47,16 +47,33 @@ _CHUNK = 32  # images per Grad-CAM forward/backward pass
 
 
 # ----------------------------------------------------------------------------------------------- the layer
-def target_layer(model: nn.Module) -> nn.Module:
-    """The Grad-CAM target: ``model.gradcam_layer``; for a model without it, the last block of ``model.features``
-    (MedViT's layout), else an error."""
+def target_layer(model: nn.Module, x: torch.Tensor | None = None) -> nn.Module:
+    """The Grad-CAM target: ``model.gradcam_layer``. A model without it (MedViT) gets the last block of
+    ``model.features`` whose output map is at least 2x2 for the input ``x`` (MedViT's last stage is 1x1 at 28 px,
+    which cannot localise anything), or simply the last block when no ``x`` is given."""
     layer = getattr(model, "gradcam_layer", None)
     if isinstance(layer, nn.Module):
         return layer
     feats = getattr(model, "features", None)
-    if isinstance(feats, nn.Sequential) and len(feats) > 0:
+    if not isinstance(feats, nn.Sequential) or len(feats) == 0:
+        raise ConfigError(f"{type(model).__name__} has no gradcam_layer: cannot choose a Grad-CAM target layer")
+    if x is None:
         return feats[-1]
-    raise ConfigError(f"{type(model).__name__} has no gradcam_layer: cannot choose a Grad-CAM target layer")
+    sizes: list[tuple[int, ...]] = []
+    hooks = [b.register_forward_hook(lambda m, i, o: sizes.append(tuple(tokens_to_map(o).shape[-2:])))
+             for b in feats]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x[:1])
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    for block, hw in zip(reversed(list(feats)), reversed(sizes)):
+        if min(hw) >= 2:
+            return block
+    return feats[-1]
 
 
 def tokens_to_map(t: torch.Tensor) -> torch.Tensor:
@@ -90,7 +107,7 @@ def _cam_class(method: str):
 
 # ----------------------------------------------------------------------------------------------- the heatmap
 def cam_array(model: nn.Module, x: torch.Tensor, target_class: int | Sequence[int] | None = None, *,
-              method: str = "gradcam") -> np.ndarray:
+              method: str = "gradcam", layer: nn.Module | None = None) -> np.ndarray:
     """Heatmaps ``(B, H, W)`` in [0, 1] at the input size for a normalised float batch ``x`` ``(B, C, H, W)``.
 
     ``target_class``: one class index for every image, one per image, or None for each image's highest logit.
@@ -101,7 +118,7 @@ def cam_array(model: nn.Module, x: torch.Tensor, target_class: int | Sequence[in
     if x.ndim != 4 or not torch.is_floating_point(x):
         raise ConfigError(f"expected a float batch (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
     cls = _cam_class(method)
-    layer = target_layer(model)
+    layer = layer if layer is not None else target_layer(model, x)
     was_training = model.training
     out: list[np.ndarray] = []
     try:

@@ -74,7 +74,10 @@ def create_model(
     unknown = [k for k in kwargs if k not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values())]
     if unknown:
         raise ConfigError(f"model {name!r} does not take {', '.join(unknown)}")
-    model = info.builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size, drop_rate=drop_rate,
-                         drop_path_rate=drop_path_rate, **kwargs)
+    try:
+        model = info.builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size, drop_rate=drop_rate,
+                             drop_path_rate=drop_path_rate, **kwargs)
+    except TypeError as e:  # an option the model's constructor does not take
+        raise ConfigError(f"model {name!r}: {e}") from None
     model.medmix_name = name  # type: ignore[attr-defined]
     return model

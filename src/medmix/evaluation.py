@@ -54,3 +54,4 @@ def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | No
         png = write_confusion(m, info, Path(out) / f"confusion_{split}.png", f"{bundle.name} {split} - {meta['model']}")
         m["confusion_png"] = str(png) if png else None
     return m
+
