@@ -167,3 +167,29 @@ def test_official_64px_file_trains_at_64(tmp_path):
               **{**TINY_TRAIN, "epochs": 1})
     _, meta, _ = load_checkpoint(r.run_dir / "best_model.pth")
     assert meta["img_size"] == 64 and meta["data_size"] == 64 and meta["data_source"]["size"] == 64
+
+
+def test_batchnorm_recalibration_uses_exact_clean_statistics():
+    """After re-estimation the running mean/var are the equal-weight average of the per-batch statistics of the
+    clean (un-augmented) training images, whatever stale values they held before."""
+    import torch
+    from torch import nn
+
+    from medmix.data import BatchTransform
+    from medmix.engine import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    model[1].running_mean.fill_(5.0)  # stale statistics, as if gathered on other images
+    model.eval()
+    images = torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8)
+    tf = BatchTransform(8, [0.5], [0.25], channels_last=False)
+    assert recalibrate_batchnorm(model, images, tf, batch_size=25)
+    with torch.no_grad():
+        batches = [model[0](tf(images[i:i + 25])) for i in (0, 25)]
+    mean = torch.stack([f.mean((0, 2, 3)) for f in batches]).mean(0)
+    var = torch.stack([f.var((0, 2, 3), unbiased=True) for f in batches]).mean(0)
+    assert torch.allclose(model[1].running_mean, mean, atol=1e-5)
+    assert torch.allclose(model[1].running_var, var, rtol=1e-4)
+    assert model[1].momentum == 0.1 and not model.training and not model[1].training  # modes restored
+    assert not recalibrate_batchnorm(nn.Linear(2, 2), images, tf)

@@ -60,7 +60,8 @@ def cmd_train(a: argparse.Namespace) -> None:
                       ordinal_variant=a.ordinal_variant, label_smoothing=a.label_smoothing, augment=a.augment,
                       patience=a.patience, monitor=a.monitor, precision=a.precision, seed=a.seed, out=a.out,
                       overwrite=a.overwrite, download=a.download, drop_rate=a.drop_rate,
-                      drop_path_rate=a.drop_path_rate, tune_threshold=a.tune_threshold, quiet=a.quiet or a.json)
+                      drop_path_rate=a.drop_path_rate, tune_threshold=a.tune_threshold,
+                      bn_recalibrate=not a.no_bn_recalibrate, quiet=a.quiet or a.json)
     result = train(cfg)
     if a.json:
         return _print_json(result.summary())
@@ -124,6 +125,24 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     print(f"reliability diagrams: {r['reliability_before']}, {r['reliability_after']}")
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    from .serve.app import run
+
+    run(a.checkpoint, host=a.host, port=a.port, backend=a.backend, onnx_path=a.onnx, max_upload_mb=a.max_upload_mb,
+        log_level=a.log_level)
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from .export import export_onnx
+
+    r = export_onnx(a.checkpoint, a.onnx, opset=a.opset)
+    if a.json:
+        return _print_json(r)
+    print(f"{r['onnx']}: {r['model']} ({r['task']}, {len(r['classes'])} classes), input {r['input']['name']} "
+          f"{tuple(r['input']['shape'])} float32 normalised, outputs {', '.join(r['outputs'])}; "
+          f"max |torch - onnxruntime| probability {r['max_abs_diff_probabilities']:.2e}")
+
+
 def cmd_quickstart(a: argparse.Namespace) -> None:
     from .engine import set_threads
     from .quickstart import quickstart
@@ -176,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "none, radiology, ultrasound, rotation_free, rotate_flip_zoom")
     s.add_argument("--tune-threshold", action="store_true",
                    help="multi-label: choose each label's decision threshold on the validation split")
+    s.add_argument("--no-bn-recalibrate", action="store_true",
+                   help="keep the BatchNorm statistics gathered on augmented images (default: re-estimate them on "
+                        "clean training images at the end)")
     s.add_argument("--drop-rate", type=float, default=0.0)
     s.add_argument("--drop-path-rate", type=float, default=0.0)
     s.add_argument("--patience", type=int, default=10, help="early stopping: epochs without val improvement")
@@ -228,6 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("serve", help="HTTP API and web page (with Grad-CAM) for a checkpoint")
+    s.add_argument("checkpoint", help="best_model.pth, a run directory, or an .onnx file with --backend onnx")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="torch (with Grad-CAM) or onnx (ONNX Runtime, no torch in the server process)")
+    s.add_argument("--onnx", default=None, metavar="PATH",
+                   help="--backend onnx: the exported model (default: export the checkpoint to a temporary file)")
+    s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body accepted (413 above)")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("export", help="export a checkpoint to ONNX (checked against torch)")
+    s.add_argument("checkpoint", help="best_model.pth or a run directory")
+    s.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write the ONNX model")
+    s.add_argument("--opset", type=int, default=17)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("quickstart", help="train, evaluate and predict on the embedded BreastMNIST")
     s.add_argument("--out", default="runs/quickstart")
