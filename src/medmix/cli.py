@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="best_model.pth or a run directory")
     s.add_argument("images", nargs="+", help="PNG/JPEG/TIFF/BMP files or .npy arrays")
     s.add_argument("--out", required=True, help="directory for the <image>_<method>.png panels")
-    s.add_argument("--method", choices=tuple(EXPLAIN_METHODS), default="gradcam",
+    s.add_argument("--method", choices=tuple(EXPLAIN_METHODS), default="gradcam++",
                    help="gradcam (default), gradcam++, layercam, xgradcam, hirescam or eigencam (class-agnostic)")
     s.add_argument("--class", dest="target_class", default=None, metavar="NAME_OR_INDEX",
                    help="explain this class (name or index) instead of the predicted one")

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
+from .calibrate import stored_temperature
 from .checkpoint import load_model, resolve_checkpoint
 from .data import BatchTransform
 from .data.images import load_image
@@ -37,7 +38,7 @@ class Predictor:
         self.model, self.meta = load_model(self.path)
         self.info = TaskInfo.from_dict(self.meta["task"])
         self.transform = BatchTransform(self.meta["img_size"], self.meta["mean"], self.meta["std"])
-        self.temperature = float(self.meta.get("temperature", 1.0))
+        self.temperature = stored_temperature(self.meta)  # one number, or one per label (multi-label)
         t = threshold if threshold is not None else self.meta.get("threshold", 0.5)
         self.thresholds = [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * len(self.class_names)
 
