@@ -9,8 +9,11 @@ trains the formula exactly as printed in the paper (variant "printed", alpha = 0
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 from _common import DEFAULT_DATA, RESULTS, command_line, fmt, machine, mean_std, table, write_results
 
@@ -26,6 +29,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--alphas", type=float, nargs="+", default=sorted(SEED_TABLE2))
     ap.add_argument("--no-printed", action="store_true", help="skip the as-printed variant row")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read finished runs (metrics.json in runs/bench/ordinal_sweep/...) instead of retraining")
     a = ap.parse_args()
 
     from medmix.engine import TrainConfig, set_threads, train
@@ -36,11 +41,16 @@ def main() -> None:
     t0 = time.perf_counter()
     for variant, alpha in variants:
         for seed in a.seeds:
-            r = train(TrainConfig(dataset="retinamnist", data_dir=a.data_dir, model=a.model, epochs=a.epochs,
-                                  batch_size=a.batch_size, loss="ordinal", alpha=alpha, margin=0.1,
-                                  ordinal_variant=variant, monitor="acc", patience=a.epochs, seed=seed,
-                                  out=f"runs/bench/ordinal_sweep/{variant}-a{alpha}-s{seed}", overwrite=True,
-                                  quiet=True))
+            out = Path(f"runs/bench/ordinal_sweep/{variant}-a{alpha}-s{seed}")
+            if a.reuse and (out / "metrics.json").is_file():
+                d = json.loads((out / "metrics.json").read_text())
+                r = SimpleNamespace(best_epoch=d["best_epoch"], seconds=d["train_seconds"], val=d["val"],
+                                    test=d["test"])
+            else:
+                r = train(TrainConfig(dataset="retinamnist", data_dir=a.data_dir, model=a.model, epochs=a.epochs,
+                                      batch_size=a.batch_size, loss="ordinal", alpha=alpha, margin=0.1,
+                                      ordinal_variant=variant, monitor="acc", patience=a.epochs, seed=seed,
+                                      out=str(out), overwrite=True, quiet=True))
             row = {"variant": variant, "alpha": alpha, "seed": seed, "best_epoch": r.best_epoch,
                    "seconds": r.seconds, "val_acc": r.val["acc"],
                    **{f"test_{k}": r.test[k] for k in ("acc", "auc", "mae", "qwk", "acc_expected")}}
