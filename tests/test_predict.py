@@ -17,6 +17,7 @@ from medmix.data.medmnist import ASSETS
 from medmix.errors import ConfigError, ImageError
 
 KEYS = {"file", "label", "index", "confidence", "probabilities"}
+OOD_KEYS = {"in_distribution", "ood_score"}  # present when the checkpoint carries OOD statistics (trained runs do)
 CLASSES = ("malignant", "normal, benign")
 
 
@@ -42,7 +43,9 @@ def image_files(tmp_path, test_images) -> dict[str, object]:
 
 
 def check_result(r: dict, name: str) -> None:
-    assert set(r) == KEYS
+    assert set(r) in (KEYS, KEYS | OOD_KEYS)
+    if "ood_score" in r:
+        assert isinstance(r["in_distribution"], bool) and isinstance(r["ood_score"], float)
     assert r["file"] == name
     assert set(r["probabilities"]) == set(CLASSES)
     probs = list(r["probabilities"].values())

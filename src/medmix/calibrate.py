@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from .data.tasks import MULTI_LABEL, TASKS
 from .errors import ConfigError
 
-__all__ = ["T_MAX", "T_MIN", "calibrate", "calibration_metrics", "fit_temperature", "stored_temperature"]
+__all__ = ["T_MAX", "T_MIN", "calibrate", "calibration_metrics", "fit_calibration", "fit_temperature",
+           "stored_temperature"]
 
 T_MIN, T_MAX = 0.01, 100.0  # search bounds for a temperature
 N_BINS = 15
@@ -115,6 +116,18 @@ def calibration_metrics(logits: Any, labels: Any, task: str, temperature: float 
     return {"nll": nll(probs, lab), "ece": expected_calibration_error(probs, lab, n_bins)}
 
 
+def fit_calibration(logits: Any, labels: Any, task: str, split: str = "val") -> tuple[float | list[float], dict]:
+    """``(temperature, block)``: the fitted temperature and the ``meta["calibration"]`` record of the fit (method,
+    split, n, n_bins, ``nll``/``ece`` before (``T = 1``) and after)."""
+    temperature = fit_temperature(logits, labels, task)
+    before = calibration_metrics(logits, labels, task, 1.0)
+    after = calibration_metrics(logits, labels, task, temperature)
+    block = {"method": "temperature" if task != MULTI_LABEL else "temperature_per_label", "split": split,
+             "n": len(logits), "n_bins": N_BINS, "nll_before": before["nll"], "nll_after": after["nll"],
+             "ece_before": before["ece"], "ece_after": after["ece"]}
+    return temperature, block
+
+
 def stored_temperature(meta: dict) -> float | list[float]:
     """The calibration temperature of checkpoint metadata: a number, or one per label (multi-label)."""
     t = meta.get("temperature", 1.0)
@@ -164,7 +177,7 @@ def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None
     from .evaluation import load_training_data
 
     path = resolve_checkpoint(run_or_ckpt)
-    state, meta, train_state = load_checkpoint(path)
+    state, meta, train_state, extras = load_checkpoint(path, extras=True)
     model = build_model(meta, state)
     info = TaskInfo.from_dict(meta["task"])
     bundle = load_training_data(meta, path.parent, data_dir)
@@ -174,9 +187,7 @@ def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None
     tf = BatchTransform(meta["img_size"], meta["mean"], meta["std"])
     logits = predict_logits(model, val.images, tf, batch_size)
     labels = val.labels
-    temperature = fit_temperature(logits, labels, info.task)
-    before = calibration_metrics(logits, labels, info.task, 1.0)
-    after = calibration_metrics(logits, labels, info.task, temperature)
+    temperature, block = fit_calibration(logits, labels, info.task)
 
     prefix = "" if path.name == "best_model.pth" else f"{path.stem}_"
     pngs = {}
@@ -190,14 +201,10 @@ def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None
         pngs[key] = _plot(probs, lab, path.with_name(f"{prefix}reliability_val_{key}.png"), title)
 
     previous = stored_temperature(meta)
-    meta["temperature"] = temperature
-    meta["calibration"] = {"method": "temperature" if info.task != MULTI_LABEL else "temperature_per_label",
-                           "split": "val", "n": int(len(val)), "n_bins": N_BINS,
-                           "nll_before": before["nll"], "nll_after": after["nll"],
-                           "ece_before": before["ece"], "ece_after": after["ece"]}
-    save_checkpoint(path, _Weights(state), meta, train_state)
+    meta["temperature"], meta["calibration"] = temperature, block
+    save_checkpoint(path, _Weights(state), meta, train_state, extras)  # keeps the OOD statistics
     return {"checkpoint": str(path), "dataset": bundle.name, "model": meta["model"], "split": "val",
             "n": int(len(val)), "task": info.task, "temperature": temperature, "previous_temperature": previous,
-            "nll_before": before["nll"], "nll_after": after["nll"], "ece_before": before["ece"],
-            "ece_after": after["ece"], "n_bins": N_BINS, "reliability_before": str(pngs["before"]),
+            "nll_before": block["nll_before"], "nll_after": block["nll_after"], "ece_before": block["ece_before"],
+            "ece_after": block["ece_after"], "n_bins": N_BINS, "reliability_before": str(pngs["before"]),
             "reliability_after": str(pngs["after"])}

@@ -2,15 +2,18 @@
 
 A checkpoint is one ``torch.save`` file holding only tensors and plain data::
 
-    {"medmix_format": 1, "meta": "<JSON text>", "state_dict": {name: tensor}, ["train_state": {...}]}
+    {"medmix_format": 1, "meta": "<JSON text>", "state_dict": {name: tensor}, ["train_state": {...}],
+     ["extras": {name: tensor}]}
 
 and is read with ``torch.load(weights_only=True)``, which refuses any pickled object that would run code. The JSON
 metadata names the model and its config, the task, class names, image size, channels, normalisation, calibration
-temperature, dataset, metrics, seed and medmix version. Files are written to a temporary name and renamed, so a kill
+temperature, dataset, metrics, seed and medmix version; ``extras`` holds fitted tensors that are not weights (the
+out-of-distribution statistics of :mod:`medmix.ood`). Files are written to a temporary name and renamed, so a kill
 at any moment leaves the previous good file in place.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -42,7 +45,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(Path(path), text.encode())
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict, train_state: dict | None = None) -> None:
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict, train_state: dict | None = None,
+                    extras: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``model``'s weights with ``meta`` (JSON), an optional ``train_state`` and optional ``extras``: named
+    tensors that belong to the model without being weights (e.g. fitted OOD statistics)."""
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing}")
@@ -51,10 +57,22 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict, train
                                "state_dict": state}
     if train_state is not None:
         payload["train_state"] = train_state
+    if extras:
+        bad = [k for k, v in extras.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ValueError(f"checkpoint extras must map names to tensors; not: {bad}")
+        payload["extras"] = {k: v.detach().cpu().contiguous() for k, v in extras.items()}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -69,19 +87,50 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict | None]:
-    """Return ``(state_dict, meta, train_state)``; raise :class:`CheckpointError` for anything else."""
+def _check_zip_crc(p: Path, data: bytes) -> None:
+    """torch's reader does not verify the zip CRC-32s, so a bit flip inside the weights would load silently as
+    different weights; check every member's checksum (about 1 GB/s) before loading."""
+    if data[:4] != b"PK\x03\x04":
+        return  # not torch's zip format: torch.load decides
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            bad = z.testzip()
+    except Exception as e:  # BadZipFile, zlib errors, EOFError, ... from a damaged directory
+        raise CheckpointError(f"{p}: not a readable checkpoint (truncated or damaged: {type(e).__name__})") \
+            from None
+    if bad is not None:
+        raise CheckpointError(f"{p}: damaged checkpoint (checksum mismatch in {bad.split('/', 1)[-1]}); use "
+                              f"another copy")
+
+
+def load_checkpoint(path: str | os.PathLike, *, extras: bool = False):
+    """Return ``(state_dict, meta, train_state)``, or ``(state_dict, meta, train_state, extras)`` with
+    ``extras=True`` (``{}`` for checkpoints written without any); raise :class:`CheckpointError` for anything
+    else."""
     p = resolve_checkpoint(path)
     try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
+        with open(p, "rb") as f:
+            data = f.read()
+    except OSError as e:  # unreadable (permissions), vanished, ...: say so, not "truncated"
+        raise CheckpointError(f"{p}: cannot read the checkpoint ({e.strerror or type(e).__name__})") from None
+    _check_zip_crc(p, data)
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message is a paragraph of advice (with terminal escape codes); keep only what was refused
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
         detail = text.split("WeightsUnpickler error:", 1)[-1].strip()
         first = (detail.splitlines() or ["unsupported object"])[0].split(". ")[0]
+        if not data.startswith(b"\x80") and ("WeightsUnpickler error:" not in text
+                                              or detail.startswith("Unsupported operand")):
+            # not a pickle stream at all (an image, random bytes): nothing was refused, nothing could run
+            raise CheckpointError(f"{p}: not a readable checkpoint (truncated or not a torch file)") from None
         raise CheckpointError(f"{p}: refused: the file holds Python objects that would run code when loaded, "
                               f"not just weights ({first[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
+    except MemoryError:
+        raise CheckpointError(f"{p}: not a readable checkpoint (it declares more data than fits in memory)") \
+            from None
+    except Exception as e:  # RuntimeError, EOFError, BadZipFile, ValueError, KeyError, ... from damaged files
         raise CheckpointError(f"{p}: not a readable checkpoint (truncated or not a torch file: "
                               f"{type(e).__name__})") from None
     if not isinstance(payload, dict) or "medmix_format" not in payload:
@@ -94,10 +143,17 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         state = payload["state_dict"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{p}: corrupt checkpoint metadata ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(state, dict):
+        raise CheckpointError(f"{p}: corrupt checkpoint (metadata or weights of the wrong type)")
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise CheckpointError(f"{p}: checkpoint metadata lacks {', '.join(missing)}")
-    return state, meta, payload.get("train_state")
+    if not extras:
+        return state, meta, payload.get("train_state")
+    found = payload.get("extras") or {}
+    if not isinstance(found, dict) or not all(isinstance(v, torch.Tensor) for v in found.values()):
+        raise CheckpointError(f"{p}: corrupt checkpoint extras (expected named tensors)")
+    return state, meta, payload.get("train_state"), dict(found)
 
 
 def build_model(meta: dict, state: dict[str, torch.Tensor] | None = None) -> nn.Module:

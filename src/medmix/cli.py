@@ -50,19 +50,51 @@ def cmd_models(a: argparse.Namespace) -> None:
         print(f"{r['name']:<22} {r['family']:<16} {r['params'] / 1e6:8.2f}M {macs:>12}  {r['paper']}")
 
 
+class _Default:
+    """An option's default value, marked so that ``train`` can tell it from a value given on the command line (a
+    resumed run keeps its stored settings unless told otherwise)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+# `medmix train` options that are TrainConfig fields of the same name
+TRAIN_FIELDS = ("dataset", "data_dir", "size", "img_size", "model", "epochs", "batch_size", "lr", "weight_decay",
+                "optimizer", "schedule", "loss", "alpha", "margin", "ordinal_variant", "label_smoothing", "augment",
+                "patience", "monitor", "precision", "seed", "out", "overwrite", "download", "drop_rate",
+                "drop_path_rate", "tune_threshold", "resume", "ddp")
+
+
+def train_kwargs(a: argparse.Namespace) -> dict:
+    """The TrainConfig fields given on the command line (the others keep TrainConfig's defaults, which are the
+    options' defaults, or a resumed run's stored values)."""
+    from .errors import ConfigError
+
+    opts = vars(a)
+    kw = {k: opts[k] for k in TRAIN_FIELDS if not isinstance(opts[k], _Default)}
+    if opts["no_bn_recalibrate"] is True:
+        kw["bn_recalibrate"] = False
+    if opts["no_calibrate"] is True:
+        kw["calibrate"] = False
+    if opts["no_ood"] is True:
+        kw["ood"] = False
+    if opts["quiet"] is True or opts["json"]:
+        kw["quiet"] = True
+    if "dataset" not in kw and not isinstance(kw.get("resume"), str):
+        raise ConfigError("--dataset is required (or --resume RUN_DIR to continue a run)")
+    return kw
+
+
 def cmd_train(a: argparse.Namespace) -> None:
-    from .engine import TrainConfig, set_threads, train
+    from .engine import set_threads, train
 
     set_threads()
-    cfg = TrainConfig(dataset=a.dataset, data_dir=a.data_dir, size=a.size, img_size=a.img_size, model=a.model,
-                      epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
-                      optimizer=a.optimizer, schedule=a.schedule, loss=a.loss, alpha=a.alpha, margin=a.margin,
-                      ordinal_variant=a.ordinal_variant, label_smoothing=a.label_smoothing, augment=a.augment,
-                      patience=a.patience, monitor=a.monitor, precision=a.precision, seed=a.seed, out=a.out,
-                      overwrite=a.overwrite, download=a.download, drop_rate=a.drop_rate,
-                      drop_path_rate=a.drop_path_rate, tune_threshold=a.tune_threshold,
-                      bn_recalibrate=not a.no_bn_recalibrate, quiet=a.quiet or a.json)
-    result = train(cfg)
+    result = train(**train_kwargs(a))
+    if result.rank != 0:  # data-parallel: process 0 reports
+        return
     if a.json:
         return _print_json(result.summary())
     from .report import format_metrics
@@ -78,12 +110,23 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     from .report import format_metrics
 
     set_threads()
-    m = evaluate(a.checkpoint, data_dir=a.data_dir, split=a.split, out=a.out, precision=a.precision)
+    m = evaluate(a.checkpoint, data_dir=a.data_dir, split=a.split, out=a.out, report=a.report,
+                 precision=a.precision)
     if a.json:
         return _print_json(m)
     print(format_metrics(m, f"{m['dataset']} {m['split']} split, {m['model']}:"))
+    t = m["temperature"]
+    shown = f"{t:.4f}" if isinstance(t, float) else "per label"
+    print(f"calibration (T = {shown}): ECE {m['ece_before']:.4f} -> {m['ece_after']:.4f} ({m['n_bins']} bins), "
+          f"NLL {m['nll_before']:.4f} -> {m['nll_after']:.4f}")
+    if "ood_flagged" in m:
+        print(f"flagged out of distribution ({m['ood_method']}): {m['ood_flagged']:.1%}")
     if m.get("confusion_png"):
         print(f"confusion matrix: {m['confusion_png']}")
+    if m.get("reliability_png"):
+        print(f"reliability diagram: {m['reliability_png']}")
+    if m.get("report"):
+        print(f"report: {m['report']}")
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
@@ -129,7 +172,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from .serve.app import run
 
     run(a.checkpoint, host=a.host, port=a.port, backend=a.backend, onnx_path=a.onnx, max_upload_mb=a.max_upload_mb,
-        log_level=a.log_level)
+        log_level=a.log_level, threads=a.threads)
 
 
 def cmd_export(a: argparse.Namespace) -> None:
@@ -173,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("train", help="train a model and evaluate it on the test split")
-    s.add_argument("--dataset", required=True, help="a dataset name (see `medmix datasets`), a class-folder "
+    s.add_argument("--dataset", help="a dataset name (see `medmix datasets`), a class-folder "
                                                     "directory or an npz file")
     data_dir(s)
     s.add_argument("--size", type=int, default=28, choices=(28, 64, 128, 224), help="MedMNIST file size")
@@ -198,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-bn-recalibrate", action="store_true",
                    help="keep the BatchNorm statistics gathered on augmented images (default: re-estimate them on "
                         "clean training images at the end)")
+    s.add_argument("--no-calibrate", action="store_true",
+                   help="do not fit the confidence temperature on the validation split at the end (default: fit it; "
+                        "`medmix calibrate RUN` can do it later)")
+    s.add_argument("--no-ood", action="store_true",
+                   help="do not fit the out-of-distribution statistics and threshold at the end (default: fit them, "
+                        "so predictions carry in_distribution and ood_score)")
     s.add_argument("--drop-rate", type=float, default=0.0)
     s.add_argument("--drop-path-rate", type=float, default=0.0)
     s.add_argument("--patience", type=int, default=10, help="early stopping: epochs without val improvement")
@@ -210,14 +259,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     s.add_argument("--download", action="store_true", help="download a missing MedMNIST file (needs internet)")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                   help="continue a run killed mid-way (its directory or <dir>.partial) or a finished one with more "
+                        "--epochs; without RUN_DIR: continue --out if it holds a run, else start it")
+    s.add_argument("--ddp", action="store_true", default=None,
+                   help="data-parallel training in processes started by torchrun (automatic when torchrun starts "
+                        "more than one): torchrun --nproc_per_node=N -m medmix train ...")
     s.add_argument("--json", action="store_true")
+    for action in s._actions:  # mark the defaults, so that given options can be told apart (see train_kwargs)
+        if action.dest not in ("help", "json"):
+            action.default = _Default(action.default)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", help="metrics of a checkpoint on a split")
     s.add_argument("checkpoint", help="best_model.pth or a run directory")
     data_dir(s)
     s.add_argument("--split", choices=("train", "val", "test"), default="test")
-    s.add_argument("--out", default=None, help="write the confusion matrix PNG here")
+    s.add_argument("--out", default=None, help="write the confusion matrix and reliability diagram PNGs here")
+    s.add_argument("--report", default=None, metavar="DIR",
+                   help="write DIR/report.md (metrics, calibration, per-class table, official MedMNIST rows) with "
+                        "its figures (confusion, ROC, reliability, most confident mistakes)")
     s.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_evaluate)
@@ -260,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--onnx", default=None, metavar="PATH",
                    help="--backend onnx: the exported model (default: export the checkpoint to a temporary file)")
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body accepted (413 above)")
+    s.add_argument("--threads", type=int, default=1, help="model threads (1 is fastest for small images)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.set_defaults(func=cmd_serve)
 

@@ -5,6 +5,11 @@ evaluates on the validation split after every epoch, keeps the best weights (by 
 ``best_model.pth`` and the latest as ``last.pth``, stops early after ``patience`` epochs without improvement, then
 reads the test split once with the best weights. The run is built in ``<out>.partial`` and renamed to ``<out>``
 when complete, so a run directory is never half-written.
+
+Every epoch's randomness (data order, augmentation, dropout) is derived from ``(seed, epoch)``, and ``last.pth``
+holds the whole training state after each epoch (optimiser, schedule, early stopping, history), so ``resume=``
+continues a killed or finished run exactly where it stopped. Under ``torchrun`` training is data-parallel
+(:mod:`medmix.distributed`).
 """
 from __future__ import annotations
 
@@ -22,11 +27,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import atomic_write_text, save_checkpoint
 from .data import BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset
 from .data.tasks import BINARY, MULTI_LABEL
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .losses import build_loss, default_loss_name
 from .metrics import compute_metrics
 from .models import create_model, model_info
@@ -84,8 +89,12 @@ class TrainConfig:
     eval_batch_size: int = 512
     tune_threshold: bool = False  # multi-label: per-label thresholds chosen on val (else 0.5)
     bn_recalibrate: bool = True  # re-estimate BatchNorm statistics of the best weights on un-augmented train images
+    calibrate: bool = True  # fit the confidence temperature on the val logits at the end (medmix.calibrate)
+    ood: bool = True  # fit the out-of-distribution statistics and threshold at the end (medmix.ood)
     quiet: bool = False
     model_kwargs: dict = field(default_factory=dict)
+    resume: str | bool | None = None  # a run directory to continue; True: continue `out` if it holds a run
+    ddp: bool | None = None  # data-parallel: None = when launched by torchrun with several processes
 
 
 @dataclass
@@ -96,6 +105,7 @@ class TrainResult:
     test: dict
     history: list[dict]
     seconds: float
+    rank: int = 0  # the process that returned it (data-parallel runs: only rank 0 wrote the files)
 
     def summary(self) -> dict:
         keys = ("acc", "auc", "precision", "recall", "f1", "n", "mae", "qwk")
@@ -132,10 +142,11 @@ def probabilities(logits: torch.Tensor, task: str, temperature: float | list[flo
 def predict_logits(model: nn.Module, images: torch.Tensor, transform: BatchTransform, batch_size: int = 512,
                    precision: str = "fp32") -> torch.Tensor:
     model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
     out = []
     for idx in iterate_batches(len(images), batch_size):
         with _autocast(precision):
-            out.append(model(transform(images[idx])).float())
+            out.append(model(transform(images[idx]).to(device)).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -188,6 +199,8 @@ def _score(metrics: dict, monitor: str) -> float:
 
 def _prepare_run_dir(out: str | None, cfg: TrainConfig) -> tuple[Path, Path]:
     final = Path(out) if out else Path("runs") / f"{Path(cfg.dataset).stem}-{cfg.model}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if final.exists() and not final.is_dir():
+        raise ConfigError(f"{final} exists and is not a directory; choose another --out")
     if final.exists() and any(final.iterdir()) and not cfg.overwrite:
         raise ConfigError(f"{final} already exists and is not empty; pass --overwrite or choose another --out")
     partial = final.with_name(final.name + ".partial")
@@ -197,16 +210,140 @@ def _prepare_run_dir(out: str | None, cfg: TrainConfig) -> tuple[Path, Path]:
     return final, partial
 
 
+# ----------------------------------------------------------------------------------------------- resuming
+# settings a resumed run may change: they do not alter the epochs already trained
+RESUME_MAY_CHANGE = ("epochs", "patience", "eval_batch_size", "tune_threshold", "bn_recalibrate", "calibrate", "ood",
+                     "data_dir",
+                     "download", "overwrite", "quiet", "out", "resume", "ddp")
+TRAIN_STATE_KEYS = ("optimizer", "epoch", "best_score", "best_epoch", "bad_epochs", "history")
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """The seed of one epoch's random stream (0: data order and augmentation; 1 + rank: the global RNG)."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, epoch, stream]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])  # < 2**63
+
+
+@dataclass
+class _ResumePoint:
+    final: Path  # where the run ends up
+    source: Path  # the directory holding last.pth: ``<final>.partial`` (a killed run) or ``final`` (a finished one)
+    checkpoint: Path
+    meta: dict
+    state: dict
+    train_state: dict
+
+    @property
+    def in_place(self) -> bool:
+        return self.source != self.final
+
+
+def _non_default_fields(cfg: TrainConfig) -> set[str]:
+    from dataclasses import fields
+
+    default = TrainConfig()
+    return {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != getattr(default, f.name)}
+
+
+def _find_resume(cfg: TrainConfig) -> _ResumePoint | None:
+    """The newest resumable state for ``cfg.resume``: the ``.partial`` build directory of a killed run first (it is
+    newer than the finished run it may continue), then the finished run."""
+    from .checkpoint import load_checkpoint
+
+    if cfg.resume is None or cfg.resume is False:
+        return None
+    if cfg.resume is True:
+        if not cfg.out:
+            raise ConfigError("--resume without a directory continues --out; pass --out DIR (or --resume RUN_DIR)")
+        target, required = Path(cfg.out), False
+    else:
+        target, required = Path(cfg.resume), True
+    final = target.with_name(target.name[:-len(".partial")]) if target.name.endswith(".partial") else target
+    if cfg.out and cfg.resume is not True and Path(cfg.out).resolve() != final.resolve():
+        raise ConfigError(f"--out {cfg.out} differs from the resumed run {final}; a run is continued where it is")
+    partial = final.with_name(final.name + ".partial")
+    first_error = None
+    for source in (partial, final):
+        ckpt = source / "last.pth"
+        if not ckpt.is_file():
+            continue
+        try:
+            state, meta, ts = load_checkpoint(ckpt)
+        except CheckpointError as e:  # e.g. a copy interrupted mid-file: fall back to the finished run
+            first_error = first_error or e
+            continue
+        missing = [k for k in TRAIN_STATE_KEYS if not isinstance(ts, dict) or k not in ts]
+        if missing:
+            raise CheckpointError(f"{ckpt}: no resumable training state (lacks {', '.join(missing)}; written by an "
+                                  f"older medmix?)")
+        if not isinstance(meta.get("train_config"), dict):
+            raise CheckpointError(f"{ckpt}: the checkpoint does not record its training configuration")
+        return _ResumePoint(final, source, ckpt, meta, state, ts)
+    if first_error is not None:
+        raise first_error
+    if required:
+        raise ConfigError(f"nothing to resume in {target}: no last.pth in {final} or {partial.name} (a run killed "
+                          f"before its first epoch ended has nothing saved; start it again without --resume)")
+    return None
+
+
+def _resumed_config(cfg: TrainConfig, resume: _ResumePoint, given: set[str]) -> TrainConfig:
+    from dataclasses import fields
+
+    names = {f.name for f in fields(TrainConfig)}
+    stored = {k: v for k, v in resume.meta["train_config"].items() if k in names}
+    default = TrainConfig()
+    for k in sorted(given & names - set(RESUME_MAY_CHANGE)):
+        mine, theirs = _as_json(getattr(cfg, k)), _as_json(stored.get(k, getattr(default, k)))
+        if mine != theirs:
+            raise ConfigError(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} differs from the resumed run's "
+                              f"{stored.get(k, getattr(default, k))!r}; a resumed run keeps its settings (only "
+                              f"--epochs, --patience, --eval-batch-size, --data-dir and the final steps may change)")
+    merged = {**stored, **{k: getattr(cfg, k) for k in given & set(RESUME_MAY_CHANGE) if k in names}}
+    merged.update(out=str(resume.final), resume=cfg.resume, ddp=cfg.ddp, quiet=cfg.quiet, overwrite=False)
+    return TrainConfig(**merged)
+
+
+def _as_json(v: Any) -> Any:
+    return json.loads(json.dumps(v))
+
+
+def _resume_run_dir(resume: _ResumePoint) -> tuple[Path, Path]:
+    """Continue in the ``.partial`` directory of a killed run, or in a copy of a finished run (the finished run
+    stays untouched until the continued one replaces it)."""
+    partial = resume.final.with_name(resume.final.name + ".partial")
+    if resume.in_place:
+        for stray in partial.glob(".*.tmp*"):  # temporary files of writes the kill interrupted
+            stray.unlink()
+        return resume.final, partial
+    copy = partial.with_name(partial.name + ".copying")
+    for d in (partial, copy):
+        if d.exists():
+            shutil.rmtree(d)
+    shutil.copytree(resume.final, copy)
+    copy.rename(partial)
+    return resume.final, partial
+
+
+def _result_of_finished_run(run_dir: Path, rank: int = 0) -> TrainResult:
+    """A finished run's result read back from its files (what processes other than 0 return)."""
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    history = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    return TrainResult(run_dir, int(doc["best_epoch"]), doc["val"], doc["test"], history,
+                       float(doc.get("train_seconds") or 0.0), rank)
+
+
 def _finish_run_dir(final: Path, partial: Path) -> None:
+    trash = final.with_name(final.name + ".old")
     if final.exists():
-        trash = final.with_name(final.name + ".old")
         if trash.exists():
             shutil.rmtree(trash)
         final.rename(trash)
         partial.rename(final)
-        shutil.rmtree(trash)
     else:
         partial.rename(final)
+    if trash.exists():  # also the leftover of a run killed between the two renames, then resumed
+        shutil.rmtree(trash)
 
 
 def _progress(total: int, desc: str, quiet: bool):
@@ -223,22 +360,59 @@ def build_meta(cfg: TrainConfig, bundle: DataBundle, model_kwargs: dict, img_siz
         "model": cfg.model, "model_kwargs": model_kwargs, "task": bundle.info.to_dict(), "dataset": bundle.name,
         "data_source": bundle.source, "data_size": bundle.image_size, "img_size": img_size, "mean": mean, "std": std,
         "temperature": 1.0, "seed": cfg.seed, "loss": loss_name, "augment": augment,
-        "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("quiet",)},
+        "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("quiet", "resume", "ddp")},
     }
 
 
 def train(cfg: TrainConfig | None = None, *, log: Callable[[str], None] | None = None, **kwargs: Any) -> TrainResult:
-    """Train a model; see :class:`TrainConfig` for the arguments (also accepted as keywords)."""
+    """Train a model; see :class:`TrainConfig` for the arguments (also accepted as keywords).
+
+    ``resume``: continue the run in this directory (its ``.partial`` build directory when a run was killed, else the
+    finished run, for more ``epochs``) from its ``last.pth``: weights, optimiser, schedule, early-stopping state,
+    history and data order, so the result is the one an uninterrupted run would have given. ``resume=True``
+    continues ``out`` when it holds a resumable run, else starts it. Settings given explicitly must match the
+    run's, except those in ``RESUME_MAY_CHANGE`` (``epochs``, ``patience``, ...).
+
+    Launched by ``torchrun`` with several processes (or with ``ddp=True``), trains data-parallel; see
+    :mod:`medmix.distributed`. Only process 0 writes; every process returns the result.
+    """
+    given = set(kwargs) if cfg is None else _non_default_fields(cfg)
     cfg = cfg or TrainConfig(**kwargs)
-    say = log or (lambda s: None if cfg.quiet else print(s, file=sys.stderr))
+    ctx = distributed.setup(cfg.ddp)
+    try:
+        return _train(cfg, given, ctx, log)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: TrainConfig, given: set[str], ctx: distributed.Context, log: Callable[[str], None] | None
+           ) -> TrainResult:
+    resume = _find_resume(cfg)
+    if resume is not None:
+        cfg = _resumed_config(cfg, resume, given)
+    quiet = cfg.quiet or not ctx.is_main
+    say = (log or (lambda s: None if quiet else print(s, file=sys.stderr))) if ctx.is_main else (lambda s: None)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ConfigError("--epochs and --batch-size must be at least 1")
+    if cfg.batch_size < ctx.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the {ctx.world_size} processes: the batch "
+                          f"is the global batch, split across processes")
     if cfg.optimizer not in ("adam", "adamw"):
         raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use adam or adamw")
+    ts = resume.train_state if resume is not None else None
+    if resume is not None and not resume.in_place:  # a finished run: is there anything left to do?
+        if ts["epoch"] >= cfg.epochs:
+            raise ConfigError(f"{resume.final} has already trained {ts['epoch']} epochs; pass --epochs greater than "
+                              f"{ts['epoch']} to continue it")
+        if ts["bad_epochs"] >= cfg.patience:
+            raise ConfigError(f"{resume.final} stopped early after {ts['bad_epochs']} epochs without improvement; "
+                              f"pass --patience greater than {ts['bad_epochs']} to continue it")
     precision = resolve_precision(cfg.precision)
     model_info(cfg.model)  # fail fast on an unknown model name, before reading data
     torch.manual_seed(cfg.seed)
-    bundle = load_dataset(cfg.dataset, data_dir=cfg.data_dir, size=cfg.size, seed=cfg.seed, download=cfg.download)
+    split_file = resume.source / "split.json" if resume is not None else None
+    bundle = load_dataset(cfg.dataset, data_dir=cfg.data_dir, size=cfg.size, seed=cfg.seed, download=cfg.download,
+                          split_file=split_file if split_file is not None and split_file.is_file() else None)
     info = bundle.info
     img_size = cfg.img_size or bundle.image_size
     augment = cfg.augment or (dataset_spec(bundle.name).augment if _known(bundle.name) else "rotate_flip_zoom")
@@ -252,15 +426,12 @@ def train(cfg: TrainConfig | None = None, *, log: Callable[[str], None] | None =
     model_kwargs = dict(num_classes=info.num_classes, in_chans=info.n_channels, img_size=img_size,
                         drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, **cfg.model_kwargs)
     model = create_model(cfg.model, **model_kwargs).to(memory_format=torch.channels_last)
+    if ctx.world_size > 1:
+        model = distributed.convert_sync_batchnorm(model, ctx.device)
+    model = model.to(ctx.device)
     monitor = _monitor(cfg.monitor, info.task)
-    final, run = _prepare_run_dir(cfg.out, cfg)
     meta = build_meta(cfg, bundle, model_kwargs, img_size, mean, std, loss_name, augment)
     meta["monitor"], meta["precision"] = monitor, precision
-    if bundle.split_indices is not None:
-        from .data.folders import save_split
-
-        save_split(run / "split.json", bundle.split_indices, cfg.seed, _all_labels(bundle), bundle.source["path"])
-    atomic_write_text(run / "config.json", json.dumps(meta["train_config"], indent=2))
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
@@ -270,92 +441,169 @@ def train(cfg: TrainConfig | None = None, *, log: Callable[[str], None] | None =
     steps_per_epoch = len(tr) // cfg.batch_size if drop_last else math.ceil(len(tr) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     sched = _schedule(opt, cfg.schedule, total, int(cfg.warmup_epochs * steps_per_epoch))
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    say(f"training {cfg.model} ({sum(p.numel() for p in params) / 1e6:.2f} M params) on {bundle.name} "
-        f"[{info.task}, {info.num_classes} classes, {len(tr)}/{len(bundle.splits['val'])}/"
-        f"{len(bundle.splits['test'])} images, {img_size} px, {precision}] -> {final}")
     history: list[dict] = []
-    best_score, best_epoch, bad_epochs = -math.inf, 0, 0
+    best_score, best_epoch, bad_epochs, start_epoch, seconds_before = -math.inf, 0, 0, 1, 0.0
+    if ts is not None:
+        try:
+            model.load_state_dict(resume.state)
+            opt.load_state_dict(ts["optimizer"])
+            if sched is not None and ts.get("scheduler") is not None:
+                sched.load_state_dict(ts["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{resume.checkpoint}: does not fit this run's model/optimiser "
+                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        history = [dict(r) for r in ts["history"]]
+        best_score, best_epoch, bad_epochs = float(ts["best_score"]), int(ts["best_epoch"]), int(ts["bad_epochs"])
+        start_epoch, seconds_before = int(ts["epoch"]) + 1, float(ts.get("seconds", 0.0))
+        if isinstance(ts.get("rng_state"), torch.Tensor):
+            torch.set_rng_state(ts["rng_state"])
+
+    def open_run_dir() -> tuple[Path, Path]:
+        final, run = _resume_run_dir(resume) if resume is not None else _prepare_run_dir(cfg.out, cfg)
+        if bundle.split_indices is not None:
+            from .data.folders import save_split
+
+            save_split(run / "split.json", bundle.split_indices, cfg.seed, _all_labels(bundle),
+                       bundle.source["path"])
+        atomic_write_text(run / "config.json", json.dumps(meta["train_config"], indent=2))
+        # the log is rebuilt from the restored history: lines appended after last.pth was written are dropped
+        atomic_write_text(run / "log.jsonl", "".join(json.dumps(_jsonable(r)) + "\n" for r in history))
+        return final, run
+
+    final, run = ctx.on_main(open_run_dir) or (None, None)
+    final = Path(ctx.broadcast_object(str(final) if final is not None else None))
+
+    net: nn.Module = model
+    if ctx.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    gen = torch.Generator()
+    world = f", {ctx.world_size} processes" if ctx.world_size > 1 else ""
+    say(f"{'resuming at epoch ' + str(start_epoch) + ': ' if resume is not None else ''}training {cfg.model} "
+        f"({sum(p.numel() for p in params) / 1e6:.2f} M params) on {bundle.name} "
+        f"[{info.task}, {info.num_classes} classes, {len(tr)}/{len(bundle.splits['val'])}/"
+        f"{len(bundle.splits['test'])} images, {img_size} px, {precision}{world}] -> {final}")
+    stopped = bad_epochs >= cfg.patience  # a killed run that had already stopped early only needs finishing
     t_start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if stopped:
+            break
+        # all randomness of an epoch derives from (seed, epoch): resuming at an epoch boundary repeats it exactly.
+        # `gen` (data order, augmentation) is the same on every process; the global RNG (dropout) differs per rank.
+        gen.manual_seed(epoch_seed(cfg.seed, epoch))
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, 1 + ctx.rank))
         model.train()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", cfg.quiet)
+        bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", quiet)
         for idx in iterate_batches(len(tr), cfg.batch_size, gen, drop_last):
-            x = train_tf(tr.images[idx], train=True, generator=gen)
-            y = tr.labels[idx]
+            rows, weight = None, 1.0
+            if ctx.world_size > 1:
+                if len(idx) < ctx.world_size:  # a last batch too small to give every process an image
+                    continue
+                rows = distributed.shard(len(idx), ctx.rank, ctx.world_size)
+                weight = (rows.stop - rows.start) * ctx.world_size / len(idx)  # DDP averages; this makes it a sum
+            x = train_tf(tr.images[idx], train=True, generator=gen, rows=rows)
+            y = tr.labels[idx] if rows is None else tr.labels[idx[rows]]
+            if ctx.device.type != "cpu":
+                x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             with _autocast(precision):
-                logits = model(x)
+                logits = net(x)
             loss = loss_fn(logits.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight if rows is not None else loss).backward()
             opt.step()
             if sched is not None:
                 sched.step()
-            seen += len(idx)
-            loss_sum += float(loss.detach()) * len(idx)
+            seen += len(y)
+            loss_sum += float(loss.detach()) * len(y)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         if bar is not None:
             bar.close()
+        if ctx.world_size > 1:
+            loss_sum, seen = ctx.all_sum([loss_sum, float(seen)])
         train_time = time.perf_counter() - t0
-        val = evaluate_split(model, bundle.splits["val"], eval_tf, info.task, info.class_names, eval_loss,
-                             cfg.eval_batch_size, precision)
-        row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "val_loss": val["loss"], "val_acc": val["acc"],
-               "val_auc": val["auc"], "lr": opt.param_groups[0]["lr"], "train_img_s": seen / train_time,
-               "epoch_seconds": time.perf_counter() - t0}
-        history.append(row)
-        _append_jsonl(run / "log.jsonl", row)
-        score = _score(val, monitor)
-        improved = score > best_score
-        if improved:
-            best_score, best_epoch, bad_epochs = score, epoch, 0
-            save_checkpoint(run / "best_model.pth", model, {**meta, "epoch": epoch, "val_metrics": _slim(val)})
-        else:
-            bad_epochs += 1
-        save_checkpoint(run / "last.pth", model, {**meta, "epoch": epoch, "val_metrics": _slim(val)},
-                        train_state={"optimizer": opt.state_dict(), "epoch": epoch})
-        say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  val loss {val['loss']:.4f}  acc {val['acc']:.4f}  "
-            f"auc {val['auc']:.4f}  {row['train_img_s']:.0f} img/s{'  *' if improved else ''}")
-        if bad_epochs >= cfg.patience:
-            say(f"early stop: no {monitor} improvement on val for {cfg.patience} epochs")
+
+        def end_epoch(epoch: int, loss_sum: float, seen: float, train_time: float, t0: float) -> int:
+            nonlocal best_score, best_epoch, bad_epochs
+            val = evaluate_split(model, bundle.splits["val"], eval_tf, info.task, info.class_names, eval_loss,
+                                 cfg.eval_batch_size, precision)
+            row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "val_loss": val["loss"],
+                   "val_acc": val["acc"], "val_auc": val["auc"], "lr": opt.param_groups[0]["lr"],
+                   "train_img_s": seen / train_time, "epoch_seconds": time.perf_counter() - t0}
+            history.append(row)
+            _append_jsonl(run / "log.jsonl", row)
+            score = _score(val, monitor)
+            improved = score > best_score
+            if improved:
+                best_score, best_epoch, bad_epochs = score, epoch, 0
+                save_checkpoint(run / "best_model.pth", model, {**meta, "epoch": epoch, "val_metrics": _slim(val)})
+            else:
+                bad_epochs += 1
+            # written after best_model.pth: a kill in between repeats this epoch, which improves again identically
+            save_checkpoint(run / "last.pth", model, {**meta, "epoch": epoch, "val_metrics": _slim(val)},
+                            train_state={"optimizer": opt.state_dict(),
+                                         "scheduler": sched.state_dict() if sched is not None else None,
+                                         "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
+                                         "bad_epochs": bad_epochs, "history": history,
+                                         "rng_state": torch.get_rng_state(),
+                                         "seconds": seconds_before + time.perf_counter() - t_start,
+                                         "world_size": ctx.world_size})
+            say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  val loss {val['loss']:.4f}  acc {val['acc']:.4f}  "
+                f"auc {val['auc']:.4f}  {row['train_img_s']:.0f} img/s{'  *' if improved else ''}")
+            if bad_epochs >= cfg.patience:
+                say(f"early stop: no {monitor} improvement on val for {cfg.patience} epochs")
+                return 1
+            return 0
+
+        if ctx.broadcast_int(ctx.on_main(lambda e=epoch, ls=loss_sum, n=seen, tt=train_time, t=t0:
+                                         end_epoch(e, ls, n, tt, t)) or 0):
             break
-    seconds = time.perf_counter() - t_start
+    seconds = seconds_before + time.perf_counter() - t_start
 
-    # the test split is read once, with the weights chosen on val
-    from .checkpoint import load_checkpoint
+    def finish() -> TrainResult:
+        # the test split is read once, with the weights chosen on val
+        from .checkpoint import load_checkpoint
 
-    state, _, _ = load_checkpoint(run / "best_model.pth")
-    model.load_state_dict(state)
-    if cfg.bn_recalibrate and not get_policy(augment).identity and recalibrate_batchnorm(model, tr.images, eval_tf):
-        meta["bn_recalibrated"] = True
-    val = evaluate_split(model, bundle.splits["val"], eval_tf, info.task, info.class_names, eval_loss,
-                         cfg.eval_batch_size, precision, return_probs=True)
-    threshold: float | list[float] = 0.5
-    if cfg.tune_threshold and info.task == MULTI_LABEL:
-        threshold = tune_thresholds(val.pop("_probs"), bundle.splits["val"].labels.numpy())
-        val = evaluate_split(model, bundle.splits["val"], eval_tf, info.task, info.class_names, eval_loss,
-                             cfg.eval_batch_size, precision, threshold=threshold)
-    val.pop("_probs", None)
-    test = evaluate_split(model, bundle.splits["test"], eval_tf, info.task, info.class_names, eval_loss,
-                          cfg.eval_batch_size, precision, threshold=threshold)
-    meta.update(threshold=threshold, epoch=best_epoch, val_metrics=_slim(val), test_metrics=_slim(test), train_seconds=seconds,
-                machine=machine_description())
-    save_checkpoint(run / "best_model.pth", model, meta)
-    metrics_doc = {"dataset": bundle.name, "model": cfg.model, "seed": cfg.seed, "best_epoch": best_epoch,
-                   "monitor": monitor, "train_seconds": seconds, "machine": machine_description(),
-                   "medmix_version": __version__, "val": val, "test": test}
-    atomic_write_text(run / "metrics.json", json.dumps(_jsonable(metrics_doc), indent=2))
-    _write_history_csv(run / "log.csv", history)
-    from .report import plot_curves, write_confusion
+        final_model = model
+        if ctx.world_size > 1 or ctx.device.type != "cpu":  # plain BatchNorm, on the CPU, for the last passes
+            final_model = create_model(cfg.model, **model_kwargs).to(memory_format=torch.channels_last)
+        state, _, _ = load_checkpoint(run / "best_model.pth")
+        final_model.load_state_dict(state)
+        if cfg.bn_recalibrate and not get_policy(augment).identity and \
+                recalibrate_batchnorm(final_model, tr.images, eval_tf):
+            meta["bn_recalibrated"] = True
+        extras = fit_confidence(final_model, bundle, eval_tf, info.task, meta, calibrate=cfg.calibrate, ood=cfg.ood,
+                                batch_size=cfg.eval_batch_size, seed=cfg.seed, say=say)
+        val = evaluate_split(final_model, bundle.splits["val"], eval_tf, info.task, info.class_names, eval_loss,
+                             cfg.eval_batch_size, precision, return_probs=True)
+        threshold: float | list[float] = 0.5
+        if cfg.tune_threshold and info.task == MULTI_LABEL:
+            threshold = tune_thresholds(val.pop("_probs"), bundle.splits["val"].labels.numpy())
+            val = evaluate_split(final_model, bundle.splits["val"], eval_tf, info.task, info.class_names, eval_loss,
+                                 cfg.eval_batch_size, precision, threshold=threshold)
+        val.pop("_probs", None)
+        test = evaluate_split(final_model, bundle.splits["test"], eval_tf, info.task, info.class_names, eval_loss,
+                              cfg.eval_batch_size, precision, threshold=threshold)
+        meta.update(threshold=threshold, epoch=best_epoch, val_metrics=_slim(val), test_metrics=_slim(test),
+                    train_seconds=seconds, machine=machine_description())
+        save_checkpoint(run / "best_model.pth", final_model, meta, extras=extras)
+        metrics_doc = {"dataset": bundle.name, "model": cfg.model, "seed": cfg.seed, "best_epoch": best_epoch,
+                       "monitor": monitor, "train_seconds": seconds, "machine": machine_description(),
+                       "medmix_version": __version__, "val": val, "test": test}
+        atomic_write_text(run / "metrics.json", json.dumps(_jsonable(metrics_doc), indent=2))
+        _write_history_csv(run / "log.csv", history)
+        from .report import plot_curves, write_confusion
 
-    plot_curves(history, run / "curves.png", best_epoch)
-    write_confusion(test, info, run / "confusion_test.png", f"{bundle.name} test - {cfg.model}")
-    _finish_run_dir(final, run)
-    return TrainResult(final, best_epoch, val, test, history, seconds)
+        plot_curves(history, run / "curves.png", best_epoch)
+        write_confusion(test, info, run / "confusion_test.png", f"{bundle.name} test - {cfg.model}")
+        _finish_run_dir(final, run)
+        return TrainResult(final, best_epoch, val, test, history, seconds)
 
+    result = ctx.on_main(finish)  # the other processes wait here until the run directory is complete
+    return result if ctx.is_main else _result_of_finished_run(final, ctx.rank)
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, transform: BatchTransform, batch_size: int = 256
@@ -384,6 +632,35 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, transform: Bat
         m.momentum = momentum
     model.train(was_training)
     return True
+
+
+def fit_confidence(model: nn.Module, bundle: DataBundle, transform: BatchTransform, task: str, meta: dict, *,
+                   calibrate: bool = True, ood: bool = True, batch_size: int = 512, seed: int = 0,
+                   say: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """The final weights' trust data, written into ``meta``: the temperature fitted on the val logits
+    (``meta["temperature"]``, ``meta["calibration"]``, :mod:`medmix.calibrate`) and the out-of-distribution
+    thresholds (``meta["ood"]``, :mod:`medmix.ood`). Returns the checkpoint extras (the OOD statistics)."""
+    from . import ood as ood_mod
+    from .calibrate import fit_calibration
+
+    if not (calibrate or ood):
+        return {}
+    val = bundle.splits["val"]
+    logits, features = ood_mod.extract(model, val.images, transform, batch_size)
+    extras: dict[str, torch.Tensor] = {}
+    if calibrate:
+        meta["temperature"], meta["calibration"] = fit_calibration(logits, val.labels, task)
+        c = meta["calibration"]
+        t = meta["temperature"]
+        if say is not None:
+            say(f"calibration on val: T = {t:.3f}  NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}  ECE "
+                f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}" if isinstance(t, float) else
+                f"calibration on val: per-label T, NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}")
+    if ood:
+        tr = bundle.splits["train"]
+        meta["ood"], extras = ood_mod.fit(model, tr.images, tr.labels, val.images, transform, task,
+                                          batch_size=batch_size, seed=seed, val=(logits, features))
+    return extras
 
 
 def tune_thresholds(probs: np.ndarray, labels: np.ndarray, grid: int = 99) -> list[float]:
@@ -461,4 +738,8 @@ def machine_description() -> str:
 
 def set_threads() -> None:
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:  # torchrun: the processes on this machine share its cores
+        n //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        pass
     torch.set_num_threads(max(1, n))

@@ -4,10 +4,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import load_model, resolve_checkpoint
+import torch
+
+from .checkpoint import build_model, load_checkpoint, resolve_checkpoint
 from .data import BatchTransform, load_dataset
 from .data.tasks import TaskInfo
-from .engine import evaluate_split, resolve_precision
+from .engine import resolve_precision
 from .errors import ConfigError
 from .losses import build_loss, default_loss_name
 
@@ -27,31 +29,82 @@ def load_training_data(meta: dict, run_dir: Path, data_dir: str | os.PathLike | 
                         split_file=split_file if split_file.exists() else None)
 
 
-def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, split: str = "test",
-             out: str | os.PathLike | None = None, batch_size: int = 512, precision: str = "auto") -> dict:
-    """Metrics with the official MedMNIST ACC/AUC semantics plus macro P/R/F1 and the confusion matrix.
+def _out_dir(out: str | os.PathLike) -> Path:
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{out}: exists and is not a directory; --out takes a directory") from None
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
+    return Path(out)
 
-    ``out`` (a directory) receives ``confusion_<split>.png``. Data without official splits use the ``split.json``
-    saved beside the checkpoint, so the same images are evaluated as during training.
+
+def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, split: str = "test",
+             out: str | os.PathLike | None = None, report: str | os.PathLike | None = None, batch_size: int = 512,
+             precision: str = "auto") -> dict:
+    """Metrics with the official MedMNIST ACC/AUC semantics plus macro P/R/F1, the confusion matrix and calibration.
+
+    Probabilities use the checkpoint's calibration temperature. Calibration is reported before (``T = 1``) and
+    after (the stored ``T``): ``ece_before``/``ece_after`` (top-label, 15 bins; multi-label: every label decision
+    as a binary prediction), ``nll_before``/``nll_after``, and ``ece``/``nll`` (= after, what predictions show),
+    ``temperature``. Checkpoints with OOD statistics add ``ood_flagged`` (share of the split flagged as out of
+    distribution) and ``ood_method``.
+
+    ``out`` (a directory) receives ``confusion_<split>.png`` and ``reliability_<split>.png``. ``report`` (a
+    directory) receives ``report.md`` with the official MedMNIST benchmark rows beside ours and its figures (see
+    :func:`medmix.report.write_evaluation_report`). Data without official splits use the ``split.json`` saved
+    beside the checkpoint, so the same images are evaluated as during training.
     """
+    import numpy as np
+
+    from .calibrate import N_BINS, calibration_metrics, stored_temperature
+    from .engine import predict_logits, probabilities
+    from .metrics import compute_metrics
+    from .ood import Detector, extract
+
     if split not in ("train", "val", "test"):
         raise ConfigError(f"unknown split {split!r}; use train, val or test")
     path = resolve_checkpoint(ckpt_or_run)
-    model, meta = load_model(path)
+    state, meta, _, extras = load_checkpoint(path, extras=True)
+    model = build_model(meta, state)
     info = TaskInfo.from_dict(meta["task"])
+    out_dir = _out_dir(out) if out is not None else None
+    report_dir = _out_dir(report) if report is not None else None
     bundle = load_training_data(meta, path.parent, data_dir)
     if bundle.info.class_names != info.class_names or bundle.info.task != info.task:
         raise ConfigError(f"the data found for {meta['dataset']!r} do not match the checkpoint's classes/task")
     tf = BatchTransform(meta["img_size"], meta["mean"], meta["std"])
     loss = build_loss(default_loss_name(info.task), info.task, info.num_classes)
-    m = evaluate_split(model, bundle.splits[split], tf, info.task, info.class_names, loss, batch_size,
-                       resolve_precision(precision), meta.get("temperature", 1.0), meta.get("threshold", 0.5))
+    data = bundle.splits[split]
+    detector = Detector.from_checkpoint(meta, extras)
+    features = None
+    if detector is not None and detector.needs_features:
+        logits, features = extract(model, data.images, tf, batch_size)
+    else:
+        logits = predict_logits(model, data.images, tf, batch_size, resolve_precision(precision))
+    temperature = stored_temperature(meta)
+    probs = probabilities(logits, info.task, temperature).numpy()
+    m = compute_metrics(data.labels.numpy(), probs, info.task, info.class_names, threshold=meta.get("threshold", 0.5))
+    with torch.no_grad():
+        m["loss"] = float(loss(logits, data.labels))
+    before = calibration_metrics(logits, data.labels, info.task, 1.0)
+    after = calibration_metrics(logits, data.labels, info.task, temperature)
+    m.update(temperature=temperature, n_bins=N_BINS, ece_before=before["ece"], ece_after=after["ece"],
+             nll_before=before["nll"], nll_after=after["nll"], ece=after["ece"], nll=after["nll"])
+    if detector is not None:
+        flags = detector.flags(detector.scores(logits, features), data.images)
+        m.update(ood_method=detector.method, ood_flagged=float(np.mean(~flags)))
     m.update(split=split, dataset=bundle.name, model=meta["model"], checkpoint=str(path))
-    if out is not None:
-        from .report import write_confusion
+    title = f"{bundle.name} {split} - {meta['model']}"
+    if out_dir is not None:
+        from .report import write_confusion, write_reliability
 
-        Path(out).mkdir(parents=True, exist_ok=True)
-        png = write_confusion(m, info, Path(out) / f"confusion_{split}.png", f"{bundle.name} {split} - {meta['model']}")
+        png = write_confusion(m, info, out_dir / f"confusion_{split}.png", title)
         m["confusion_png"] = str(png) if png else None
-    return m
+        m["reliability_png"] = str(write_reliability(probs, data.labels.numpy(), info, out_dir /
+                                                     f"reliability_{split}.png", title))
+    if report_dir is not None:
+        from .report import write_evaluation_report
 
+        m["report"] = str(write_evaluation_report(report_dir, m, probs, data.labels.numpy(), data.images, info, meta))
+    return m

@@ -255,7 +255,7 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
     ``confidence``, ``explained_class``, ``explained_index``, ``explained_probability``, ``probabilities`` (top-k)
     and ``cam`` (float32 ``(H, W)`` in [0, 1] at the size of the loaded image).
     """
-    from .predict import Predictor
+    from .predict import Predictor, _single_input
 
     _cam_class(method)  # fail on an unknown method before loading anything
     if top_k < 1:
@@ -263,7 +263,7 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
     pred = checkpoint if isinstance(checkpoint, Predictor) else Predictor(checkpoint)
     names_cls = pred.class_names
     fixed = resolve_class(target_class, names_cls)
-    items = list(images)
+    items = [images] if _single_input(images) else list(images)  # one path/bytes/image, not its characters
     if not items:
         raise ConfigError("no images given")
     names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image[{i}]" for i, x in enumerate(items)]
@@ -274,7 +274,12 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
     cams = cam_array(pred.model, x, targets, method=method)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{out}: exists and is not a directory; --out needs a directory for the panels") from None
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
     used: set[str] = set()
     results = []
     for i, (name, img, p, k, cam) in enumerate(zip(names, batch, probs, targets, cams)):

@@ -3,7 +3,12 @@
 >>> from medmix import Predictor
 >>> p = Predictor("runs/quickstart")                   # a run directory or a best_model.pth
 >>> p.predict(["scan.png"])[0]
-{'file': 'scan.png', 'label': 'normal, benign', 'index': 1, 'confidence': 0.93, 'probabilities': {...}}
+{'file': 'scan.png', 'label': 'normal, benign', 'index': 1, 'confidence': 0.93, 'probabilities': {...},
+ 'in_distribution': True, 'ood_score': 41.7}
+
+Confidences are calibrated (divided by the temperature stored in the checkpoint). ``in_distribution`` is False when
+the image does not look like the training data (:mod:`medmix.ood`; ``ood_score`` higher = more unusual, flagged above
+the threshold fixed on the validation split); checkpoints trained before the OOD fit carry neither field.
 
 Images are converted exactly like the training data (see :mod:`medmix.data.images`): channels matched to the model,
 resized to the stored image size, then the same resize/normalisation transform as evaluation.
@@ -16,7 +21,7 @@ from typing import Any, Iterable
 import torch
 
 from .calibrate import stored_temperature
-from .checkpoint import load_model, resolve_checkpoint
+from .checkpoint import build_model, load_checkpoint, resolve_checkpoint
 from .data import BatchTransform
 from .data.images import load_image
 from .data.tasks import MULTI_LABEL, TaskInfo
@@ -28,14 +33,19 @@ class Predictor:
     """Loads a checkpoint once and classifies images (paths, bytes, PIL images or arrays)."""
 
     def __init__(self, checkpoint: str | os.PathLike, *, threshold: float | None = None,
-                 ordinal_mode: str = "argmax") -> None:
+                 ordinal_mode: str = "argmax", ood_method: str | None = None) -> None:
         """``threshold``: multi-label decision threshold (default: the checkpoint's, tuned on val, else 0.5).
-        ``ordinal_mode``: for ordinal tasks, report the argmax grade or the rounded expected grade."""
+        ``ordinal_mode``: for ordinal tasks, report the argmax grade or the rounded expected grade.
+        ``ood_method``: the OOD score (``mahalanobis`` or ``energy``; default: the checkpoint's)."""
+        from .ood import Detector
+
         if ordinal_mode not in ("argmax", "expected"):
             raise ConfigError(f"unknown ordinal mode {ordinal_mode!r}; use argmax or expected")
         self.ordinal_mode = ordinal_mode
         self.path = resolve_checkpoint(checkpoint)
-        self.model, self.meta = load_model(self.path)
+        state, self.meta, _, extras = load_checkpoint(self.path, extras=True)
+        self.model = build_model(self.meta, state)
+        self.ood = Detector.from_checkpoint(self.meta, extras, ood_method)  # None: no OOD data in the checkpoint
         self.info = TaskInfo.from_dict(self.meta["task"])
         self.transform = BatchTransform(self.meta["img_size"], self.meta["mean"], self.meta["std"])
         self.temperature = stored_temperature(self.meta)  # one number, or one per label (multi-label)
@@ -56,15 +66,35 @@ class Predictor:
         return probabilities(logits, self.info.task, self.temperature)
 
     def predict(self, inputs: Iterable[Any], top_k: int | None = None) -> list[dict]:
-        items = list(inputs)
+        items = [inputs] if _single_input(inputs) else list(inputs)  # one path/bytes/image, not its characters
         if not items:
             raise ConfigError("no images given")
         names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image[{i}]" for i, x in enumerate(items)]
         batch = torch.stack([self.load(x, n) for x, n in zip(items, names)])
-        probs = self.probabilities(batch)
-        return [self._describe(n, p, top_k) for n, p in zip(names, probs)]
+        logits, ood = self.logits_and_ood(batch)
+        probs = probabilities(logits, self.info.task, self.temperature)
+        return [self._describe(n, p, top_k, o) for n, p, o in zip(names, probs, ood)]
 
-    def _describe(self, name: str, p: torch.Tensor, top_k: int | None) -> dict:
+    def logits_and_ood(self, images: torch.Tensor) -> tuple[torch.Tensor, list[dict | None]]:
+        """uint8 batch -> raw logits ``(B, K)`` and per image ``{"in_distribution", "ood_score"}`` (None when the
+        checkpoint has no OOD data), from one forward pass."""
+        if self.ood is None:
+            return predict_logits(self.model, images, self.transform), [None] * len(images)
+        if self.ood.needs_features:
+            from .ood import extract
+
+            logits, features = extract(self.model, images, self.transform)
+        else:
+            logits, features = predict_logits(self.model, images, self.transform), None
+        return logits, self.ood(logits, features, images)
+
+    def _describe(self, name: str, p: torch.Tensor, top_k: int | None, ood: dict | None = None) -> dict:
+        out = self._describe_probs(name, p, top_k)
+        if ood is not None:
+            out.update(ood)
+        return out
+
+    def _describe_probs(self, name: str, p: torch.Tensor, top_k: int | None) -> dict:
         order = torch.argsort(p, descending=True).tolist()
         if top_k:
             order = order[:top_k]
@@ -87,9 +117,18 @@ class Predictor:
         return out
 
 
+def _single_input(x: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(x, (str, bytes, bytearray, os.PathLike, Image.Image))
+
+
 def format_prediction(r: dict) -> str:
     """A readable block: the file, the answer and the distribution sorted by probability."""
     lines = [f"{r['file']}: {r['label']}  (confidence {r['confidence']:.2%})"]
+    if r.get("in_distribution") is False:
+        lines.append(f"  WARNING: out of distribution (OOD score {r['ood_score']:.4g}): this image does not look like "
+                     f"the training data; do not trust the label")
     if "expected_grade" in r:
         lines.append(f"  expected grade {r['expected_grade']:.2f}")
     w = max(len(c) for c in r["probabilities"])

@@ -70,3 +70,202 @@ def format_metrics(m: dict, title: str = "") -> str:
         for name, row in zip((c["name"] for c in m["per_class"]), m["confusion"]):
             lines.append(f"  {name:<{w}} " + " ".join(f"{v:6d}" for v in row))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation report
+def _reliability_view(probs, labels, info: TaskInfo):
+    """Multi-label: every (image, label) decision as a two-class prediction; otherwise unchanged."""
+    import numpy as np
+
+    if info.task != MULTI_LABEL:
+        return np.asarray(probs, dtype=np.float64), np.asarray(labels).reshape(len(probs), -1)[:, 0]
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    return np.stack([1.0 - p, p], axis=1), np.asarray(labels).reshape(-1).astype(np.int64)
+
+
+def write_reliability(probs, labels, info: TaskInfo, path: Path, title: str, n_bins: int = 15) -> Path:
+    """Reliability diagram PNG of (calibrated) probabilities (multi-label: all label decisions pooled)."""
+    from .metrics import plot_reliability
+
+    p, y = _reliability_view(probs, labels, info)
+    return plot_reliability(p, y, path, n_bins, title)
+
+
+def write_roc(probs, labels, info: TaskInfo, path: Path, title: str) -> Path:
+    """One-vs-rest ROC curve per class (binary: the positive class; multi-label: per label), AUC in the legend."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from .data.tasks import BINARY
+    from .metrics import _new_figure
+
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels)
+    if info.task == BINARY:
+        curves = [(info.class_names[-1], (y.reshape(-1) == 1).astype(int), p[:, -1])]
+    elif info.task == MULTI_LABEL:
+        curves = [(name, y[:, k].astype(int), p[:, k]) for k, name in enumerate(info.class_names)]
+    else:
+        yy = y.reshape(-1)
+        curves = [(name, (yy == k).astype(int), p[:, k]) for k, name in enumerate(info.class_names)]
+    fig = _new_figure(6.0, 5.5)
+    ax = fig.add_subplot(111)
+    for name, yk, sk in curves:
+        if yk.min() == yk.max():  # a class absent from (or alone in) the split has no ROC curve
+            ax.plot([], [], label=f"{name} (undefined: one class only)")
+            continue
+        fpr, tpr, _ = roc_curve(yk, sk)
+        ax.plot(fpr, tpr, lw=1.4, label=f"{name} (AUC {roc_auc_score(yk, sk):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlim(0, 1), ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate"), ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=7 if len(curves) > 6 else 9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def confident_mistakes(probs, labels, info: TaskInfo, threshold=0.5, k: int = 16) -> list[dict]:
+    """The ``k`` wrong predictions made with the highest confidence: ``index``, ``true``, ``pred`` (names; comma
+    lists for multi-label) and ``confidence`` (probability of the predicted class; multi-label: of the most
+    confident wrong label decision)."""
+    import numpy as np
+
+    from .metrics import predict_labels
+
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels)
+    names = info.class_names
+    pred = predict_labels(p, info.task, threshold)
+    rows = []
+    if info.task == MULTI_LABEL:
+        y = y.astype(int)
+        conf = np.where(pred == 1, p, 1.0 - p)  # confidence in each label decision
+        wrong = pred != y
+        for i in np.flatnonzero(wrong.any(1)):
+            rows.append({"index": int(i), "confidence": float(conf[i][wrong[i]].max()),
+                         "true": ", ".join(n for n, v in zip(names, y[i]) if v) or "(none)",
+                         "pred": ", ".join(n for n, v in zip(names, pred[i]) if v) or "(none)"})
+    else:
+        yy = y.reshape(-1).astype(int)
+        for i in np.flatnonzero(pred != yy):
+            rows.append({"index": int(i), "confidence": float(p[i, pred[i]] if p.ndim == 2 else p[i]),
+                         "true": names[yy[i]], "pred": names[pred[i]]})
+    rows.sort(key=lambda r: -r["confidence"])
+    return rows[:k]
+
+
+def write_mistakes(images, mistakes: list[dict], path: Path, title: str) -> Path:
+    """A grid of images (uint8 ``(N, C, H, W)``) with true/predicted label and confidence for each mistake."""
+    import numpy as np
+
+    from .metrics import _new_figure
+
+    n = len(mistakes)
+    cols = min(4, max(1, n))
+    rows = max(1, -(-n // cols))
+    fig = _new_figure(2.4 * cols, 2.7 * rows + 0.5)
+    if n == 0:
+        ax = fig.add_subplot(111)
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no mistakes on this split", ha="center", va="center")
+    for j, m in enumerate(mistakes):
+        ax = fig.add_subplot(rows, cols, j + 1)
+        img = np.asarray(images[m["index"]])
+        img = img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(f"#{m['index']} true: {m['true'][:22]}\npred: {m['pred'][:22]} ({m['confidence']:.0%})",
+                     fontsize=7)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _f(v, digits: int = 4) -> str:
+    try:
+        import math
+
+        return "n/a" if v is None or not math.isfinite(float(v)) else f"{float(v):.{digits}f}"
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def write_evaluation_report(out: Path, m: dict, probs, labels, images, info: TaskInfo, meta: dict) -> Path:
+    """``out/report.md``: headline metrics (official ACC/AUC semantics), calibration, per-class
+    precision/recall/F1/AUC, the official MedMNIST benchmark rows beside ours, and the figures
+    ``confusion_<split>.png``, ``roc_<split>.png``, ``reliability_<split>.png``, ``mistakes_<split>.png``."""
+    from .calibrate import stored_temperature
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    split, dataset, model = m["split"], m["dataset"], m["model"]
+    title = f"{dataset} {split} - {model}"
+    figs = {}
+    conf = write_confusion(m, info, out / f"confusion_{split}.png", title)
+    if conf is not None:
+        figs["Confusion matrix"] = conf
+    figs["ROC curves (one vs rest)"] = write_roc(probs, labels, info, out / f"roc_{split}.png", title)
+    figs["Reliability diagram (calibrated probabilities)"] = write_reliability(
+        probs, labels, info, out / f"reliability_{split}.png", title)
+    mistakes = confident_mistakes(probs, labels, info, meta.get("threshold", 0.5))
+    figs["Most confident mistakes"] = write_mistakes(images, mistakes, out / f"mistakes_{split}.png",
+                                                     f"{title}: most confident mistakes")
+
+    t = stored_temperature(meta)
+    t_txt = f"{t:.4f}" if isinstance(t, float) else "per label [" + ", ".join(f"{v:.3f}" for v in t) + "]"
+    lines = [f"# Evaluation report: {model} on {dataset} ({split} split)", "",
+             f"Checkpoint: `{m['checkpoint']}`  ",
+             (f"Task: {m['task']}, {m['n']} images, {len(info.class_names)} classes; trained "
+              f"{meta.get('epoch', '?')} epochs (best on val), medmix {meta.get('medmix_version', '?')}"), "",
+             "## Headline", "",
+             "| metric | value |", "|---|---|",
+             f"| ACC (official MedMNIST semantics) | {_f(m['acc'])} |",
+             f"| AUC (official MedMNIST semantics) | {_f(m['auc'])} |",
+             f"| precision / recall / F1 (macro) | {_f(m['precision'])} / {_f(m['recall'])} / {_f(m['f1'])} |"]
+    if "mae" in m:
+        lines.append(f"| MAE / QWK (ordinal, argmax grade) | {_f(m['mae'])} / {_f(m['qwk'])} |")
+    lines += [(f"| ECE ({m.get('n_bins', 15)} bins), raw -> calibrated | {_f(m.get('ece_before'))} -> "
+               f"{_f(m.get('ece_after'))} |"),
+              f"| NLL, raw -> calibrated | {_f(m.get('nll_before'))} -> {_f(m.get('nll_after'))} |",
+              f"| temperature | {t_txt} |"]
+    if "ood_flagged" in m:
+        lines.append(f"| flagged out of distribution ({m['ood_method']}) | {m['ood_flagged']:.1%} |")
+    lines += ["", ("ACC/AUC follow `medmnist.Evaluator`: binary ACC thresholds the positive-class probability, "
+                   "multi-class/ordinal AUC is the mean one-vs-rest AUC. Probabilities are divided by the calibration "
+                   "temperature, which changes neither ACC nor AUC."), "",
+              "## Per class", "", "| class | precision | recall | F1 | support | AUC (one vs rest) |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {c['name']} | {_f(c['precision'])} | {_f(c['recall'])} | {_f(c['f1'])} | {c['support']} | "
+              f"{_f(c['auc'])} |" for c in m["per_class"]]
+    lines += ["", "## Official MedMNIST v2 benchmark", ""]
+    rows = OFFICIAL_BENCHMARK.get(str(dataset).lower())
+    if rows:
+        lines += ["Test ACC/AUC from Yang et al., *MedMNIST v2*, Scientific Data 2023, Table 3 (quoted, not "
+                  "measured)" + ("." if split == "test" else f"; ours is on the {split} split, theirs on test."), "",
+                  "| method | ACC | AUC |", "|---|---|---|"]
+        lines += [f"| {name} | {acc:.3f} | {auc:.3f} |" for name, (acc, auc) in rows.items()]
+        lines.append(f"| **medmix {model} (this checkpoint, {split})** | **{_f(m['acc'], 3)}** | "
+                     f"**{_f(m['auc'], 3)}** |")
+    else:
+        lines.append(f"No official benchmark rows are stored for {dataset!r} (medmix quotes them for "
+                     f"{', '.join(sorted(OFFICIAL_BENCHMARK))}).")
+    lines += ["", "## Figures", ""]
+    for caption, png in figs.items():
+        lines += [f"### {caption}", "", f"![{caption}]({png.name})", ""]
+    if mistakes:
+        lines += ["Most confident mistakes (index in the split):", "", "| # | true | predicted | confidence |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['index']} | {r['true']} | {r['pred']} | {r['confidence']:.1%} |" for r in mistakes]
+        lines.append("")
+    path = out / "report.md"
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
+    return path

@@ -3,12 +3,19 @@
 Training images are uint8, 1 or 3 channels, at the dataset's stored size. A user image is converted the same way:
 EXIF orientation applied, 16-bit and float images rescaled to 0..255, alpha composited on black, palette expanded,
 then converted to grayscale or RGB to match the model and resized (area-averaging when shrinking) to its stored
-size. Anything that cannot be decoded raises :class:`ImageError` with the reason.
+size. Anything that cannot be decoded raises :class:`ImageError` with the reason (and nothing else: the decoder
+path is fuzzed with random and mutated image bytes in the tests). Images of more than ``MAX_PIXELS`` pixels
+(width x height, e.g. 10000x10000 = 100 M) are refused from their header, before any pixel is decoded, which also
+stops decompression bombs (a small file declaring huge dimensions).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import sys
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +56,8 @@ def _array_to_pil(a: np.ndarray, what: str) -> Image.Image:
                          f"got {a.shape}")
     if min(a.shape[:2]) < 1:
         raise ImageError(f"{what}: empty image of shape {a.shape}")
+    if a.shape[0] * a.shape[1] > MAX_PIXELS:
+        raise ImageError(f"{what}: {a.shape[1]}x{a.shape[0]} pixels is more than the limit of {MAX_PIXELS:,}")
     return Image.fromarray(_to_uint8(a, what))
 
 
@@ -64,7 +73,9 @@ def _open(src: object, what: str) -> Image.Image:
         if data[:6] == b"\x93NUMPY":
             return _array_to_pil(_load_npy(io.BytesIO(data), what), what)
         return _decode_bytes(data, what)
-    path = Path(os.fspath(src))  # type: ignore[arg-type]
+    if not isinstance(src, (str, os.PathLike)):
+        raise ImageError(f"{what}: expected a file path, bytes, a PIL image or an array, got {type(src).__name__}")
+    path = Path(os.fspath(src))
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, expected an image file")
     if not path.exists():
@@ -85,23 +96,52 @@ def _load_npy(f: io.BytesIO, what: str) -> np.ndarray:
         raise ImageError(f"{what}: not a valid .npy array ({e})") from None
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced(data: bytes):
+    """libtiff prints warnings about damaged files straight to file descriptor 2, around the one-line error the CLI
+    gives; silence it while a TIFF is decoded. Only in a single-threaded process (the CLI), where redirecting the
+    descriptor cannot swallow another thread's output."""
+    if data[:4] not in (b"II*\x00", b"MM\x00*") or threading.active_count() > 1:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _decode_bytes(data: bytes, what: str) -> Image.Image:
     if not data:
         raise ImageError(f"{what}: the file is empty")
     try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > MAX_PIXELS:
-            raise ImageError(f"{what}: {w}x{h} pixels is more than the limit of {MAX_PIXELS:,}")
-        img = ImageOps.exif_transpose(img)
-        img.load()
+        with warnings.catch_warnings(), _native_stderr_silenced(data):
+            # PIL warns on stderr about damaged files ("Truncated File Read", "Corrupt EXIF data") and above its own
+            # pixel limit (MAX_PIXELS below is lower): the outcome is a decoded image or one ImageError, not noise
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"{what}: {w}x{h} pixels is more than the limit of {MAX_PIXELS:,}")
+            img = ImageOps.exif_transpose(img)
+            img.load()
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"{what}: refused as a possible decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{what}: not a readable image (unknown or unsupported format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except MemoryError:
+        raise ImageError(f"{what}: not enough memory to decode the image") from None
+    except Exception as e:  # decoders of damaged files raise OSError, SyntaxError, ValueError, struct.error, ...
         raise ImageError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
     return img
 
@@ -121,9 +161,17 @@ def _to_mode(img: Image.Image, n_channels: int) -> Image.Image:
 def load_image(src: object, n_channels: int, size: int | None = None, name: str | None = None) -> torch.Tensor:
     """Decode ``src`` into a uint8 tensor ``(C, size, size)`` (or its own size when ``size`` is None)."""
     what = name or (os.fspath(src) if isinstance(src, (str, os.PathLike)) else "image")
-    img = _to_mode(_open(src, what), n_channels)
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BOX if min(img.size) > size else Image.Resampling.BICUBIC)
+    img = _open(src, what)
+    try:
+        with warnings.catch_warnings():  # (see _decode_bytes)
+            warnings.simplefilter("ignore")
+            img = _to_mode(img, n_channels)
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BOX if min(img.size) > size else Image.Resampling.BICUBIC)
+    except ImageError:
+        raise
+    except Exception as e:  # a mode PIL cannot convert (e.g. LAB), a damaged lazily decoded frame, ...
+        raise ImageError(f"{what}: cannot convert the {img.mode} image ({type(e).__name__}: {e})") from None
     a = np.asarray(img, dtype=np.uint8)
     if a.ndim == 2:
         a = a[None]

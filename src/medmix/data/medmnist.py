@@ -148,7 +148,7 @@ def labels_tensor(labels: np.ndarray, info: TaskInfo, what: str, n: int) -> torc
         if labels.size and (labels.min() < 0 or labels.max() > 1):
             raise DataError(f"{what}: multi-label values must be 0 or 1")
         return torch.from_numpy(labels.astype(np.float32))
-    labels = labels.reshape(len(labels), -1)
+    labels = labels.reshape(len(labels), -1) if len(labels) else labels.reshape(0, 1)  # (empty splits: checked later)
     if labels.shape[1] != 1:
         raise DataError(f"{what}: expected one label per image, got shape {labels.shape}")
     labels = labels[:, 0].astype(np.int64)

@@ -68,13 +68,19 @@ class BatchTransform:
         x = (x - self.mean * 255.0) / (self.std * 255.0)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
 
-    def __call__(self, x: torch.Tensor, *, train: bool = False, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *, train: bool = False, generator: torch.Generator | None = None,
+                 rows: slice | None = None) -> torch.Tensor:
+        """``rows``: transform only these rows of ``x``, but draw the random parameters for the whole batch, so
+        the generator advances the same way and each row gets the same augmentation as without ``rows`` (data
+        parallel processes each keep their shard of one global batch)."""
         if x.dtype != torch.uint8 or x.ndim != 4:
             raise ConfigError(f"expected a uint8 batch of shape (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
+        theta = self._random_affine(x.shape[0], generator) if train and not self.augment.identity else None
+        if rows is not None:
+            x = x[rows]
+            theta = theta[rows] if theta is not None else None
         xf = x.float()
-        if train and not self.augment.identity:
-            theta = self._random_affine(x.shape[0], generator)
+        if theta is not None:
             grid = F.affine_grid(theta, [x.shape[0], x.shape[1], self.img_size, self.img_size], align_corners=False)
             xf = F.grid_sample(xf, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         elif x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:

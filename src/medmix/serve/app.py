@@ -1,0 +1,537 @@
+"""The HTTP API and web page: ``create_app(checkpoint) -> FastAPI``; ``medmix serve`` runs it with uvicorn.
+
+Endpoints (OpenAPI docs at ``/docs``):
+
+* ``POST /v1/predict`` — multipart form, one or several image files in the field ``files`` (or ``file``) ->
+  ``{"model", "backend", "latency_ms", "predictions": [{"file", "label", "index", "confidence", "probabilities",
+  ...}]}``. Each prediction has the keys of ``medmix predict --json`` (calibrated confidence; ``probabilities`` is
+  the full distribution, most probable first; multi-label adds ``labels``/``present``/``thresholds``, ordinal
+  ``expected_grade``) and ``in_distribution``/``ood_score`` when the checkpoint carries an OOD threshold.
+* ``POST /v1/explain`` — one image -> a PNG: the input with its Grad-CAM heatmap overlaid (torch backend only; the
+  ONNX backend answers 501). Query ``method`` (gradcam, gradcam++, ...) and ``target_class`` (name or index;
+  default: the predicted class). The prediction travels in ``X-Medmix-*`` headers (URL-encoded).
+* ``GET /v1/model`` — checkpoint metadata: model, task, classes, dataset, metrics, sizes, limits.
+* ``GET /health`` — liveness; ``GET /`` — the page (``static/index.html``, self-contained, no CDN).
+
+Bad input is answered with a JSON ``{"detail": message, "error": code}`` and never a 500: 413 for a request
+body over ``max_upload_bytes`` or an image over ``max_pixels`` (checked from the header before decoding, so a
+decompression bomb is never expanded), 415 for a file that does not decode as an image (decided by decoding,
+not by the file name), 422 for anything else (no file, an empty file, an unknown class, too many files).
+
+The model is loaded once, in :func:`create_app`. Predictions run off the event loop on one worker thread that
+batches whatever requests are waiting (no added delay: a lone request runs at once, requests that arrive while
+a batch runs share the next one); Grad-CAM runs in the thread pool under the same model lock.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import math
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..errors import CheckpointError, ConfigError, ImageError, MedmixError
+from .onnx_backend import MAX_PIXELS, ImageTooLarge, OnnxPredictor, image_size
+
+STATIC = Path(__file__).resolve().parent / "static"
+DEFAULT_MAX_UPLOAD = 10 * 1024 * 1024
+DEFAULT_MAX_FILES = 32
+BACKENDS = ("torch", "onnx")
+
+
+class PayloadTooLarge(MedmixError):
+    """An upload over the size limit or an image over the pixel limit (HTTP 413)."""
+
+
+class BadRequest(MedmixError):
+    """A request the API cannot use (HTTP 422)."""
+
+
+class NotAvailable(MedmixError):
+    """A feature the running backend does not have (HTTP 501)."""
+
+
+# ----------------------------------------------------------------------------------------------- backends
+class TorchBackend:
+    """The checkpoint in torch (:class:`medmix.predict.Predictor`): predictions and Grad-CAM."""
+
+    name = "torch"
+    explain_available = True
+
+    def __init__(self, checkpoint: str | os.PathLike, threads: int | None = None) -> None:
+        import torch
+
+        from ..predict import Predictor
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.pred = Predictor(checkpoint)
+        self.meta = self.pred.meta
+        self.source = str(self.pred.path)
+        self.lock = threading.Lock()
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.pred.class_names
+
+    def decode(self, data: bytes, name: str) -> Any:
+        return self.pred.load(data, name)
+
+    def predict(self, images: Sequence[Any], names: Sequence[str]) -> list[dict]:
+        with self.lock:
+            results = self.pred.predict(list(images))  # keeps every field Predictor reports (OOD included)
+        for r, n in zip(results, names):
+            r["file"] = n
+        return results
+
+    def explain(self, image: Any, name: str, method: str, target_class: str | None) -> tuple[bytes, dict]:
+        import torch
+
+        from ..explain import cam_array, resolve_class
+
+        fixed = resolve_class(target_class, self.class_names)
+        with self.lock:
+            batch = image[None]
+            r = self.pred.predict([image])[0]
+            probs = self.pred.probabilities(batch)[0]
+            k = fixed if fixed is not None else int(torch.argmax(probs))
+            cam = cam_array(self.pred.model, self.pred.transform(batch), [k], method=method)[0]
+        info = {"file": name, "label": r["label"], "confidence": r["confidence"], "explained_class":
+                self.class_names[k], "explained_index": k, "explained_probability": round(float(probs[k]), 6),
+                "method": method}
+        return overlay_png(image.numpy(), cam), info
+
+
+class OnnxBackend:
+    """An exported ``.onnx`` file in ONNX Runtime (no torch imported); no Grad-CAM."""
+
+    name = "onnx"
+    explain_available = False
+
+    def __init__(self, onnx_path: str | os.PathLike, threads: int | None = None, max_pixels: int = MAX_PIXELS,
+                 ) -> None:
+        self.pred = OnnxPredictor(onnx_path, threads=threads, max_pixels=max_pixels)
+        self.meta = self.pred.meta
+        self.source = str(self.pred.path)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.pred.class_names
+
+    def decode(self, data: bytes, name: str) -> np.ndarray:
+        return self.pred.load(data, name)
+
+    def predict(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[dict]:
+        return self.pred.predict_arrays(images, names)
+
+    def explain(self, image: Any, name: str, method: str, target_class: str | None) -> tuple[bytes, dict]:
+        raise NotAvailable("Grad-CAM needs the model's gradients: start the server with --backend torch")
+
+
+def export_for_serving(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Export ``checkpoint`` to ``out_dir/model.onnx`` in a child process, so the serving process never imports
+    torch."""
+    out = Path(out_dir) / "model.onnx"
+    cmd = [sys.executable, "-m", "medmix", "export", os.fspath(checkpoint), "--onnx", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0 or not out.is_file():
+        msg = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise CheckpointError(f"could not export {checkpoint} to ONNX for --backend onnx: {msg}")
+    return out
+
+
+def load_backend(checkpoint: str | os.PathLike, backend: str = "torch", onnx_path: str | os.PathLike | None = None,
+                 threads: int | None = None, max_pixels: int = MAX_PIXELS):
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; use torch or onnx")
+    ckpt = Path(checkpoint)
+    if backend == "torch":
+        if ckpt.suffix.lower() == ".onnx":
+            raise ConfigError(f"{ckpt} is an ONNX file: serve it with --backend onnx, or pass the checkpoint")
+        return TorchBackend(ckpt, threads)
+    if onnx_path is not None:
+        return OnnxBackend(onnx_path, threads, max_pixels)
+    if ckpt.suffix.lower() == ".onnx":
+        return OnnxBackend(ckpt, threads, max_pixels)
+    tmp = tempfile.mkdtemp(prefix="medmix-onnx-")
+    backend_obj = OnnxBackend(export_for_serving(ckpt, tmp), threads, max_pixels)
+    backend_obj.source = f"{ckpt} (exported to {backend_obj.source})"
+    backend_obj.tmpdir = tmp  # removed when the app shuts down
+    return backend_obj
+
+
+# ----------------------------------------------------------------------------------------------- batching
+class Batcher:
+    """One worker thread runs ``fn(images, names)``; each request is a Future. Requests already waiting when the
+    worker becomes free are run together (up to ``max_batch`` images), so no request waits for a timer."""
+
+    def __init__(self, fn: Callable[[list, list], list[dict]], max_batch: int = 64) -> None:
+        self.fn, self.max_batch = fn, max_batch
+        self.q: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.batches = 0
+        self.images = 0
+
+    def submit(self, images: list, names: list[str]) -> Future:
+        fut: Future = Future()
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="medmix-batcher", daemon=True)
+                    self._thread.start()
+        self.q.put((images, names, fut))
+        return fut
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.q.put(None)
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            jobs, n, stop = [item], len(item[0]), False
+            while n < self.max_batch:
+                try:
+                    nxt = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                jobs.append(nxt)
+                n += len(nxt[0])
+            self._run(jobs)
+            if stop:
+                return
+
+    def _run(self, jobs: list) -> None:
+        images = [im for j in jobs for im in j[0]]
+        names = [nm for j in jobs for nm in j[1]]
+        try:
+            results = self.fn(images, names)
+        except BaseException as e:  # hand the error to every waiting request
+            for _, _, fut in jobs:
+                fut.set_exception(e)
+            return
+        self.batches += 1
+        self.images += len(images)
+        start = 0
+        for imgs, _, fut in jobs:
+            fut.set_result(results[start:start + len(imgs)])
+            start += len(imgs)
+
+
+# ----------------------------------------------------------------------------------------------- Grad-CAM picture
+def _jet(v: np.ndarray) -> np.ndarray:
+    """The jet colour map (blue -> red) of values in [0, 1], as float RGB."""
+    v = np.clip(v, 0.0, 1.0)[..., None]
+    r = np.clip(1.5 - np.abs(4.0 * v - 3.0), 0, 1)
+    g = np.clip(1.5 - np.abs(4.0 * v - 2.0), 0, 1)
+    b = np.clip(1.5 - np.abs(4.0 * v - 1.0), 0, 1)
+    return np.concatenate([r, g, b], axis=-1)
+
+
+def overlay_png(image: np.ndarray, cam: np.ndarray, side: int = 280, image_weight: float = 0.55) -> bytes:
+    """uint8 ``(C, H, W)`` image and a ``(h, w)`` heatmap in [0, 1] -> PNG of the heatmap over the image, enlarged
+    (nearest neighbour for the image, bilinear for the heatmap) to at least ``side`` pixels."""
+    from PIL import Image
+
+    a = image.astype(np.float32) / 255.0
+    a = np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a[:3]
+    a = a.transpose(1, 2, 0)
+    f = max(1, math.ceil(side / max(a.shape[:2])))
+    big = np.repeat(np.repeat(a, f, axis=0), f, axis=1)
+    h, w = big.shape[:2]
+    m = Image.fromarray(np.asarray(cam, np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR)
+    heat = _jet(np.asarray(m))
+    out = image_weight * big + (1.0 - image_weight) * heat
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------- the body limit
+class BodyLimitMiddleware:
+    """413 for a request body over ``limit`` bytes: at once from ``Content-Length``, else while it streams in."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, int(limit)
+
+    def _message(self, size: int | None) -> bytes:
+        got = f"{size:,} bytes" if size is not None else "the request body"
+        return json.dumps({"detail": f"{got} is more than the upload limit of {self.limit:,} bytes "
+                                     f"({self.limit / 2 ** 20:.1f} MB); send a smaller image",
+                           "error": "payload_too_large"}).encode()
+
+    async def _reject(self, send, size: int | None) -> None:
+        body = self._message(size)
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                n = -1
+            if n > self.limit:
+                return await self._reject(send, n)
+        state = {"received": 0, "exceeded": False, "started": False}
+
+        async def limited_receive():
+            if state["exceeded"]:
+                return {"type": "http.disconnect"}
+            msg = await receive()
+            if msg["type"] == "http.request":
+                state["received"] += len(msg.get("body", b""))
+                if state["received"] > self.limit:
+                    state["exceeded"] = True
+                    return {"type": "http.disconnect"}
+            return msg
+
+        async def guarded_send(msg):
+            if state["exceeded"]:
+                if not state["started"]:
+                    state["started"] = True
+                    await self._reject(send, None)
+                return
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not state["exceeded"]:
+                raise
+            if not state["started"]:
+                state["started"] = True
+                await self._reject(send, None)
+
+
+# ----------------------------------------------------------------------------------------------- the app
+def _error(status: int, code: str, detail: Any, **extra: Any) -> JSONResponse:
+    return JSONResponse({"detail": detail, "error": code, **extra}, status_code=status)
+
+
+def _validation_message(errors: Sequence[dict]) -> str:
+    parts = []
+    for e in errors:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query"))
+        parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+def _meta_doc(backend, settings: dict) -> dict:
+    meta = backend.meta
+    task = meta["task"]
+    metrics = meta.get("metrics") or {"val": meta.get("val_metrics"), "test": meta.get("test_metrics")}
+    ood = meta.get("ood")
+    return {
+        "model": meta["model"], "backend": backend.name, "task": task["task"], "classes": list(task["class_names"]),
+        "n_channels": int(task["n_channels"]), "dataset": meta.get("dataset"), "metrics": metrics,
+        "img_size": int(meta["img_size"]), "data_size": int(meta["data_size"]),
+        "temperature": meta.get("temperature", 1.0), "threshold": meta.get("threshold", 0.5),
+        "ood": ood if isinstance(ood, dict) else None, "explain": backend.explain_available,
+        "max_upload_bytes": settings["max_upload_bytes"], "max_pixels": settings["max_pixels"],
+        "max_files": settings["max_files"], "checkpoint": Path(backend.source.split(" ")[0]).name,
+        "medmix_version": __version__,
+    }
+
+
+def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+               max_pixels: int = MAX_PIXELS, *, onnx_path: str | os.PathLike | None = None,
+               max_files: int = DEFAULT_MAX_FILES, threads: int | None = 1, max_batch: int = 64) -> FastAPI:
+    """A FastAPI app serving ``checkpoint`` (a checkpoint, a run directory, or an ``.onnx`` file for
+    ``backend="onnx"``). ``onnx_path``: the exported model for the onnx backend (default: ``checkpoint`` itself
+    when it is an ``.onnx`` file, else it is exported to a temporary file in a child process). ``threads``:
+    intra-op threads of the model (default 1: a 28-px model gains nothing from more, and on a shared or busy CPU
+    torch's thread pool can be 100x slower with 2 threads than with 1 — measured here; concurrency comes from
+    batching); None keeps the library's default."""
+    if max_upload_bytes < 1 or max_pixels < 1 or max_files < 1:
+        raise ConfigError("max_upload_bytes, max_pixels and max_files must be positive")
+    model = load_backend(checkpoint, backend, onnx_path, threads, max_pixels)
+    batcher = Batcher(model.predict, max_batch=max_batch)
+    settings = {"max_upload_bytes": int(max_upload_bytes), "max_pixels": int(max_pixels), "max_files": max_files}
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+    started = time.time()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        batcher.close()
+        if getattr(model, "tmpdir", None):
+            shutil.rmtree(model.tmpdir, ignore_errors=True)
+
+    app = FastAPI(title="medmix", version=__version__, lifespan=lifespan,
+                  description=f"Medical image classification: {model.meta['model']} on "
+                              f"{model.meta.get('dataset')} ({model.name} backend). Upload images to "
+                              f"`/v1/predict`; `/v1/explain` returns a Grad-CAM overlay PNG.")
+    app.state.backend, app.state.batcher, app.state.settings = model, batcher, settings
+    app.add_middleware(BodyLimitMiddleware, limit=max_upload_bytes)
+
+    # ------------------------------------------------------------------ errors: JSON, never a 500 for bad input
+    @app.exception_handler(PayloadTooLarge)
+    @app.exception_handler(ImageTooLarge)
+    async def _too_large(request: Request, e: MedmixError):
+        return _error(413, "payload_too_large", str(e))
+
+    @app.exception_handler(ImageError)
+    async def _bad_image(request: Request, e: ImageError):
+        return _error(415, "unsupported_image", str(e))
+
+    @app.exception_handler(NotAvailable)
+    async def _not_available(request: Request, e: NotAvailable):
+        return _error(501, "not_available", str(e))
+
+    @app.exception_handler(MedmixError)
+    async def _medmix_error(request: Request, e: MedmixError):
+        return _error(422, "invalid_request", str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        msg = _validation_message(errs)
+        if any(x.get("type") == "missing" for x in errs):
+            msg = f"{msg} (send the image as multipart/form-data in the field 'files')"
+        return _error(422, "invalid_request", msg)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        status = 422 if e.status_code == 400 else e.status_code  # a body that is not valid multipart
+        return _error(status, "invalid_request" if status == 422 else "http_error", e.detail,
+                      **({} if status != 405 else {"allowed": e.headers.get("Allow") if e.headers else None}))
+
+    # ------------------------------------------------------------------ helpers
+    async def read_uploads(files: list[UploadFile] | None, file: UploadFile | None) -> list[tuple[str, bytes]]:
+        uploads = [f for f in (files or []) + ([file] if file is not None else []) if f is not None]
+        if not uploads:
+            raise BadRequest("no image: send one or more files as multipart/form-data in the field 'files'")
+        if len(uploads) > max_files:
+            raise BadRequest(f"{len(uploads)} files is more than the limit of {max_files} per request")
+        out = []
+        for i, f in enumerate(uploads):
+            name = os.path.basename(f.filename or "") or f"image[{i}]"
+            data = await f.read()
+            if len(data) > max_upload_bytes:
+                raise PayloadTooLarge(f"{name}: {len(data):,} bytes is more than the upload limit of "
+                                      f"{max_upload_bytes:,} bytes")
+            if not data:
+                raise BadRequest(f"{name}: the file is empty")
+            out.append((name, data))
+        return out
+
+    def decode_all(items: list[tuple[str, bytes]]) -> list[Any]:
+        arrays = []
+        for name, data in items:
+            wh = image_size(data, name)  # header only: a bomb is refused before its pixels are expanded
+            if wh is not None and wh[0] * wh[1] > max_pixels:
+                raise ImageTooLarge(f"{name}: {wh[0]}x{wh[1]} = {wh[0] * wh[1]:,} pixels is more than the limit "
+                                      f"of {max_pixels:,} pixels")
+            arrays.append(model.decode(data, name))
+        return arrays
+
+    # ------------------------------------------------------------------ endpoints
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    @app.get("/health", summary="Liveness")
+    async def health() -> dict:
+        return {"status": "ok", "backend": model.name, "model": model.meta["model"],
+                "uptime_s": round(time.time() - started, 1), "medmix_version": __version__}
+
+    @app.get("/v1/model", summary="Checkpoint metadata: model, task, classes, dataset, metrics, sizes, limits")
+    async def model_info() -> dict:
+        return _meta_doc(model, settings)
+
+    @app.post("/v1/predict", summary="Classify one or several images",
+              responses={413: {"description": "upload or image too large"},
+                         415: {"description": "not a decodable image"}, 422: {"description": "bad request"}})
+    async def predict(files: Annotated[list[UploadFile] | None, File(description="image files (PNG, JPEG, "
+                                                                                 "TIFF, BMP, GIF, WebP, .npy)")]
+                      = None,
+                      file: Annotated[UploadFile | None, File(description="one image file")] = None) -> dict:
+        items = await read_uploads(files, file)
+        t0 = time.perf_counter()
+        arrays = await run_in_threadpool(decode_all, items)
+        results = await asyncio.wrap_future(batcher.submit(arrays, [n for n, _ in items]))
+        latency = (time.perf_counter() - t0) * 1000.0
+        return {"model": model.meta["model"], "backend": model.name, "latency_ms": round(latency, 3),
+                "predictions": results}
+
+    @app.post("/v1/explain", summary="Grad-CAM overlay PNG for one image (torch backend)",
+              response_class=Response,
+              responses={200: {"content": {"image/png": {}}}, 501: {"description": "ONNX backend: no Grad-CAM"}})
+    async def explain(files: Annotated[list[UploadFile] | None, File(description="one image file")] = None,
+                      file: Annotated[UploadFile | None, File(description="one image file")] = None,
+                      method: Annotated[str, Query(description="gradcam, gradcam++, layercam, xgradcam, "
+                                                               "hirescam or eigencam")] = "gradcam",
+                      target_class: Annotated[str | None, Query(description="class name or index to "
+                                                                            "explain (default: predicted)")] = None
+                      ) -> Response:
+        if not model.explain_available:
+            raise NotAvailable(f"Grad-CAM is not available on the {model.name} backend: it needs the model's "
+                               f"gradients; start the server with --backend torch")
+        items = await read_uploads(files, file)
+        if len(items) != 1:
+            raise BadRequest(f"/v1/explain takes one image, got {len(items)}")
+        from ..cli import EXPLAIN_METHODS
+
+        if method not in EXPLAIN_METHODS:
+            raise BadRequest(f"unknown method {method!r}; use one of {', '.join(EXPLAIN_METHODS)}")
+        t0 = time.perf_counter()
+        (image,) = await run_in_threadpool(decode_all, items)
+        png, info = await run_in_threadpool(model.explain, image, items[0][0], method, target_class)
+        headers = {"X-Medmix-Label": quote(str(info["label"])), "X-Medmix-Confidence": str(info["confidence"]),
+                   "X-Medmix-Explained-Class": quote(str(info["explained_class"])),
+                   "X-Medmix-Method": method, "X-Medmix-Latency-Ms": f"{(time.perf_counter() - t0) * 1000:.1f}",
+                   "Cache-Control": "no-store"}
+        return Response(png, media_type="image/png", headers=headers)
+
+    return app
+
+
+def run(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, backend: str = "torch",
+        onnx_path: str | os.PathLike | None = None, max_upload_mb: float = 10.0, log_level: str = "info",
+        threads: int | None = 1) -> None:
+    """Build the app (the model loads here, once) and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    if max_upload_mb <= 0:
+        raise ConfigError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    app = create_app(checkpoint, backend, int(max_upload_mb * 1024 * 1024), onnx_path=onnx_path, threads=threads)
+    print(f"medmix: serving {app.state.backend.meta['model']} ({backend} backend) on http://{host}:{port}/  "
+          f"(API docs at /docs)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,345 @@
+"""Classify images with an exported ONNX model and ONNX Runtime only: no torch, no training code.
+
+>>> from medmix.serve.onnx_backend import OnnxPredictor
+>>> p = OnnxPredictor("model.onnx")                     # written by `medmix export CKPT --onnx model.onnx`
+>>> p.predict(["scan.png"])[0]["label"]
+
+Everything the model needs is read from the ONNX file's metadata (``metadata_props["medmix"]``, a JSON object:
+classes, task, normalisation, temperature, sizes; see :mod:`medmix.export`). The graph takes the normalised float
+batch ``(B, C, img_size, img_size)`` and returns ``logits``, calibrated ``probabilities`` and, when the checkpoint
+has an out-of-distribution detector, ``ood_score`` (predictions then carry ``in_distribution`` and ``ood_score``
+exactly like the torch Predictor's).
+
+The preprocessing here reproduces :mod:`medmix.data.images` (decoding, EXIF orientation, 16-bit/float rescaling,
+alpha on black, grayscale/RGB conversion, BOX resize when shrinking and BICUBIC when enlarging to the stored data
+size) and the evaluation path of :class:`medmix.data.transforms.BatchTransform` (bilinear resize to the model
+input size only when it differs from the data size, antialiased when shrinking, as ``F.interpolate`` does; then
+``(x - 255 mean) / (255 std)``) with PIL and NumPy. ``tests/test_export.py`` checks it against the torch
+:class:`~medmix.predict.Predictor` (probabilities within 1e-4).
+
+This module must not import torch (a test blocks the import and loads it).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import CheckpointError, ConfigError, ImageError
+
+META_KEY = "medmix"
+MULTI_LABEL = "multi-label, binary-class"
+ORDINAL = "ordinal-regression"
+MAX_PIXELS = 50_000_000  # the same default guard as medmix.data.images
+
+
+class ImageTooLarge(ImageError):
+    """An image with more pixels than allowed (a possible decompression bomb); the server answers 413."""
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+def image_size(data: bytes, name: str = "image") -> tuple[int, int] | None:
+    """``(width, height)`` read from the image header without decoding the pixels; None for .npy arrays.
+    Raises :class:`ImageError` when the bytes are no image PIL can identify."""
+    if not data:
+        raise ImageError(f"{name}: the file is empty")
+    if data[:6] == b"\x93NUMPY":
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{name}: refused as a possible decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a readable image (unknown or unsupported format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _to_uint8(a: np.ndarray, what: str) -> np.ndarray:
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise ImageError(f"{what}: unsupported array dtype {a.dtype}")
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ImageError(f"{what}: the array contains NaN or infinite values")
+    lo, hi = float(a.min()), float(a.max())
+    if lo >= 0 and hi <= 1.0:
+        a = a * 255.0
+    elif lo < 0 or hi > 255:
+        a = (a - lo) / (hi - lo if hi > lo else 1.0) * 255.0
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _array_to_pil(a: np.ndarray, what: str) -> Image.Image:
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        a = np.moveaxis(a, 0, -1)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise ImageError(f"{what}: expected an array of shape (H, W), (H, W, C) or (C, H, W) with C in 1/3/4, "
+                         f"got {a.shape}")
+    if min(a.shape[:2]) < 1:
+        raise ImageError(f"{what}: empty image of shape {a.shape}")
+    return Image.fromarray(_to_uint8(a, what))
+
+
+def _decode_bytes(data: bytes, what: str, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ImageError(f"{what}: the file is empty")
+    if data[:6] == b"\x93NUMPY":
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as e:  # numpy raises ValueError/OSError/EOFError for bad files
+            raise ImageError(f"{what}: not a valid .npy array ({e})") from None
+        return _array_to_pil(arr, what)
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageTooLarge(f"{what}: {w}x{h} pixels is more than the limit of {max_pixels:,}")
+        img = ImageOps.exif_transpose(img)
+        img.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{what}: refused as a possible decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{what}: not a readable image (unknown or unsupported format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
+    return img
+
+
+def _to_mode(img: Image.Image, n_channels: int) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        img = Image.fromarray(_to_uint8(np.asarray(img), "image"))
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", img.size, (0, 0, 0))
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
+        img = background
+    return img.convert("L" if n_channels == 1 else "RGB")
+
+
+def load_image_np(src: Any, n_channels: int, size: int | None = None, name: str | None = None,
+                  max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """``src`` (bytes, a path, a PIL image or an array) -> uint8 ``(C, size, size)``, like
+    :func:`medmix.data.images.load_image`."""
+    what = name or (os.fspath(src) if isinstance(src, (str, os.PathLike)) else "image")
+    if isinstance(src, Image.Image):
+        img = src
+    elif isinstance(src, np.ndarray):
+        img = _array_to_pil(src, what)
+    elif isinstance(src, (bytes, bytearray)):
+        img = _decode_bytes(bytes(src), what, max_pixels)
+    else:
+        path = Path(os.fspath(src))
+        if path.is_dir():
+            raise ImageError(f"{path}: is a directory, expected an image file")
+        if not path.exists():
+            raise ImageError(f"{path}: no such file")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+        if path.suffix.lower() == ".npy" and data[:6] != b"\x93NUMPY":
+            raise ImageError(f"{what}: not a valid .npy array")
+        img = _decode_bytes(data, what, max_pixels)
+    img = _to_mode(img, n_channels)
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BOX if min(img.size) > size else Image.Resampling.BICUBIC)
+    a = np.asarray(img, dtype=np.uint8)
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    return np.ascontiguousarray(a)
+
+
+# ----------------------------------------------------------------------------------------------- resize + normalise
+def _linear_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
+    """``(n_out, n_in)`` matrix of ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis; with
+    ``antialias`` and shrinking, the triangle filter widened by the scale (PyTorch's ``_upsample_bilinear2d_aa``,
+    itself PIL's)."""
+    scale = n_in / n_out
+    w = np.zeros((n_out, n_in), np.float64)
+    if antialias and scale > 1.0:
+        support, inv = scale, 1.0 / scale
+        for i in range(n_out):
+            center = scale * (i + 0.5)
+            lo = max(int(center - support + 0.5), 0)
+            hi = min(int(center + support + 0.5), n_in)
+            js = np.arange(lo, hi)
+            ws = np.clip(1.0 - np.abs((js - center + 0.5) * inv), 0.0, None)
+            if ws.sum() > 0:
+                w[i, lo:hi] = ws / ws.sum()
+        return w
+    for i in range(n_out):
+        src = max((i + 0.5) * scale - 0.5, 0.0)
+        i0 = min(math.floor(src), n_in - 1)
+        i1 = min(i0 + 1, n_in - 1)
+        frac = src - i0
+        w[i, i0] += 1.0 - frac
+        w[i, i1] += frac
+    return w
+
+
+class NumpyTransform:
+    """uint8 ``(B, C, H, W)`` -> normalised float32 ``(B, C, S, S)``: the evaluation path of ``BatchTransform``."""
+
+    def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.img_size = int(img_size)
+        self.mean = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+        self.std = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+        self._weights: dict[tuple[int, int], np.ndarray] = {}
+
+    def _w(self, n_in: int) -> np.ndarray:
+        key = (n_in, self.img_size)
+        if key not in self._weights:
+            self._weights[key] = _linear_weights(n_in, self.img_size, self.img_size < n_in).astype(np.float32)
+        return self._weights[key]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.dtype != np.uint8 or x.ndim != 4:
+            raise ConfigError(f"expected a uint8 batch of shape (B, C, H, W), got {x.dtype} {x.shape}")
+        xf = x.astype(np.float32)
+        h, w = x.shape[-2:]
+        if h != self.img_size or w != self.img_size:
+            xf = np.einsum("ih,bchw,jw->bcij", self._w(h), xf, self._w(w), optimize=True).astype(np.float32)
+        return np.ascontiguousarray((xf - self.mean * 255.0) / (self.std * 255.0), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- describing
+def describe(name: str, p: np.ndarray, class_names: Sequence[str], task: str, thresholds: Sequence[float],
+             top_k: int | None = None, ordinal_mode: str = "argmax") -> dict:
+    """One prediction as :meth:`medmix.predict.Predictor.predict` reports it (same keys and rounding)."""
+    p = np.asarray(p, np.float64)
+    order = [int(k) for k in np.argsort(-p, kind="stable")]
+    if top_k:
+        order = order[:top_k]
+    dist = {class_names[k]: round(float(p[k]), 6) for k in order}
+    if task == MULTI_LABEL:
+        present = {class_names[k]: float(p[k]) > thresholds[k] for k in range(len(p))}
+        yes = [c for c in dist if present[c]]
+        return {"file": name, "label": ", ".join(yes) if yes else "(none)", "index": None,
+                "confidence": round(float(p.max()), 6), "labels": yes, "present": present,
+                "thresholds": dict(zip(class_names, thresholds)), "probabilities": dist}
+    k = int(np.argmax(p))
+    out = {"file": name, "label": class_names[k], "index": k, "confidence": round(float(p[k]), 6),
+           "probabilities": dist}
+    if task == ORDINAL:
+        grade = float((p * np.arange(len(p))).sum())
+        out["expected_grade"] = round(grade, 4)
+        if ordinal_mode == "expected":
+            k = min(len(p) - 1, int(grade + 0.5))
+            out.update(label=class_names[k], index=k, confidence=round(float(p[k]), 6))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the predictor
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The ``medmix`` JSON metadata of an exported ONNX file (cheap: the graph is read, weights are not parsed)."""
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such ONNX file")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:
+        raise CheckpointError(f"{p}: not a readable ONNX file ({type(e).__name__})") from None
+    props = {m.key: m.value for m in model.metadata_props}
+    if META_KEY not in props:
+        raise CheckpointError(f"{p}: no medmix metadata in this ONNX file; export it with `medmix export`")
+    try:
+        return json.loads(props[META_KEY])
+    except ValueError as e:
+        raise CheckpointError(f"{p}: corrupt medmix metadata ({e})") from None
+
+
+class OnnxPredictor:
+    """An exported model in ONNX Runtime: the same ``load``/``probabilities``/``predict`` as the torch Predictor,
+    on NumPy arrays. Safe to call from several threads (ONNX Runtime sessions are thread-safe)."""
+
+    backend = "onnx"
+
+    def __init__(self, path: str | os.PathLike, *, threshold: float | None = None, ordinal_mode: str = "argmax",
+                 threads: int | None = None, max_pixels: int = MAX_PIXELS) -> None:
+        import onnxruntime as ort
+
+        if ordinal_mode not in ("argmax", "expected"):
+            raise ConfigError(f"unknown ordinal mode {ordinal_mode!r}; use argmax or expected")
+        self.path = Path(path)
+        self.meta = read_metadata(self.path)
+        self.ordinal_mode = ordinal_mode
+        self.max_pixels = int(max_pixels)
+        task = self.meta["task"]
+        self.task = task["task"]
+        self._class_names = tuple(task["class_names"])
+        self.n_channels = int(task["n_channels"])
+        self.transform = NumpyTransform(self.meta["img_size"], self.meta["mean"], self.meta["std"])
+        t = threshold if threshold is not None else self.meta.get("threshold", 0.5)
+        k = len(self._class_names)
+        self.thresholds = [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * k
+        opts = ort.SessionOptions()
+        n = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        opts.intra_op_num_threads = max(1, int(n))
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: ONNX Runtime cannot load this model ({str(e).splitlines()[0]})"
+                                  ) from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        ood = self.meta.get("ood")
+        self.ood_threshold = (float(ood["threshold"]) if isinstance(ood, dict) and ood.get("threshold") is not None
+                              and ood.get("output", "ood_score") in self.output_names else None)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self._class_names
+
+    def load(self, src: Any, name: str | None = None) -> np.ndarray:
+        """One input -> uint8 ``(C, H, W)`` at the stored data size."""
+        return load_image_np(src, self.n_channels, int(self.meta["data_size"]), name, self.max_pixels)
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 batch ``(B, C, H, W)`` -> the graph's outputs by name: ``logits`` and calibrated ``probabilities``
+        (float32 ``(B, K)``), and ``ood_score`` ``(B,)`` when the model has one."""
+        x = self.transform(np.asarray(images))
+        return dict(zip(self.output_names, self.session.run(self.output_names, {self.input_name: x})))
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        return self.run(images)["probabilities"]
+
+    def ood(self, outputs: dict[str, np.ndarray]) -> list[dict]:
+        """Per image ``{"in_distribution", "ood_score"}`` as :class:`medmix.ood.Detector` reports them, or ``{}``
+        when the model has no OOD detector."""
+        n = len(outputs["probabilities"])
+        if self.ood_threshold is None:
+            return [{} for _ in range(n)]
+        return [{"in_distribution": bool(float(v) <= self.ood_threshold), "ood_score": round(float(v), 6)}
+                for v in outputs[self.meta["ood"].get("output", "ood_score")]]
+
+    def predict_arrays(self, images: Sequence[np.ndarray], names: Sequence[str], top_k: int | None = None
+                       ) -> list[dict]:
+        outs = self.run(np.stack(list(images)))
+        return [{**describe(n, p, self.class_names, self.task, self.thresholds, top_k, self.ordinal_mode), **o}
+                for n, p, o in zip(names, outs["probabilities"], self.ood(outs))]
+
+    def predict(self, inputs: Iterable[Any], top_k: int | None = None) -> list[dict]:
+        items = list(inputs)
+        if not items:
+            raise ConfigError("no images given")
+        names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image[{i}]" for i, x in enumerate(items)]
+        return self.predict_arrays([self.load(x, n) for x, n in zip(items, names)], names, top_k)
