@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-seconds", type=float, default=20.0)
     ap.add_argument("--models", nargs="*", default=None)
+    ap.add_argument("--bf16", choices=("auto", "all", "none"), default="auto",
+                    help="which models to time in bf16: auto = all on CPUs with native bf16, else only the default "
+                         "model (emulated bf16 runs ~100x slower than fp32 matmul and would take hours)")
     a = ap.parse_args()
 
     from medmix.catalog import count_macs
@@ -73,7 +76,15 @@ def main() -> None:
                          "macs_28": count_macs(m28, 28, 1), "macs_224": count_macs(m224, 224, 1), "speed": {}})
         del m224
     # throughput: round-robin over (model, size, precision, mode) so noise is shared
-    jobs = [(r, s, p, mode) for s in a.sizes for r in rows_doc for p in ("fp32", "bf16") for mode in ("train", "infer")]
+    from medmix.engine import bf16_supported
+
+    def precisions(name: str) -> tuple[str, ...]:
+        if a.bf16 == "all" or (a.bf16 == "auto" and bf16_supported()):
+            return ("fp32", "bf16")
+        return ("fp32", "bf16") if a.bf16 == "auto" and name == "hybrid_mixer_small" else ("fp32",)
+
+    jobs = [(r, s, p, mode) for s in a.sizes for r in rows_doc for p in precisions(r["model"])
+            for mode in ("train", "infer")]
     models = {}
     for r in rows_doc:
         for s in a.sizes:
@@ -112,7 +123,7 @@ def main() -> None:
         sp = r["speed"]
 
         def v(k: str) -> str:
-            return f"{sp[k]:,.0f}" if k in sp else "skipped"
+            return f"{sp[k]:,.0f}" if k in sp else "–"
 
         ratio = (f"{sp['train_fp32_28'] / ref['speed']['train_fp32_28']:.1f}x"
                  if ref and "train_fp32_28" in sp and "train_fp32_28" in ref["speed"] else "–")
@@ -130,7 +141,9 @@ def main() -> None:
           f"{a.repeats} steps, all models interleaved in one run. Matmul peak measured in the same run: "
           f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s.", "",
           table(header, md_rows), "",
-          "Training FLOPs are counted as 3x the forward FLOPs. Parameter counts are for a 2-class head, 1 channel."]
+          "Training FLOPs are counted as 3x the forward FLOPs. Parameter counts are for a 2-class head, 1 channel. "
+          "'–': not measured (bf16 only for the default model when the CPU lacks native bf16; or a step over "
+          f"{a.max_seconds:.0f} s)."]
     write_results("models", {"command": command_line(), "machine": m, "batch": a.batch, "peaks_flops": peaks,
                              "models": rows_doc}, "\n".join(md))
 

@@ -25,10 +25,11 @@ def shared_file(name: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- environment
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _one_thread():
-    """Single-threaded torch: tiny batches gain nothing from 2 threads and oversubscribe a shared machine.
-    Also makes CPU results independent of the thread count the machine happens to offer."""
+    """Single-threaded torch for every test: tiny batches gain nothing from 2 threads and oversubscribe a shared
+    machine, and results stay independent of the thread count. Reset before each test because code under test
+    (``medmix train`` through the CLI, the server) may set its own thread count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -111,9 +111,15 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data):
-    """The uninterrupted run (in this process, one thread, like the killed one)."""
+    """The uninterrupted run (in this process, one thread, like the killed one). Module-scoped fixtures run before
+    the per-test thread reset, and earlier tests may have changed the thread count: set it here."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    return train(dataset=str(data), out=str(out), quiet=True, **ARGS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(dataset=str(data), out=str(out), quiet=True, **ARGS)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("mode,kill_epoch,saved_epoch", [("mid-epoch", 3, 2), ("in-save", 2, 1)])
