@@ -25,6 +25,20 @@ def shared_file(name: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- environment
+@pytest.fixture(autouse=True, scope="session")
+def _no_thread_changes():
+    """Code under test must not change the thread count behind the tests' back: ``medmix train`` through the CLI
+    calls ``engine.set_threads()`` (all cores), which would make session-scoped runs built later differ in their
+    last bits from in-test runs. One thread for the whole session."""
+    import medmix.engine
+
+    original = medmix.engine.set_threads
+    medmix.engine.set_threads = lambda: None
+    torch.set_num_threads(1)
+    yield
+    medmix.engine.set_threads = original
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Single-threaded torch for every test: tiny batches gain nothing from 2 threads and oversubscribe a shared
