@@ -10,9 +10,11 @@ otherwise) and the test split is read once per run.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from _common import DEFAULT_DATA, command_line, fmt, machine, mean_std, table, write_results
 
@@ -29,23 +31,30 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--reuse", action="store_true", help="read finished runs (metrics.json) instead of retraining")
     a = ap.parse_args()
 
-    from medmix.data import list_datasets
-    from medmix.data.medmnist import file_name
+    from medmix.data.medmnist import file_name, medmnist_flags
     from medmix.engine import TrainConfig, set_threads, train
     from medmix.report import OFFICIAL_BENCHMARK
 
     set_threads()
-    present = [d for d in (a.datasets or list_datasets()) if (Path(a.data_dir) / file_name(d, 28)).is_file()]
+    flags = medmnist_flags()  # MedMNIST only: mednist has its own benchmark (benchmarks/mednist.py)
+    present = [d for d in (a.datasets or flags) if d in flags and (Path(a.data_dir) / file_name(d, 28)).is_file()]
     runs = []
     t0 = time.perf_counter()
     for ds in present:
         for model in a.models:
             for seed in a.seeds:
-                r = train(TrainConfig(dataset=ds, data_dir=a.data_dir, model=model, epochs=a.epochs,
-                                      batch_size=a.batch_size, patience=a.epochs, seed=seed, quiet=True,
-                                      out=f"runs/bench/medmnist_table/{ds}-{model}-s{seed}", overwrite=True))
+                out = Path(f"runs/bench/medmnist_table/{ds}-{model}-s{seed}")
+                if a.reuse and (out / "metrics.json").is_file():
+                    d = json.loads((out / "metrics.json").read_text())
+                    r = SimpleNamespace(best_epoch=d["best_epoch"], seconds=d["train_seconds"], val=d["val"],
+                                        test=d["test"])
+                else:
+                    r = train(TrainConfig(dataset=ds, data_dir=a.data_dir, model=model, epochs=a.epochs,
+                                          batch_size=a.batch_size, patience=a.epochs, seed=seed, quiet=True,
+                                          out=str(out), overwrite=True))
                 runs.append({"dataset": ds, "model": model, "seed": seed, "best_epoch": r.best_epoch,
                              "seconds": r.seconds, "test_acc": r.test["acc"], "test_auc": r.test["auc"],
                              "val_acc": r.val["acc"], "val_auc": r.val["auc"]})
