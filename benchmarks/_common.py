@@ -55,3 +55,17 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def train_or_reuse(out: str | Path, reuse: bool, **train_kwargs: Any):
+    """Train into ``out``, or, with ``reuse`` and a finished run there, read its ``metrics.json`` instead, so an
+    interrupted benchmark continues where it stopped. Returns an object with best_epoch, seconds, val, test."""
+    from types import SimpleNamespace
+
+    out = Path(out)
+    if reuse and (out / "metrics.json").is_file():
+        d = json.loads((out / "metrics.json").read_text())
+        return SimpleNamespace(best_epoch=d["best_epoch"], seconds=d["train_seconds"], val=d["val"], test=d["test"])
+    from medmix.engine import TrainConfig, train
+
+    return train(TrainConfig(out=str(out), overwrite=True, quiet=True, **train_kwargs))

@@ -10,13 +10,11 @@ otherwise) and the test split is read once per run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-from _common import DEFAULT_DATA, command_line, fmt, machine, mean_std, table, write_results
+from _common import DEFAULT_DATA, command_line, fmt, machine, mean_std, table, train_or_reuse, write_results
 
 # Third seed (MedViT paper), Table 1, test ACC / AUC, quoted.
 SEED_MEDVIT = {"pneumoniamnist": (0.939, 0.978), "breastmnist": (0.891, 0.856), "retinamnist": (None, None)}
@@ -35,7 +33,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from medmix.data.medmnist import file_name, medmnist_flags
-    from medmix.engine import TrainConfig, set_threads, train
+    from medmix.engine import set_threads
     from medmix.report import OFFICIAL_BENCHMARK
 
     set_threads()
@@ -46,15 +44,9 @@ def main() -> None:
     for ds in present:
         for model in a.models:
             for seed in a.seeds:
-                out = Path(f"runs/bench/medmnist_table/{ds}-{model}-s{seed}")
-                if a.reuse and (out / "metrics.json").is_file():
-                    d = json.loads((out / "metrics.json").read_text())
-                    r = SimpleNamespace(best_epoch=d["best_epoch"], seconds=d["train_seconds"], val=d["val"],
-                                        test=d["test"])
-                else:
-                    r = train(TrainConfig(dataset=ds, data_dir=a.data_dir, model=model, epochs=a.epochs,
-                                          batch_size=a.batch_size, patience=a.epochs, seed=seed, quiet=True,
-                                          out=str(out), overwrite=True))
+                r = train_or_reuse(f"runs/bench/medmnist_table/{ds}-{model}-s{seed}", a.reuse, dataset=ds,
+                                   data_dir=a.data_dir, model=model, epochs=a.epochs, batch_size=a.batch_size,
+                                   patience=a.epochs, seed=seed)
                 runs.append({"dataset": ds, "model": model, "seed": seed, "best_epoch": r.best_epoch,
                              "seconds": r.seconds, "test_acc": r.test["acc"], "test_auc": r.test["auc"],
                              "val_acc": r.val["acc"], "val_auc": r.val["auc"]})

@@ -9,13 +9,11 @@ trains the formula exactly as printed in the paper (variant "printed", alpha = 0
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
-from _common import DEFAULT_DATA, RESULTS, command_line, fmt, machine, mean_std, table, write_results
+from _common import (DEFAULT_DATA, RESULTS, command_line, fmt, machine, mean_std, table, train_or_reuse,
+                     write_results)
 
 SEED_TABLE2 = {0.0: 0.552, 0.1: 0.570, 0.2: 0.594, 0.3: 0.581, 0.4: 0.557, 0.5: 0.546}  # MedViT, test ACC
 
@@ -33,7 +31,7 @@ def main() -> None:
                     help="read finished runs (metrics.json in runs/bench/ordinal_sweep/...) instead of retraining")
     a = ap.parse_args()
 
-    from medmix.engine import TrainConfig, set_threads, train
+    from medmix.engine import set_threads
 
     set_threads()
     runs = []
@@ -41,16 +39,10 @@ def main() -> None:
     t0 = time.perf_counter()
     for variant, alpha in variants:
         for seed in a.seeds:
-            out = Path(f"runs/bench/ordinal_sweep/{variant}-a{alpha}-s{seed}")
-            if a.reuse and (out / "metrics.json").is_file():
-                d = json.loads((out / "metrics.json").read_text())
-                r = SimpleNamespace(best_epoch=d["best_epoch"], seconds=d["train_seconds"], val=d["val"],
-                                    test=d["test"])
-            else:
-                r = train(TrainConfig(dataset="retinamnist", data_dir=a.data_dir, model=a.model, epochs=a.epochs,
-                                      batch_size=a.batch_size, loss="ordinal", alpha=alpha, margin=0.1,
-                                      ordinal_variant=variant, monitor="acc", patience=a.epochs, seed=seed,
-                                      out=str(out), overwrite=True, quiet=True))
+            r = train_or_reuse(f"runs/bench/ordinal_sweep/{variant}-a{alpha}-s{seed}", a.reuse,
+                               dataset="retinamnist", data_dir=a.data_dir, model=a.model, epochs=a.epochs,
+                               batch_size=a.batch_size, loss="ordinal", alpha=alpha, margin=0.1,
+                               ordinal_variant=variant, monitor="acc", patience=a.epochs, seed=seed)
             row = {"variant": variant, "alpha": alpha, "seed": seed, "best_epoch": r.best_epoch,
                    "seconds": r.seconds, "val_acc": r.val["acc"],
                    **{f"test_{k}": r.test[k] for k in ("acc", "auc", "mae", "qwk", "acc_expected")}}
