@@ -170,7 +170,7 @@ def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None
     ``T = 1``; 15 bins), ``n_bins`` and the two reliability-diagram PNGs ``reliability_before`` /
     ``reliability_after`` (beside the checkpoint). The checkpoint is rewritten atomically with the same weights.
     """
-    from .checkpoint import build_model, load_checkpoint, resolve_checkpoint, save_checkpoint
+    from .checkpoint import build_model, load_checkpoint, reject_generalist, resolve_checkpoint, save_checkpoint
     from .data import BatchTransform
     from .data.tasks import TaskInfo
     from .engine import predict_logits, probabilities
@@ -178,6 +178,7 @@ def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None
 
     path = resolve_checkpoint(run_or_ckpt)
     state, meta, train_state, extras = load_checkpoint(path, extras=True)
+    reject_generalist(meta, path, "`medmix calibrate` (a generalist fits its temperatures at the end of training)")
     model = build_model(meta, state)
     info = TaskInfo.from_dict(meta["task"])
     bundle = load_training_data(meta, path.parent, data_dir)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 FORMAT = 1
 REQUIRED_META = ("model", "model_kwargs", "task", "img_size", "data_size", "mean", "std")
@@ -156,8 +156,21 @@ def load_checkpoint(path: str | os.PathLike, *, extras: bool = False):
     return state, meta, payload.get("train_state"), dict(found)
 
 
+def reject_generalist(meta: dict, path: str | os.PathLike, what: str) -> None:
+    """Raise a clear error when a command that needs a single-dataset classifier is given a generalist."""
+    if meta.get("kind") == "generalist":
+        raise ConfigError(f"{path} is a generalist checkpoint ({meta.get('dataset', '')}); {what} supports "
+                          f"single-dataset checkpoints only: use `medmix predict` / `medmix evaluate` (routed), or "
+                          f"train a specialist")
+
+
 def build_model(meta: dict, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
     from .models import create_model
+
+    if meta.get("kind") == "generalist":
+        from .generalist import build_generalist_model
+
+        return build_generalist_model(meta, state)
 
     try:
         model = create_model(meta["model"], **meta["model_kwargs"])

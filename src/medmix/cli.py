@@ -88,10 +88,54 @@ def train_kwargs(a: argparse.Namespace) -> dict:
     return kw
 
 
+# `medmix train` options of a generalist run (several datasets) that are GeneralistConfig fields of the same name
+GENERALIST_FIELDS = ("data_dir", "size", "img_size", "channels", "model", "epochs", "steps_per_epoch", "batch_size",
+                     "lr", "weight_decay", "optimizer", "schedule", "sampling_temperature", "modality_weight",
+                     "label_smoothing", "drop_rate", "drop_path_rate", "patience", "precision", "seed", "out",
+                     "overwrite", "download")
+SINGLE_ONLY = ("loss", "alpha", "margin", "ordinal_variant", "augment", "monitor", "tune_threshold", "resume", "ddp")
+GENERALIST_ONLY = ("channels", "steps_per_epoch", "sampling_temperature", "modality_weight")
+
+
+def _given(a: argparse.Namespace, name: str) -> bool:
+    v = getattr(a, name)
+    return not isinstance(v, _Default) and v is not None and v is not False
+
+
+def generalist_kwargs(a: argparse.Namespace) -> dict:
+    """GeneralistConfig fields from `medmix train --dataset a,b,...`; single-dataset options are refused."""
+    from .errors import ConfigError
+    from .generalist import parse_datasets
+
+    bad = [n for n in SINGLE_ONLY if _given(a, n)]
+    if bad:
+        raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in bad)} cannot be used when training on "
+                          f"several datasets (each dataset keeps its default loss and augmentation; the mean of the "
+                          f"per-dataset validation metrics picks the best epoch)")
+    opts = vars(a)
+    kw = {k: opts[k] for k in GENERALIST_FIELDS if not isinstance(opts[k], _Default)}
+    kw["datasets"] = parse_datasets(opts["dataset"])
+    for flag, field_name in (("no_bn_recalibrate", "bn_recalibrate"), ("no_calibrate", "calibrate"),
+                             ("no_ood", "ood")):
+        if opts[flag] is True:
+            kw[field_name] = False
+    if opts["quiet"] is True or opts["json"]:
+        kw["quiet"] = True
+    return kw
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from .engine import set_threads, train
+    from .errors import ConfigError
 
     set_threads()
+    dataset = a.dataset if not isinstance(a.dataset, _Default) else None
+    if dataset and "," in dataset:
+        return _train_generalist(a)
+    given = [n for n in GENERALIST_ONLY if _given(a, n)]
+    if given:
+        raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in given)} only apply when training on "
+                          f"several datasets (--dataset a,b,...)")
     result = train(**train_kwargs(a))
     if result.rank != 0:  # data-parallel: process 0 reports
         return
@@ -104,6 +148,16 @@ def cmd_train(a: argparse.Namespace) -> None:
     print(f"run directory: {result.run_dir}")
 
 
+def _train_generalist(a: argparse.Namespace) -> None:
+    from .generalist import format_generalist, train_generalist
+
+    r = train_generalist(**generalist_kwargs(a))
+    if a.json:
+        return _print_json(r.summary())
+    print(format_generalist(r.test))
+    print(f"best epoch {r.best_epoch} ({r.seconds:.0f} s of training); run directory: {r.run_dir}")
+
+
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from .engine import set_threads
     from .evaluation import evaluate
@@ -114,6 +168,13 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
                  precision=a.precision)
     if a.json:
         return _print_json(m)
+    if m.get("kind") == "generalist":
+        from .generalist import format_generalist
+
+        print(format_generalist(m))
+        if m.get("routing_confusion_png"):
+            print(f"routing confusion matrix: {m['routing_confusion_png']}")
+        return
     print(format_metrics(m, f"{m['dataset']} {m['split']} split, {m['model']}:"))
     t = m["temperature"]
     shown = f"{t:.4f}" if isinstance(t, float) else "per label"
@@ -130,12 +191,21 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
-    from .predict import Predictor, format_prediction
+    from .errors import ConfigError
+    from .generalist import GeneralistPredictor, format_routed
+    from .predict import format_prediction, load_predictor
 
-    results = Predictor(a.checkpoint, threshold=a.threshold, ordinal_mode=a.ordinal).predict(a.images, top_k=a.top_k)
+    p = load_predictor(a.checkpoint, threshold=a.threshold, ordinal_mode=a.ordinal)
+    if isinstance(p, GeneralistPredictor):
+        results = p.predict(a.images, dataset=a.dataset, top_k=a.top_k)
+        show = format_routed
+    else:
+        if a.dataset is not None:
+            raise ConfigError("--dataset chooses a head of a generalist checkpoint; this checkpoint has one dataset")
+        results, show = p.predict(a.images, top_k=a.top_k), format_prediction
     if a.json:
         return _print_json(results)
-    print("\n\n".join(format_prediction(r) for r in results))
+    print("\n\n".join(show(r) for r in results))
 
 
 def cmd_explain(a: argparse.Namespace) -> None:
@@ -216,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("train", help="train a model and evaluate it on the test split")
-    s.add_argument("--dataset", help="a dataset name (see `medmix datasets`), a class-folder "
-                                                    "directory or an npz file")
+    s.add_argument("--dataset", help="a dataset name (see `medmix datasets`), a class-folder directory or an npz "
+                                     "file; several, comma-separated, train one generalist model with a head per "
+                                     "dataset and a modality router (medmix.generalist)")
     data_dir(s)
     s.add_argument("--size", type=int, default=28, choices=(28, 64, 128, 224), help="MedMNIST file size")
     s.add_argument("--img-size", type=int, default=None, help="model input side (default: stored image size)")
@@ -249,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "so predictions carry in_distribution and ood_score)")
     s.add_argument("--drop-rate", type=float, default=0.0)
     s.add_argument("--drop-path-rate", type=float, default=0.0)
+    g = s.add_argument_group("several datasets (--dataset a,b,...)")
+    g.add_argument("--sampling-temperature", type=float, default=2.0,
+                   help="batches draw dataset d with probability proportional to n_d^(1/T): 1 = by size, "
+                        "inf = equally (default 2)")
+    g.add_argument("--modality-weight", type=float, default=1.0, help="weight of the modality router's loss")
+    g.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="batches between validations (default: one pass over the pooled training images)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="common channel count (default: 3, grayscale replicated, when any dataset is in colour)")
     s.add_argument("--patience", type=int, default=10, help="early stopping: epochs without val improvement")
     s.add_argument("--monitor", choices=("auto", "acc", "auc", "loss", "f1"), default="auto",
                    help="validation metric that picks the best epoch (auto: AUC for binary/multi-label, else ACC)")
@@ -291,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-label decision threshold (default: the checkpoint's, tuned on val, else 0.5)")
     s.add_argument("--ordinal", choices=("argmax", "expected"), default="argmax",
                    help="ordinal tasks: report the most probable grade or the rounded expected grade")
+    s.add_argument("--dataset", default=None, metavar="NAME",
+                   help="generalist checkpoints: answer with this dataset's head instead of the routed one")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_predict)
 

@@ -14,8 +14,9 @@ from .errors import ConfigError
 from .losses import build_loss, default_loss_name
 
 
-def load_training_data(meta: dict, run_dir: Path, data_dir: str | os.PathLike | None = None):
-    """The dataset a checkpoint was trained on, with the same split (``split.json`` beside it when present)."""
+def load_training_data(meta: dict, run_dir: Path, data_dir: str | os.PathLike | None = None,
+                       split_name: str = "split.json"):
+    """The dataset a checkpoint was trained on, with the same split (``split_name`` beside it when present)."""
     src = meta.get("data_source", {})
     stored = Path(src.get("path", ""))
     name = meta["dataset"]
@@ -23,7 +24,7 @@ def load_training_data(meta: dict, run_dir: Path, data_dir: str | os.PathLike | 
         name = str(stored)  # data without a registry name are found where they were read
     elif data_dir is None and src.get("kind") == "medmnist" and stored.is_file():
         data_dir = stored.parent
-    split_file = run_dir / "split.json"
+    split_file = run_dir / split_name
     return load_dataset(name, data_dir=data_dir, size=int(src.get("size", meta["data_size"])),
                         seed=int(src.get("split_seed", meta.get("seed", 0))),
                         split_file=split_file if split_file.exists() else None)
@@ -54,6 +55,9 @@ def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | No
     directory) receives ``report.md`` with the official MedMNIST benchmark rows beside ours and its figures (see
     :func:`medmix.report.write_evaluation_report`). Data without official splits use the ``split.json`` saved
     beside the checkpoint, so the same images are evaluated as during training.
+
+    A generalist checkpoint (:mod:`medmix.generalist`) returns :func:`medmix.generalist.evaluate_generalist`'s
+    per-dataset, routing and end-to-end metrics instead.
     """
     import numpy as np
 
@@ -66,6 +70,14 @@ def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | No
         raise ConfigError(f"unknown split {split!r}; use train, val or test")
     path = resolve_checkpoint(ckpt_or_run)
     state, meta, _, extras = load_checkpoint(path, extras=True)
+    from .generalist import evaluate_generalist, is_generalist
+
+    if is_generalist(meta):
+        if report is not None:
+            raise ConfigError("--report is not available for generalist checkpoints; use --out for the routing "
+                              "confusion matrix and --json for every number")
+        return evaluate_generalist(path, data_dir=data_dir, split=split, out=out, batch_size=batch_size,
+                                   precision=precision)
     model = build_model(meta, state)
     info = TaskInfo.from_dict(meta["task"])
     out_dir = _out_dir(out) if out is not None else None

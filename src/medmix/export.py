@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .checkpoint import atomic_write_bytes, build_model, load_checkpoint, resolve_checkpoint
+from .checkpoint import atomic_write_bytes, build_model, load_checkpoint, reject_generalist, resolve_checkpoint
 from .data import BatchTransform
 from .data.tasks import MULTI_LABEL
 from .errors import ConfigError, MedmixError
@@ -123,6 +123,7 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
 
     src = resolve_checkpoint(checkpoint)
     state, meta, _, extras = load_checkpoint(src, extras=True)
+    reject_generalist(meta, src, "ONNX export")
     model = build_model(meta, state).to(memory_format=torch.contiguous_format).eval()
     detector = Detector.from_checkpoint(meta, extras)
     task = meta["task"]

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import torch
 
 from .calibrate import stored_temperature
-from .checkpoint import build_model, load_checkpoint, resolve_checkpoint
+from .checkpoint import build_model, load_checkpoint, reject_generalist, resolve_checkpoint
 from .data import BatchTransform
 from .data.images import load_image
 from .data.tasks import MULTI_LABEL, TaskInfo
@@ -44,6 +44,7 @@ class Predictor:
         self.ordinal_mode = ordinal_mode
         self.path = resolve_checkpoint(checkpoint)
         state, self.meta, _, extras = load_checkpoint(self.path, extras=True)
+        reject_generalist(self.meta, self.path, "Predictor (and explain, serve)")
         self.model = build_model(self.meta, state)
         self.ood = Detector.from_checkpoint(self.meta, extras, ood_method)  # None: no OOD data in the checkpoint
         self.info = TaskInfo.from_dict(self.meta["task"])
@@ -115,6 +116,16 @@ class Predictor:
                 k = min(len(p) - 1, int(grade + 0.5))
                 out.update(label=self.class_names[k], index=k, confidence=round(float(p[k]), 6))
         return out
+
+
+def load_predictor(checkpoint: str | os.PathLike, **kwargs: Any):
+    """A :class:`Predictor`, or a :class:`medmix.generalist.GeneralistPredictor` for a generalist checkpoint."""
+    from .generalist import GeneralistPredictor, is_generalist
+
+    path = resolve_checkpoint(checkpoint)
+    if is_generalist(load_checkpoint(path)[1]):  # reads the file twice; checkpoints here are small
+        return GeneralistPredictor(path, threshold=kwargs.get("threshold"))
+    return Predictor(path, **kwargs)
 
 
 def _single_input(x: Any) -> bool:

@@ -157,6 +157,9 @@ class HybridMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
 
 @register_model(family="hybrid_mixer", paper=_PAPER, default_img_size=28, min_img_size=8)
 def hybrid_mixer_small(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 28, drop_rate: float = 0.0,

@@ -1,0 +1,757 @@
+"""One model for several datasets: joint training, a modality router, routed prediction and per-dataset evaluation.
+
+>>> from medmix.generalist import GeneralistConfig, train_generalist, GeneralistPredictor
+>>> r = train_generalist(GeneralistConfig(datasets=("pneumoniamnist", "breastmnist"), epochs=5, out="runs/gen"))
+>>> GeneralistPredictor("runs/gen").predict("scan.png")[0]
+{'file': 'scan.png', 'dataset': 'breastmnist', 'dataset_confidence': 0.99, 'label': 'malignant', ...}
+
+**Model.** One backbone (any registered model) with one linear head per dataset and a modality head that predicts
+which dataset an image comes from (:class:`medmix.models.multihead.MultiHeadClassifier`).
+
+**Data.** Every dataset is brought to one size and channel count when loaded (:mod:`medmix.data.mixture`: grayscale
+replicated to 3 channels when any dataset is in colour), normalised with the mean/std of the pooled training images
+(one normalisation, because at prediction time the dataset is not known), and augmented with its own policy.
+Batches mix the datasets by temperature-scaled sampling (``p_d ∝ n_d^(1/T)``, ``T = 2`` by default).
+
+**Loss.** Each batch element contributes its own dataset's loss on its own head (cross-entropy for single-label
+tasks, ordinal grades included; BCE for multi-label), plus ``modality_weight`` × the cross-entropy of the modality
+head; all averaged over the batch.
+
+**Selection.** After every epoch (``steps_per_epoch`` batches, default one pass over the pooled training images)
+each dataset's validation split is scored with its own head (AUC for binary and multi-label tasks, ACC otherwise);
+the mean of those scores picks the best epoch and drives early stopping. The test splits are read once, at the end,
+with the best weights.
+
+**Trust.** At the end, BatchNorm statistics are re-estimated on clean training images drawn with the sampling
+weights; every head gets its own temperature fitted on its dataset's validation logits, and the modality head one
+fitted on all validation images; the out-of-distribution check fits a Mahalanobis model whose classes are the
+(dataset, class) pairs, with one threshold per dataset (95% of that dataset's validation images pass), applied to
+the dataset the router chose.
+
+**Not supported for generalists** (clear error): resuming, data-parallel training, Grad-CAM, serving, ONNX export
+and ``medmix calibrate``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import __version__
+from .checkpoint import atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .data import BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset
+from .data.mixture import MixedBatchSampler, common_channels, sampling_weights, to_common_format
+from .data.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, TaskInfo
+from .errors import ConfigError
+from .losses import build_loss, default_loss_name
+from .metrics import compute_metrics, predict_labels
+
+__all__ = [
+    "GeneralistConfig",
+    "GeneralistPredictor",
+    "GeneralistResult",
+    "evaluate_generalist",
+    "is_generalist",
+    "parse_datasets",
+    "train_generalist",
+]
+
+KIND = "generalist"
+MAX_RECALIBRATE_IMAGES = 16_384  # clean training images (drawn with the sampling weights) for BatchNorm statistics
+MAX_OOD_IMAGES_PER_DATASET = 5_000  # training images per dataset for the Mahalanobis fit
+
+
+def is_generalist(meta: dict) -> bool:
+    return meta.get("kind") == KIND
+
+
+def parse_datasets(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``"a,b,c"`` or ``["a", "b"]`` -> ``("a", "b", "c")``; duplicates and empty names are errors."""
+    names = [s.strip() for s in (value.split(",") if isinstance(value, str) else value)]
+    if not names or any(not s for s in names):
+        raise ConfigError(f"--dataset lists an empty name: {value!r}")
+    dup = sorted({s for s in names if names.count(s) > 1})
+    if dup:
+        raise ConfigError(f"--dataset lists {', '.join(dup)} more than once")
+    return tuple(names)
+
+
+@dataclass
+class GeneralistConfig:
+    datasets: tuple[str, ...] = ("pneumoniamnist", "breastmnist")
+    data_dir: str | None = None
+    size: int = 28  # which MedMNIST file (28/64/128/224); other datasets are read at their stored size
+    img_size: int | None = None  # the common side; default: the smallest stored side among the datasets
+    channels: int | None = None  # the common channel count; default: 3 when any dataset is in colour, else 1
+    model: str = "hybrid_mixer_small"
+    epochs: int = 30
+    steps_per_epoch: int | None = None  # default: one pass over the pooled training images
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    sampling_temperature: float = 2.0  # p_d ∝ n_d^(1/T); inf = equal
+    modality_weight: float = 1.0
+    label_smoothing: float = 0.0
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    patience: int = 10
+    precision: str = "auto"
+    seed: int = 0
+    out: str | None = None
+    overwrite: bool = False
+    download: bool = False
+    eval_batch_size: int = 512
+    bn_recalibrate: bool = True
+    calibrate: bool = True
+    ood: bool = True
+    quiet: bool = False
+    model_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class GeneralistResult:
+    run_dir: Path
+    best_epoch: int
+    val: dict  # per-dataset metrics, routing, end-to-end (see evaluate_heads)
+    test: dict
+    history: list[dict]
+    seconds: float
+
+    def summary(self) -> dict:
+        return {"run_dir": str(self.run_dir), "best_epoch": self.best_epoch, "seconds": round(self.seconds, 2),
+                "val": summarize(self.val), "test": summarize(self.test)}
+
+
+# ----------------------------------------------------------------------------------------------- data
+@dataclass
+class _Member:
+    """One dataset of the mixture, in the common format."""
+    name: str
+    info: TaskInfo
+    splits: dict[str, Split]
+    source: dict
+    data_size: int
+    augment: str
+    split_indices: dict | None
+
+
+def _load_members(cfg: GeneralistConfig) -> tuple[list[_Member], int, int]:
+    bundles: list[DataBundle] = [load_dataset(n, data_dir=cfg.data_dir, size=cfg.size, seed=cfg.seed,
+                                              download=cfg.download) for n in cfg.datasets]
+    names = [b.name for b in bundles]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"the datasets {', '.join(dup)} appear more than once")
+    side = int(cfg.img_size or min(b.image_size for b in bundles))
+    channels = int(cfg.channels or common_channels([b.info.n_channels for b in bundles]))
+    members = []
+    for b in bundles:
+        splits = {k: Split(to_common_format(s.images, side, channels), s.labels) for k, s in b.splits.items()}
+        info = TaskInfo(b.info.task, b.info.class_names, channels)
+        augment = dataset_spec(b.name).augment if _known(b.name) else "rotate_flip_zoom"
+        members.append(_Member(b.name, info, splits, b.source, b.image_size, augment, b.split_indices))
+    return members, side, channels
+
+
+def _known(name: str) -> bool:
+    try:
+        dataset_spec(name)
+        return True
+    except Exception:
+        return False
+
+
+def pooled_stats(images: Iterable[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..1 units) of several uint8 ``(N, C, H, W)`` tensors taken together."""
+    total, s1, s2 = 0, None, None
+    for x in images:
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+        for chunk in flat.split(1 << 24, dim=1):
+            c = chunk.double()
+            s1 = c.sum(1) if s1 is None else s1 + c.sum(1)
+            s2 = (c * c).sum(1) if s2 is None else s2 + (c * c).sum(1)
+        total += flat.shape[1]
+    if not total:
+        raise ConfigError("no training images")
+    m = s1 / total
+    std = (s2 / total - m * m).clamp_min(1e-12).sqrt()
+    return (m / 255).tolist(), (std / 255).clamp_min(1e-3).tolist()
+
+
+# ----------------------------------------------------------------------------------------------- model
+def build_generalist_model(meta: dict, state: dict | None = None) -> nn.Module:
+    from .errors import CheckpointError
+    from .models.multihead import MultiHeadClassifier
+
+    g = meta["generalist"]
+    try:
+        model = MultiHeadClassifier(meta["model"], [len(d["task"]["class_names"]) for d in g["datasets"]],
+                                    **meta["model_kwargs"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint model config does not fit model {meta['model']!r}: {e}") from None
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint weights do not fit the generalist {meta['model']!r} "
+                                  f"({str(e).splitlines()[0]})") from None
+    return model.eval()
+
+
+@torch.inference_mode()
+def _forward(model: nn.Module, images: torch.Tensor, transform: BatchTransform, batch_size: int, precision: str,
+             features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 images -> concatenated logits (and the pre-logit features)."""
+    from .engine import _autocast, iterate_batches
+
+    model.eval()
+    logits, feats = [], []
+    for idx in iterate_batches(len(images), batch_size):
+        with _autocast(precision):
+            f = model.forward_features(transform(images[idx]))
+            logits.append(model.forward_head(f).float())
+            if features:
+                feats.append(model.forward_head(f, pre_logits=True).float())
+    if not logits:
+        return torch.empty(0), None
+    return torch.cat(logits), (torch.cat(feats) if features else None)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def _image_correct(labels: np.ndarray, probs: np.ndarray, task: str, threshold: Any = 0.5) -> np.ndarray:
+    """Per image, the share of its label decisions that are right (0/1 for single-label tasks; the fraction of
+    correct labels for multi-label tasks), with the official decision rules."""
+    pred = predict_labels(probs, task, threshold)
+    if task == MULTI_LABEL:
+        return (pred == (labels > 0.5)).mean(1)
+    return (pred.reshape(-1) == labels.reshape(-1)).astype(np.float64)
+
+
+def evaluate_heads(model: nn.Module, members: Sequence[Any], split: str, transform: BatchTransform, meta: dict, *,
+                   batch_size: int = 512, precision: str = "fp32", temperatures: bool = True,
+                   with_loss: bool = False) -> dict:
+    """Score a generalist on one split of each dataset.
+
+    ``members``: objects with ``name``, ``info`` and ``splits`` (already in the common format). Returns
+    ``{"datasets": {name: metrics of its own head on its own images (official ACC/AUC, P/R/F1, confusion, ...)
+    plus "routing_acc" and "end_to_end_acc"}, "routing_acc": over all images, "routing_confusion": rows = true
+    dataset, "end_to_end_acc": over all images, "end_to_end_acc_mean": mean over datasets, "score": mean of the
+    monitored metrics, "n"}``. End-to-end: the router picks the head; an image routed to the wrong dataset counts
+    as wrong.
+    """
+    from .engine import probabilities
+
+    g = meta["generalist"]
+    layout = {d["name"]: d for d in g["datasets"]}
+    names = [d["name"] for d in g["datasets"]]
+    n_d = len(names)
+    out: dict[str, Any] = {"datasets": {}}
+    confusion = np.zeros((n_d, n_d), dtype=np.int64)
+    correct_total, n_total, scores = 0.0, 0, []
+    for mem in members:
+        d = layout[mem.name]
+        k = names.index(mem.name)
+        data = mem.splits[split]
+        logits, _ = _forward(model, data.images, transform, batch_size, precision)
+        a, b = d["columns"]
+        head = logits[:, a:b]
+        t = (d.get("temperature", 1.0) if temperatures else 1.0) or 1.0
+        probs = probabilities(head, mem.info.task, t).numpy()
+        labels = data.labels.numpy()
+        m = compute_metrics(labels, probs, mem.info.task, mem.info.class_names, threshold=d.get("threshold", 0.5))
+        if with_loss:
+            loss = build_loss(default_loss_name(mem.info.task), mem.info.task, mem.info.num_classes)
+            m["loss"] = float(loss(head, data.labels))
+        routed = logits[:, :n_d].argmax(1).numpy()
+        confusion[k] += np.bincount(routed, minlength=n_d)
+        ok = routed == k
+        e2e = _image_correct(labels, probs, mem.info.task, d.get("threshold", 0.5)) * ok
+        m["routing_acc"] = float(ok.mean())
+        m["end_to_end_acc"] = float(e2e.mean())
+        monitor = "auc" if mem.info.task in (BINARY, MULTI_LABEL) else "acc"
+        v = m[monitor] if np.isfinite(m[monitor]) else m.get("auc_defined_mean", float("nan"))
+        m["monitor"], m["score"] = monitor, float(v)
+        scores.append(float(v) if np.isfinite(v) else 0.0)
+        out["datasets"][mem.name] = m
+        correct_total += float(e2e.sum())
+        n_total += len(data)
+    out["routing_confusion"] = confusion.tolist()
+    out["routing_acc"] = float(np.trace(confusion) / max(1, confusion.sum()))
+    out["end_to_end_acc"] = correct_total / max(1, n_total)
+    out["end_to_end_acc_mean"] = float(np.mean([out["datasets"][n]["end_to_end_acc"] for n in out["datasets"]]))
+    out["score"] = float(np.mean(scores)) if scores else float("nan")
+    out["n"] = n_total
+    out["dataset_names"] = names
+    if with_loss:
+        out["loss"] = float(np.mean([out["datasets"][n]["loss"] for n in out["datasets"]]))
+    return out
+
+
+def summarize(m: dict) -> dict:
+    """The headline numbers of :func:`evaluate_heads` (per dataset ACC/AUC/routing/end-to-end)."""
+    keep = ("acc", "auc", "f1", "n", "routing_acc", "end_to_end_acc", "mae", "qwk")
+    return {"routing_acc": m["routing_acc"], "end_to_end_acc": m["end_to_end_acc"],
+            "end_to_end_acc_mean": m["end_to_end_acc_mean"], "score": m["score"], "n": m["n"],
+            "datasets": {k: {x: v[x] for x in keep if x in v} for k, v in m["datasets"].items()}}
+
+
+# ----------------------------------------------------------------------------------------------- training
+def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str], None] | None = None,
+                     **kwargs: Any) -> GeneralistResult:
+    """Train one model on several datasets (see the module docstring); arguments as :class:`GeneralistConfig`."""
+    from .engine import (
+        _autocast,
+        _finish_run_dir,
+        _jsonable,
+        _prepare_run_dir,
+        _progress,
+        _schedule,
+        _write_history_csv,
+        epoch_seed,
+        machine_description,
+        recalibrate_batchnorm,
+        resolve_precision,
+    )
+    from .models import model_info
+    from .models.multihead import MultiHeadClassifier
+
+    cfg = cfg or GeneralistConfig(**kwargs)
+    cfg.datasets = parse_datasets(cfg.datasets)
+    say = log or (lambda s: None if cfg.quiet else print(s, file=sys.stderr))
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ConfigError("--epochs and --batch-size must be at least 1")
+    if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
+        raise ConfigError("--steps-per-epoch must be at least 1")
+    if cfg.optimizer not in ("adam", "adamw"):
+        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use adam or adamw")
+    if cfg.modality_weight < 0:
+        raise ConfigError(f"--modality-weight must be >= 0, got {cfg.modality_weight}")
+    if cfg.channels not in (None, 1, 3):
+        raise ConfigError(f"--channels must be 1 or 3, got {cfg.channels}")
+    precision = resolve_precision(cfg.precision)
+    model_info(cfg.model)
+    torch.manual_seed(cfg.seed)
+    members, side, channels = _load_members(cfg)
+    if side < model_info(cfg.model).min_img_size:
+        raise ConfigError(f"model {cfg.model!r} needs img_size >= {model_info(cfg.model).min_img_size}, got {side}")
+    sizes = [len(m.splits["train"]) for m in members]
+    weights = sampling_weights(sizes, cfg.sampling_temperature)
+    mean, std = pooled_stats(m.splits["train"].images for m in members)
+    train_tfs = [BatchTransform(side, mean, std, get_policy(m.augment)) for m in members]
+    eval_tf = BatchTransform(side, mean, std)
+    losses = [build_loss(default_loss_name(m.info.task), m.info.task, m.info.num_classes,
+                         label_smoothing=cfg.label_smoothing if m.info.task != MULTI_LABEL else 0.0)
+              for m in members]
+    model_kwargs = dict(in_chans=channels, img_size=side, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
+                        **cfg.model_kwargs)
+    try:
+        model = MultiHeadClassifier(cfg.model, [m.info.num_classes for m in members], **model_kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model {cfg.model!r}: {e}") from None
+    model = model.to(memory_format=torch.channels_last)
+    datasets_meta, start = [], len(members)
+    for m in members:
+        datasets_meta.append({"name": m.name, "task": m.info.to_dict(), "columns": [start, start + m.info.num_classes],
+                              "data_source": m.source, "data_size": m.data_size, "augment": m.augment,
+                              "temperature": 1.0, "threshold": 0.5, "n_train": len(m.splits["train"])})
+        start += m.info.num_classes
+    modality_info = TaskInfo(MULTI_CLASS, tuple(m.name for m in members), channels)
+    meta: dict[str, Any] = {
+        "kind": KIND, "model": cfg.model, "model_kwargs": model_kwargs, "task": modality_info.to_dict(),
+        "dataset": ",".join(m.name for m in members), "img_size": side, "data_size": side, "mean": mean, "std": std,
+        "temperature": 1.0, "seed": cfg.seed, "precision": precision,
+        "generalist": {"datasets": datasets_meta, "modality_columns": [0, len(members)], "modality_temperature": 1.0,
+                       "sampling": {"temperature": cfg.sampling_temperature, "weights": weights.tolist()},
+                       "channels": channels, "img_size": side,
+                       "channel_rule": "grayscale replicated to 3 channels" if channels == 3 else "colour -> BT.601 luma"},
+        "train_config": _as_json(asdict(cfg)),
+    }
+    steps = cfg.steps_per_epoch or max(1, sum(sizes) // cfg.batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW)(params, lr=cfg.lr,
+                                                                               weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, cfg.schedule, steps * cfg.epochs, int(cfg.warmup_epochs * steps))
+    final, run = _prepare_run_dir(cfg.out or _default_out(cfg), cfg)
+    from .data.folders import save_split
+
+    for m in members:
+        if m.split_indices is not None:
+            labels = np.empty(sum(len(v) for v in m.split_indices.values()), dtype=np.int64)
+            for k, idx in m.split_indices.items():
+                labels[idx] = m.splits[k].labels.numpy()
+            save_split(run / f"split_{m.name}.json", m.split_indices, cfg.seed, labels, m.source["path"])
+    atomic_write_text(run / "config.json", json.dumps(meta["train_config"], indent=2))
+    say(f"training a generalist {cfg.model} ({sum(p.numel() for p in params) / 1e6:.2f} M params) on "
+        f"{', '.join(f'{m.name} ({n}, p={w:.2f})' for m, n, w in zip(members, sizes, weights))} "
+        f"[{side} px, {channels} channels, {steps} steps/epoch, {precision}] -> {final}")
+
+    gen = torch.Generator()
+    gen.manual_seed(epoch_seed(cfg.seed, 0))
+    sampler = MixedBatchSampler(sizes, cfg.batch_size, weights, gen)
+    history: list[dict] = []
+    best_score, best_epoch, bad = -math.inf, 0, 0
+    t_start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, 1))
+        model.train()
+        t0, seen, loss_sum, mod_sum = time.perf_counter(), 0, 0.0, 0.0
+        bar = _progress(steps, f"epoch {epoch}/{cfg.epochs}", cfg.quiet)
+        for batch in sampler.batches(steps):
+            xs, targets = [], []
+            for d, idx in batch:
+                xs.append(train_tfs[d](members[d].splits["train"].images[idx], train=True, generator=gen))
+                targets.append(torch.full((len(idx),), d, dtype=torch.long))
+            x = torch.cat(xs).contiguous(memory_format=torch.channels_last)
+            with _autocast(precision):
+                logits = model(x)
+            logits = logits.float()
+            n = x.shape[0]
+            mod_loss = F.cross_entropy(logits[:, :len(members)], torch.cat(targets))
+            loss = cfg.modality_weight * mod_loss
+            row = 0
+            for (d, idx), tgt in zip(batch, targets):
+                a, b = datasets_meta[d]["columns"]
+                part = logits[row:row + len(idx), a:b]
+                loss = loss + losses[d](part, members[d].splits["train"].labels[idx]) * (len(idx) / n)
+                row += len(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            seen += n
+            loss_sum += float(loss.detach()) * n
+            mod_sum += float(mod_loss.detach()) * n
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        if bar is not None:
+            bar.close()
+        train_time = time.perf_counter() - t0
+        val = evaluate_heads(model, members, "val", eval_tf, meta, batch_size=cfg.eval_batch_size,
+                             precision=precision, temperatures=False, with_loss=True)
+        row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_modality_loss": mod_sum / max(seen, 1),
+               "val_loss": val["loss"], "val_score": val["score"], "val_routing_acc": val["routing_acc"],
+               **{f"val_{k}/{n}": v[k] for n, v in val["datasets"].items() for k in ("acc", "auc")},
+               "lr": opt.param_groups[0]["lr"], "train_img_s": seen / train_time,
+               "epoch_seconds": time.perf_counter() - t0}
+        history.append(row)
+        with open(run / "log.jsonl", "a") as f:
+            f.write(json.dumps(_jsonable(row)) + "\n")
+        improved = val["score"] > best_score
+        if improved:
+            best_score, best_epoch, bad = val["score"], epoch, 0
+            save_checkpoint(run / "best_model.pth", model, {**meta, "epoch": epoch, "val_metrics": summarize(val)})
+        else:
+            bad += 1
+        per = "  ".join(f"{n} {v['monitor']} {v['score']:.4f}" for n, v in val["datasets"].items())
+        say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  val score {val['score']:.4f}  routing "
+            f"{val['routing_acc']:.4f}  {per}  {row['train_img_s']:.0f} img/s{'  *' if improved else ''}")
+        if bad >= cfg.patience:
+            say(f"early stop: no improvement of the mean validation score for {cfg.patience} epochs")
+            break
+    seconds = time.perf_counter() - t_start
+
+    # the best weights, their trust data, then the test splits, read once
+    state, _, _ = load_checkpoint(run / "best_model.pth")
+    model.load_state_dict(state)
+    if cfg.bn_recalibrate and any(not get_policy(m.augment).identity for m in members):
+        pool = _mixture_sample(members, "train", weights, MAX_RECALIBRATE_IMAGES, cfg.seed)
+        if recalibrate_batchnorm(model, pool, eval_tf):
+            meta["bn_recalibrated"] = True
+    extras = _fit_trust(model, members, eval_tf, meta, cfg, precision, say)
+    val = evaluate_heads(model, members, "val", eval_tf, meta, batch_size=cfg.eval_batch_size, precision=precision)
+    test = evaluate_heads(model, members, "test", eval_tf, meta, batch_size=cfg.eval_batch_size, precision=precision)
+    for m_, split in ((val, "val"), (test, "test")):
+        m_.update(kind=KIND, split=split, model=cfg.model)
+    meta.update(epoch=best_epoch, val_metrics=summarize(val), test_metrics=summarize(test), train_seconds=seconds,
+                machine=machine_description())
+    save_checkpoint(run / "best_model.pth", model, meta, extras=extras)
+    doc = {"kind": KIND, "datasets": [m.name for m in members], "model": cfg.model, "seed": cfg.seed,
+           "best_epoch": best_epoch, "train_seconds": seconds, "machine": machine_description(),
+           "medmix_version": __version__, "img_size": side, "channels": channels,
+           "sampling_weights": dict(zip([m.name for m in members], weights.tolist())), "val": val, "test": test}
+    atomic_write_text(run / "metrics.json", json.dumps(_jsonable(doc), indent=2))
+    _write_history_csv(run / "log.csv", history)
+    _plot_history(history, run / "curves.png", best_epoch, [m.name for m in members])
+    from .metrics import plot_confusion
+
+    plot_confusion(test["routing_confusion"], [m.name for m in members], run / "routing_confusion_test.png",
+                   f"modality routing, test - {cfg.model}")
+    _finish_run_dir(final, run)
+    return GeneralistResult(final, best_epoch, val, test, history, seconds)
+
+
+def _as_json(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))
+
+
+def _default_out(cfg: GeneralistConfig) -> str:
+    return str(Path("runs") / f"generalist-{len(cfg.datasets)}sets-{cfg.model}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _mixture_sample(members: Sequence[_Member], split: str, weights: np.ndarray, limit: int, seed: int
+                    ) -> torch.Tensor:
+    """Up to ``limit`` images of ``split``, each dataset contributing in proportion to ``weights`` (capped at its
+    size), shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for m, w in zip(members, weights):
+        x = m.splits[split].images
+        k = min(len(x), max(1, int(round(limit * float(w)))))
+        parts.append(x[torch.randperm(len(x), generator=g)[:k]])
+    pool = torch.cat(parts)
+    return pool[torch.randperm(len(pool), generator=g)]
+
+
+def _fit_trust(model: nn.Module, members: Sequence[_Member], tf: BatchTransform, meta: dict, cfg: GeneralistConfig,
+               precision: str, say: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    """Temperatures (per head and for the router) on val; OOD statistics on train with per-dataset thresholds."""
+    from . import ood as ood_mod
+    from .calibrate import fit_calibration
+
+    g = meta["generalist"]
+    n_d = len(members)
+    val_out = [_forward(model, m.splits["val"].images, tf, cfg.eval_batch_size, precision, features=True)
+               for m in members]
+    if cfg.calibrate:
+        for m, d, (logits, _) in zip(members, g["datasets"], val_out):
+            a, b = d["columns"]
+            d["temperature"], d["calibration"] = fit_calibration(logits[:, a:b], m.splits["val"].labels, m.info.task)
+        mod_logits = torch.cat([lo[:, :n_d] for lo, _ in val_out])
+        mod_labels = torch.cat([torch.full((len(m.splits["val"]),), k, dtype=torch.long)
+                                for k, m in enumerate(members)])
+        g["modality_temperature"], g["modality_calibration"] = fit_calibration(mod_logits, mod_labels, MULTI_CLASS)
+        say("calibration on val: router T = {:.3f}; heads {}".format(
+            g["modality_temperature"], ", ".join(f"{d['name']} T = {_fmt_t(d['temperature'])}" for d in g["datasets"])))
+    if not cfg.ood:
+        return {}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    feats, labels, offset, stds = [], [], 0, []
+    for m in members:
+        tr = m.splits["train"]
+        idx = torch.randperm(len(tr), generator=gen)[:MAX_OOD_IMAGES_PER_DATASET]
+        _, f = _forward(model, tr.images[idx], tf, cfg.eval_batch_size, precision, features=True)
+        feats.append(f)
+        y = tr.labels[idx]
+        # classes of the Mahalanobis model: the (dataset, class) pairs; multi-label datasets get one Gaussian
+        cls = torch.zeros(len(idx), dtype=torch.long) if m.info.task == MULTI_LABEL else y.reshape(len(idx), -1)[:, 0]
+        labels.append(cls + offset)
+        offset += 1 if m.info.task == MULTI_LABEL else m.info.num_classes
+        stds.append(ood_mod.pixel_std(tr.images))
+    stats = ood_mod.fit_mahalanobis(torch.cat(feats), torch.cat(labels), MULTI_CLASS)
+    thresholds = {}
+    for m, (_, f) in zip(members, val_out):
+        thresholds[m.name] = ood_mod.threshold_at_tpr(ood_mod.mahalanobis_score(f, stats), ood_mod.TPR)
+    min_std = 0.5 * float(np.quantile(np.concatenate(stds), ood_mod.MIN_STD_QUANTILE))
+    meta["ood"] = {"method": "mahalanobis", "per_dataset": True, "thresholds_by_dataset": thresholds,
+                   "tpr": ood_mod.TPR, "split": "val", "min_pixel_std": round(min_std, 4),
+                   "n_fit": int(sum(len(f) for f in feats)), "n_means": int(stats[ood_mod.EXTRA_MEANS].shape[0]),
+                   "feature_dim": int(stats[ood_mod.EXTRA_MEANS].shape[1])}
+    return stats
+
+
+def _fmt_t(t: Any) -> str:
+    return f"{t:.3f}" if isinstance(t, float) else "per label"
+
+
+def _plot_history(history: list[dict], path: Path, best_epoch: int, names: Sequence[str]) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ep = [r["epoch"] for r in history]
+    ax1, ax2 = fig.add_subplot(121), fig.add_subplot(122)
+    ax1.plot(ep, [r["train_loss"] for r in history], label="train loss (all heads)")
+    ax1.plot(ep, [r["train_modality_loss"] for r in history], label="train loss (router)")
+    ax1.plot(ep, [r["val_loss"] for r in history], label="val loss (mean of heads)")
+    ax1.set_xlabel("epoch"), ax1.legend(), ax1.grid(alpha=0.3)
+    ax2.plot(ep, [r["val_score"] for r in history], "k-", lw=2, label="mean val score")
+    ax2.plot(ep, [r["val_routing_acc"] for r in history], "k:", label="val routing ACC")
+    for n in names:
+        ax2.plot(ep, [r[f"val_acc/{n}"] for r in history], label=f"{n} val ACC")
+    ax2.set_xlabel("epoch"), ax2.legend(fontsize=7), ax2.grid(alpha=0.3)
+    for ax in (ax1, ax2):
+        ax.axvline(best_epoch, color="k", ls="--", lw=0.8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def _members_of(meta: dict, run_dir: Path, data_dir: str | os.PathLike | None) -> list[_Member]:
+    """The checkpoint's datasets, loaded with their training splits and brought to the common format."""
+    from .evaluation import load_training_data
+
+    g = meta["generalist"]
+    out = []
+    for d in g["datasets"]:
+        pseudo = {"dataset": d["name"], "data_source": d["data_source"], "data_size": d["data_size"],
+                  "seed": meta.get("seed", 0)}
+        b = load_training_data(pseudo, run_dir, data_dir, split_name=f"split_{d['name']}.json")
+        info = TaskInfo.from_dict(d["task"])
+        if b.info.class_names != info.class_names or b.info.task != info.task:
+            raise ConfigError(f"the data found for {d['name']!r} do not match the checkpoint's classes/task")
+        splits = {k: Split(to_common_format(s.images, g["img_size"], g["channels"]), s.labels)
+                  for k, s in b.splits.items()}
+        out.append(_Member(d["name"], info, splits, b.source, b.image_size, d.get("augment", "none"),
+                           b.split_indices))
+    return out
+
+
+def evaluate_generalist(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
+                        split: str = "test", out: str | os.PathLike | None = None, batch_size: int = 512,
+                        precision: str = "auto") -> dict:
+    """Per dataset, the official ACC/AUC of its own head on its own split; the routing accuracy over all images
+    (with its confusion matrix); the end-to-end accuracy when the router picks the head. ``out`` receives
+    ``routing_confusion_<split>.png``."""
+    from .engine import resolve_precision
+
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"unknown split {split!r}; use train, val or test")
+    path = resolve_checkpoint(ckpt_or_run)
+    state, meta, _ = load_checkpoint(path)
+    if not is_generalist(meta):
+        raise ConfigError(f"{path} is not a generalist checkpoint; use medmix.evaluate")
+    model = build_generalist_model(meta, state)
+    members = _members_of(meta, path.parent, data_dir)
+    tf = BatchTransform(meta["img_size"], meta["mean"], meta["std"])
+    m = evaluate_heads(model, members, split, tf, meta, batch_size=batch_size, precision=resolve_precision(precision))
+    m.update(kind=KIND, split=split, model=meta["model"], checkpoint=str(path), dataset=meta["dataset"])
+    if out is not None:
+        from .evaluation import _out_dir
+        from .metrics import plot_confusion
+
+        png = _out_dir(out) / f"routing_confusion_{split}.png"
+        m["routing_confusion_png"] = str(plot_confusion(m["routing_confusion"], m["dataset_names"], png,
+                                                        f"modality routing, {split} - {meta['model']}"))
+    return m
+
+
+def format_generalist(m: dict) -> str:
+    """A readable table of :func:`evaluate_generalist`'s result."""
+    lines = [f"generalist {m['model']} on the {m['split']} splits ({m['n']} images)",
+             f"{'dataset':<16} {'n':>6} {'ACC':>7} {'AUC':>7} {'routing':>8} {'end-to-end':>11}"]
+    for name, d in m["datasets"].items():
+        lines.append(f"{name:<16} {d['n']:>6} {d['acc']:7.4f} {d['auc']:7.4f} {d['routing_acc']:8.4f} "
+                     f"{d['end_to_end_acc']:11.4f}")
+    lines.append(f"routing accuracy over all images: {m['routing_acc']:.4f}; end-to-end accuracy: "
+                 f"{m['end_to_end_acc']:.4f} (mean over datasets {m['end_to_end_acc_mean']:.4f})")
+    names = m["dataset_names"]
+    w = max(len(n) for n in names)
+    lines.append("routing confusion (rows: true dataset, columns: routed to):")
+    lines.append(" " * (w + 2) + " ".join(f"{n[:10]:>10}" for n in names))
+    for n, row in zip(names, m["routing_confusion"]):
+        lines.append(f"  {n:<{w}}" + " ".join(f"{v:>10}" for v in row))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- prediction
+class GeneralistPredictor:
+    """Routes each image to the dataset the modality head recognises and answers with that dataset's head.
+
+    ``predict`` returns per image ``{"file", "dataset", "dataset_confidence", "routed", "label", "index",
+    "confidence", "probabilities", "dataset_probabilities", "in_distribution", "ood_score"}``; with ``dataset=NAME``
+    that head is used for every image (``routed`` False; ``dataset_confidence`` is still the router's probability of
+    that dataset). ``in_distribution`` is False when the image is far from every (dataset, class) of the training
+    data, by the threshold of the dataset it was routed to, or blank.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, *, threshold: float | None = None) -> None:
+        from .ood import EXTRA_MEANS, EXTRA_PRECISION
+
+        self.path = resolve_checkpoint(checkpoint)
+        state, self.meta, _, extras = load_checkpoint(self.path, extras=True)
+        if not is_generalist(self.meta):
+            raise ConfigError(f"{self.path} is not a generalist checkpoint; use medmix.Predictor")
+        self.model = build_generalist_model(self.meta, state)
+        g = self.meta["generalist"]
+        self.datasets = g["datasets"]
+        self.names = [d["name"] for d in self.datasets]
+        self.infos = [TaskInfo.from_dict(d["task"]) for d in self.datasets]
+        self.channels, self.img_size = int(g["channels"]), int(g["img_size"])
+        self.transform = BatchTransform(self.img_size, self.meta["mean"], self.meta["std"])
+        self.threshold = threshold
+        self.ood = self.meta.get("ood") if isinstance(self.meta.get("ood"), dict) else None
+        self.stats = {k: extras[k] for k in (EXTRA_MEANS, EXTRA_PRECISION)} if self.ood and extras and \
+            EXTRA_MEANS in extras else None
+
+    def load(self, src: Any, name: str | None = None) -> torch.Tensor:
+        from .data.images import load_image
+
+        return load_image(src, self.channels, self.img_size, name)
+
+    def predict(self, inputs: Iterable[Any], dataset: str | None = None, top_k: int | None = None) -> list[dict]:
+        from .engine import probabilities
+        from .ood import mahalanobis_score, pixel_std
+        from .predict import _single_input
+
+        if dataset is not None and dataset not in self.names:
+            raise ConfigError(f"--dataset {dataset!r} is not one of this generalist's datasets: "
+                              f"{', '.join(self.names)}")
+        items = [inputs] if _single_input(inputs) else list(inputs)
+        if not items:
+            raise ConfigError("no images given")
+        names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image[{i}]" for i, x in enumerate(items)]
+        batch = torch.stack([self.load(x, n) for x, n in zip(items, names)])
+        logits, feats = _forward(self.model, batch, self.transform, 256, "fp32", features=self.stats is not None)
+        n_d = len(self.names)
+        router = probabilities(logits[:, :n_d], MULTI_CLASS, self.meta["generalist"].get("modality_temperature", 1.0))
+        scores = mahalanobis_score(feats, self.stats) if self.stats is not None else None
+        blank = pixel_std(batch) < float(self.ood.get("min_pixel_std") or 0.0) if self.ood else None
+        out = []
+        for i, name in enumerate(names):
+            k = self.names.index(dataset) if dataset is not None else int(router[i].argmax())
+            d, info = self.datasets[k], self.infos[k]
+            a, b = d["columns"]
+            p = probabilities(logits[i:i + 1, a:b], info.task, d.get("temperature", 1.0) or 1.0)[0]
+            r = {"file": name, "dataset": d["name"], "dataset_confidence": round(float(router[i, k]), 6),
+                 "routed": dataset is None,
+                 "dataset_probabilities": {n: round(float(router[i, j]), 6) for j, n in enumerate(self.names)}}
+            r.update(self._answer(p, info, d, top_k))
+            if scores is not None:
+                thr = float(self.ood["thresholds_by_dataset"][d["name"]])
+                r["in_distribution"] = bool(scores[i] <= thr and not blank[i])
+                r["ood_score"] = round(float(scores[i]), 6)
+            out.append(r)
+        return out
+
+    def _answer(self, p: torch.Tensor, info: TaskInfo, d: dict, top_k: int | None) -> dict:
+        order = torch.argsort(p, descending=True).tolist()[:top_k or None]
+        dist = {info.class_names[j]: round(float(p[j]), 6) for j in order}
+        if info.task == MULTI_LABEL:
+            t = self.threshold if self.threshold is not None else d.get("threshold", 0.5)
+            ts = [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * len(p)
+            yes = [info.class_names[j] for j in order if float(p[j]) > ts[j]]
+            return {"label": ", ".join(yes) if yes else "(none)", "index": None, "labels": yes,
+                    "confidence": round(float(p.max()), 6), "probabilities": dist}
+        j = int(torch.argmax(p))
+        return {"label": info.class_names[j], "index": j, "confidence": round(float(p[j]), 6), "probabilities": dist}
+
+
+def format_routed(r: dict) -> str:
+    """A readable block for one routed prediction."""
+    how = "routed to" if r["routed"] else "forced head"
+    lines = [f"{r['file']}: {r['dataset']} ({how}; router confidence {r['dataset_confidence']:.2%}) -> "
+             f"{r['label']}  (confidence {r['confidence']:.2%})"]
+    if r.get("in_distribution") is False:
+        lines.append(f"  WARNING: out of distribution (OOD score {r['ood_score']:.4g}): this image looks like none of "
+                     f"the training datasets; do not trust the label")
+    w = max(len(c) for c in r["probabilities"])
+    for c, p in r["probabilities"].items():
+        lines.append(f"  {c:<{w}}  {p:7.2%}  {'#' * int(round(p * 30))}")
+    return "\n".join(lines)
