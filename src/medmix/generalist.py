@@ -368,7 +368,10 @@ def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str]
                               "data_source": m.source, "data_size": m.data_size, "augment": m.augment,
                               "temperature": 1.0, "threshold": 0.5, "n_train": len(m.splits["train"])})
         start += m.info.num_classes
-    modality_info = TaskInfo(MULTI_CLASS, tuple(m.name for m in members), channels)
+    # the checkpoint's "task" is the router's (one class per dataset); a one-dataset run (a specialist trained by the
+    # same pipeline, as benchmarks/generalist.py does) has no routing question, so it records its dataset's task
+    modality_info = TaskInfo(MULTI_CLASS, tuple(m.name for m in members), channels) if len(members) > 1 else \
+        members[0].info
     meta: dict[str, Any] = {
         "kind": KIND, "model": cfg.model, "model_kwargs": model_kwargs, "task": modality_info.to_dict(),
         "dataset": ",".join(m.name for m in members), "img_size": side, "data_size": side, "mean": mean, "std": std,
@@ -531,10 +534,12 @@ def _fit_trust(model: nn.Module, members: Sequence[_Member], tf: BatchTransform,
         for m, d, (logits, _) in zip(members, g["datasets"], val_out):
             a, b = d["columns"]
             d["temperature"], d["calibration"] = fit_calibration(logits[:, a:b], m.splits["val"].labels, m.info.task)
-        mod_logits = torch.cat([lo[:, :n_d] for lo, _ in val_out])
-        mod_labels = torch.cat([torch.full((len(m.splits["val"]),), k, dtype=torch.long)
-                                for k, m in enumerate(members)])
-        g["modality_temperature"], g["modality_calibration"] = fit_calibration(mod_logits, mod_labels, MULTI_CLASS)
+        if n_d > 1:
+            mod_logits = torch.cat([lo[:, :n_d] for lo, _ in val_out])
+            mod_labels = torch.cat([torch.full((len(m.splits["val"]),), k, dtype=torch.long)
+                                    for k, m in enumerate(members)])
+            g["modality_temperature"], g["modality_calibration"] = fit_calibration(mod_logits, mod_labels,
+                                                                                   MULTI_CLASS)
         say("calibration on val: router T = {:.3f}; heads {}".format(
             g["modality_temperature"], ", ".join(f"{d['name']} T = {_fmt_t(d['temperature'])}" for d in g["datasets"])))
     if not cfg.ood:

@@ -1,0 +1,297 @@
+"""The generalist (medmix.generalist): common format, temperature sampling, joint training with a modality router,
+routed and forced prediction, per-dataset evaluation, checkpoint round trip, and the CLI around them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import class_images, write_official_npz
+
+from medmix.cli import main
+from medmix.data.mixture import LUMA, MixedBatchSampler, common_channels, sampling_weights, to_common_format
+from medmix.errors import ConfigError
+from medmix.generalist import (GeneralistPredictor, evaluate_generalist, evaluate_heads, is_generalist,
+                               parse_datasets, train_generalist)
+from medmix.metrics import compute_metrics
+from medmix.models.multihead import MultiHeadClassifier, head_layout
+
+
+# ----------------------------------------------------------------------------------------------- data
+def test_sampling_weights_follow_the_temperature_rule():
+    sizes = [4708, 546, 1080, 41267]
+    np.testing.assert_allclose(sampling_weights(sizes, 1.0), np.array(sizes) / sum(sizes))
+    root = np.sqrt(sizes)
+    np.testing.assert_allclose(sampling_weights(sizes, 2.0), root / root.sum())
+    np.testing.assert_allclose(sampling_weights(sizes, float("inf")), [0.25] * 4)
+    assert sampling_weights(sizes, 2.0)[1] > sizes[1] / sum(sizes)  # the small set is not drowned
+    for bad in ([], [10, 0]):
+        with pytest.raises(ConfigError):
+            sampling_weights(bad)
+    with pytest.raises(ConfigError, match="temperature"):
+        sampling_weights([1, 2], 0.0)
+
+
+def test_sampler_proportions_and_no_repeat_before_a_pass():
+    sizes, w = [30, 500, 70], sampling_weights([30, 500, 70], 2.0)
+    s = MixedBatchSampler(sizes, 64, w, torch.Generator().manual_seed(0))
+    counts = np.zeros(3)
+    seen_small: list[int] = []
+    for batch in s.batches(400):
+        assert sum(len(idx) for _, idx in batch) == 64
+        assert [d for d, _ in batch] == sorted(d for d, _ in batch)
+        for d, idx in batch:
+            counts[d] += len(idx)
+            assert int(idx.min()) >= 0 and int(idx.max()) < sizes[d]
+            if d == 0:
+                seen_small.extend(idx.tolist())
+    # proportions within 1% of the target over 25,600 draws
+    np.testing.assert_allclose(counts / counts.sum(), w, atol=0.01)
+    # every image of a dataset is drawn once before any is drawn twice
+    first = seen_small[:30]
+    assert sorted(first) == list(range(30))
+
+
+def test_sampler_is_deterministic_given_the_generator():
+    def draw(seed):
+        s = MixedBatchSampler([10, 20], 8, [0.5, 0.5], torch.Generator().manual_seed(seed))
+        return [(d, idx.tolist()) for b in s.batches(5) for d, idx in b]
+
+    assert draw(3) == draw(3)
+    assert draw(3) != draw(4)
+
+
+def test_common_format_replicates_gray_and_reduces_colour():
+    gray = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    rgb = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    g3 = to_common_format(gray, 28, 3)
+    assert g3.shape == (5, 3, 28, 28) and g3.dtype == torch.uint8
+    assert torch.equal(g3[:, 0], gray[:, 0]) and torch.equal(g3[:, 2], gray[:, 0])
+    r1 = to_common_format(rgb, 64, 1)
+    expected = (rgb.float() * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True).round()
+    assert torch.equal(r1, expected.to(torch.uint8))
+    small = to_common_format(rgb, 28, 3)
+    assert small.shape == (4, 3, 28, 28)
+    flat = torch.full((2, 1, 64, 64), 77, dtype=torch.uint8)
+    assert torch.equal(to_common_format(flat, 28, 1), torch.full((2, 1, 28, 28), 77, dtype=torch.uint8))
+    assert common_channels([1, 1]) == 1 and common_channels([1, 3]) == 3
+    with pytest.raises(ConfigError):
+        to_common_format(gray.float(), 28, 3)
+    with pytest.raises(ConfigError):
+        to_common_format(gray, 28, 2)
+
+
+def test_parse_datasets():
+    assert parse_datasets("a, b,c") == ("a", "b", "c")
+    for bad in ("a,,b", "a,b,a", ""):
+        with pytest.raises(ConfigError):
+            parse_datasets(bad)
+
+
+# ----------------------------------------------------------------------------------------------- model
+def test_multihead_layout_and_gradients():
+    assert head_layout([2, 5]) == [(0, 2), (2, 4), (4, 9)]
+    m = MultiHeadClassifier("hybrid_mixer_small", [2, 5], in_chans=3, img_size=28)
+    x = torch.randn(4, 3, 28, 28)
+    out = m(x)
+    assert out.shape == (4, 2 + 2 + 5)
+    mod, h0, h1 = m.split(out)
+    assert mod.shape == (4, 2) and h0.shape == (4, 2) and h1.shape == (4, 5)
+    h1.sum().backward()  # a head's loss reaches the shared backbone but not the other head
+    assert m.heads[0].weight.grad is None or float(m.heads[0].weight.grad.abs().sum()) == 0.0
+    assert float(m.heads[1].weight.grad.abs().sum()) > 0
+    conv = next(p for n, p in m.backbone.named_parameters() if p.ndim == 4)  # the first convolution
+    assert conv.grad is not None and float(conv.grad.abs().sum()) > 0
+    router = m.backbone.get_classifier().weight.grad  # the router's weights get nothing from a task head
+    assert router is None or float(router.abs().sum()) == 0.0
+    assert m.forward_head(m.forward_features(x), pre_logits=True).shape == (4, m.num_features)
+
+
+# ----------------------------------------------------------------------------------------------- training
+def _two_modalities(root: Path) -> Path:
+    """'pneumoniamnist' (official layout, vertical bars, 28 px) and 'stripes' (packed, horizontal bars, 32 px):
+    the router has to learn the orientation, not the brightness."""
+    write_official_npz(root / "pneumoniamnist.npz", 2, sizes=(96, 32, 32))
+    rng = np.random.default_rng(5)
+    labels = rng.permutation(np.repeat(np.arange(3), 40)).astype(np.int64)
+    images = np.ascontiguousarray(class_images(labels, 32, 1, seed=9).transpose(0, 2, 1))
+    np.savez_compressed(root / "stripes.npz", images=images, labels=labels, classes=np.array(["a", "b", "c"]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def gen_run(tmp_path_factory):
+    root = _two_modalities(tmp_path_factory.mktemp("gen-data"))
+    out = tmp_path_factory.mktemp("gen-runs") / "gen"
+    r = train_generalist(datasets=("pneumoniamnist", str(root / "stripes.npz")), data_dir=str(root), epochs=3,
+                         steps_per_epoch=12, batch_size=32, lr=3e-3, precision="fp32", seed=0, out=str(out),
+                         quiet=True)
+    return r, root
+
+
+def test_generalist_routes_held_out_images_far_above_chance(gen_run):
+    r, _ = gen_run
+    assert r.test["routing_acc"] >= 0.9  # chance: 0.5
+    for name, m in r.test["datasets"].items():
+        assert m["routing_acc"] >= 0.85, name
+    conf = np.asarray(r.test["routing_confusion"])
+    assert conf.sum() == r.test["n"] == 32 + 18  # pneumonia test + 15% of 120 stripes
+    assert r.test["routing_acc"] == pytest.approx(np.trace(conf) / conf.sum())
+
+
+def test_run_directory_and_checkpoint(gen_run):
+    r, _ = gen_run
+    d = r.run_dir
+    for f in ("best_model.pth", "metrics.json", "log.jsonl", "log.csv", "curves.png", "routing_confusion_test.png",
+              "config.json", "split_stripes.json"):
+        assert (d / f).is_file(), f
+    assert not d.with_name(d.name + ".partial").exists()
+    doc = json.loads((d / "metrics.json").read_text())
+    assert doc["datasets"] == ["pneumoniamnist", "stripes"]
+    assert len([json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]) == 3
+    from medmix.checkpoint import load_checkpoint
+
+    _, meta, _, extras = load_checkpoint(d / "best_model.pth", extras=True)
+    assert is_generalist(meta)
+    ds = meta["generalist"]["datasets"]
+    assert [x["name"] for x in ds] == ["pneumoniamnist", "stripes"]
+    assert ds[0]["task"]["class_names"] == ["normal", "pneumonia"] and ds[1]["task"]["class_names"] == ["a", "b", "c"]
+    assert [x["columns"] for x in ds] == [[2, 4], [4, 7]]
+    assert meta["generalist"]["channels"] == 1 and meta["img_size"] == 28
+    assert set(meta["ood"]["thresholds_by_dataset"]) == {"pneumoniamnist", "stripes"}
+    assert extras and meta["ood"]["n_means"] == 2 + 3  # one Gaussian per (dataset, class)
+
+
+def test_checkpoint_round_trip_gives_the_training_numbers(gen_run):
+    r, _ = gen_run
+    m = evaluate_generalist(r.run_dir)
+    assert m["routing_acc"] == pytest.approx(r.test["routing_acc"])
+    for name in ("pneumoniamnist", "stripes"):
+        assert m["datasets"][name]["acc"] == pytest.approx(r.test["datasets"][name]["acc"])
+        assert m["datasets"][name]["auc"] == pytest.approx(r.test["datasets"][name]["auc"])
+    assert m["end_to_end_acc"] == pytest.approx(r.test["end_to_end_acc"])
+
+
+def test_per_dataset_metrics_are_the_official_ones_and_end_to_end_counts_routing(gen_run):
+    from medmix.checkpoint import load_checkpoint
+    from medmix.data import BatchTransform
+    from medmix.engine import probabilities
+    from medmix.generalist import _members_of, build_generalist_model
+
+    r, root = gen_run
+    state, meta, _ = load_checkpoint(r.run_dir / "best_model.pth")
+    model = build_generalist_model(meta, state)
+    members = _members_of(meta, r.run_dir, root)
+    tf = BatchTransform(meta["img_size"], meta["mean"], meta["std"])
+    m = evaluate_heads(model, members, "test", tf, meta)
+    for k, mem in enumerate(members):
+        d = meta["generalist"]["datasets"][k]
+        x = tf(mem.splits["test"].images)
+        with torch.no_grad():
+            logits = model.eval()(x)
+        a, b = d["columns"]
+        probs = probabilities(logits[:, a:b], mem.info.task, d["temperature"]).numpy()
+        ref = compute_metrics(mem.splits["test"].labels.numpy(), probs, mem.info.task, mem.info.class_names)
+        assert m["datasets"][mem.name]["acc"] == pytest.approx(ref["acc"])
+        assert m["datasets"][mem.name]["auc"] == pytest.approx(ref["auc"])
+        routed = logits[:, :2].argmax(1).numpy()
+        right = probs.argmax(1) == mem.splits["test"].labels.numpy().reshape(-1)
+        assert m["datasets"][mem.name]["end_to_end_acc"] == pytest.approx(np.mean(right & (routed == k)))
+
+
+def test_predict_routes_and_forces(gen_run, tmp_path):
+    from PIL import Image
+
+    r, root = gen_run
+    with np.load(root / "pneumoniamnist.npz") as z:
+        img = z["test_images"][0]
+    Image.fromarray(img).save(tmp_path / "p.png")
+    p = GeneralistPredictor(r.run_dir)
+    out = p.predict([str(tmp_path / "p.png")])[0]
+    assert out["dataset"] == "pneumoniamnist" and out["routed"] is True
+    assert out["label"] in ("normal", "pneumonia")
+    assert set(out["probabilities"]) == {"normal", "pneumonia"}
+    assert sum(out["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert sum(out["dataset_probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert out["dataset_confidence"] == max(out["dataset_probabilities"].values())
+    assert isinstance(out["in_distribution"], bool) and "ood_score" in out
+    forced = p.predict([str(tmp_path / "p.png")], dataset="stripes")[0]
+    assert forced["dataset"] == "stripes" and forced["routed"] is False
+    assert set(forced["probabilities"]) == {"a", "b", "c"}
+    assert forced["dataset_confidence"] == out["dataset_probabilities"]["stripes"]
+    with pytest.raises(ConfigError, match="not one of"):
+        p.predict([str(tmp_path / "p.png")], dataset="retinamnist")
+    noise = np.zeros((28, 28), dtype=np.uint8)  # a blank image is flagged whatever the router says
+    assert p.predict([noise])[0]["in_distribution"] is False
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+@pytest.fixture
+def _keep_threads(monkeypatch):
+    import medmix.engine
+
+    monkeypatch.setattr(medmix.engine, "set_threads", lambda: None)
+
+
+def run(argv, capsys):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_train_evaluate_predict(tmp_path, capsys, _keep_threads):
+    root = _two_modalities(tmp_path / "data")
+    out = tmp_path / "cli-gen"
+    rc, o, e = run(["train", "--dataset", f"pneumoniamnist,{root / 'stripes.npz'}", "--data-dir", root, "--epochs",
+                    "1", "--steps-per-epoch", "4", "--batch-size", "16", "--out", out, "--quiet", "--json"], capsys)
+    assert rc == 0, e
+    s = json.loads(o)
+    assert set(s["test"]["datasets"]) == {"pneumoniamnist", "stripes"} and 0 <= s["test"]["routing_acc"] <= 1
+    rc, o, e = run(["evaluate", out, "--split", "val", "--out", tmp_path / "ev"], capsys)
+    assert rc == 0, e
+    assert "routing accuracy over all images" in o and "stripes" in o
+    assert (tmp_path / "ev" / "routing_confusion_val.png").is_file()
+    img = tmp_path / "x.npy"
+    np.save(img, np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8))
+    rc, o, e = run(["predict", out, img, "--dataset", "stripes", "--json"], capsys)
+    assert rc == 0, e
+    r = json.loads(o)[0]
+    assert r["dataset"] == "stripes" and r["routed"] is False and set(r["probabilities"]) == {"a", "b", "c"}
+    rc, o, e = run(["predict", out, img], capsys)
+    assert rc == 0 and "router confidence" in o
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--loss", "ordinal"], "--loss cannot be used when training on several datasets"),
+    (["--resume"], "--resume cannot be used"),
+    (["--augment", "none"], "--augment cannot be used"),
+])
+def test_cli_refuses_single_dataset_options_for_a_generalist(tmp_path, capsys, argv, message, _keep_threads):
+    rc, _, e = run(["train", "--dataset", "breastmnist,retinamnist", *argv, "--out", tmp_path / "x"], capsys)
+    assert rc == 2 and message in e and len(e.strip().splitlines()) == 1
+
+
+def test_cli_refuses_generalist_options_for_one_dataset(tmp_path, capsys, _keep_threads):
+    rc, _, e = run(["train", "--dataset", "breastmnist", "--modality-weight", "2", "--out", tmp_path / "x"], capsys)
+    assert rc == 2 and "--modality-weight only apply when training on several datasets" in e
+
+
+def test_single_dataset_commands_refuse_a_generalist(gen_run, tmp_path, capsys, _keep_threads):
+    r, _ = gen_run
+    for argv in (["export", r.run_dir, "--onnx", tmp_path / "m.onnx"], ["calibrate", r.run_dir],
+                 ["explain", r.run_dir, tmp_path / "none.png", "--out", tmp_path / "cam"]):
+        rc, _, e = run(argv, capsys)
+        assert rc == 2 and "is a generalist checkpoint" in e, (argv, e)
+    assert not (tmp_path / "m.onnx").exists()
+    rc, _, e = run(["evaluate", r.run_dir, "--report", tmp_path / "rep"], capsys)
+    assert rc == 2 and "--report is not available for generalist checkpoints" in e
+
+
+def test_missing_dataset_file_is_named(tmp_path, capsys, _keep_threads):
+    write_official_npz(tmp_path / "pneumoniamnist.npz", 2)
+    rc, _, e = run(["train", "--dataset", "pneumoniamnist,pathmnist", "--data-dir", tmp_path, "--out",
+                    tmp_path / "x"], capsys)
+    assert rc == 2 and "pathmnist.npz not found" in e and len(e.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
