@@ -178,11 +178,12 @@ def test_per_dataset_metrics_are_the_official_ones_and_end_to_end_counts_routing
     from medmix.checkpoint import load_checkpoint
     from medmix.data import BatchTransform
     from medmix.engine import probabilities
-    from medmix.generalist import _members_of, build_generalist_model
+    from medmix.checkpoint import build_model
+    from medmix.generalist import _members_of
 
     r, root = gen_run
     state, meta, _ = load_checkpoint(r.run_dir / "best_model.pth")
-    model = build_generalist_model(meta, state)
+    model = build_model(meta, state)
     members = _members_of(meta, r.run_dir, root)
     tf = BatchTransform(meta["img_size"], meta["mean"], meta["std"])
     m = evaluate_heads(model, members, "test", tf, meta)

@@ -165,16 +165,19 @@ def reject_generalist(meta: dict, path: str | os.PathLike, what: str) -> None:
 
 
 def build_model(meta: dict, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The checkpoint's model (a generalist's :class:`~medmix.models.multihead.MultiHeadClassifier` included), with
+    ``state`` loaded when given, in eval mode."""
     from .models import create_model
 
-    if meta.get("kind") == "generalist":
-        from .generalist import build_generalist_model
-
-        return build_generalist_model(meta, state)
-
     try:
-        model = create_model(meta["model"], **meta["model_kwargs"])
-    except TypeError as e:
+        if meta.get("kind") == "generalist":
+            from .models.multihead import MultiHeadClassifier
+
+            sizes = [len(d["task"]["class_names"]) for d in meta["generalist"]["datasets"]]
+            model = MultiHeadClassifier(meta["model"], sizes, **meta["model_kwargs"])
+        else:
+            model = create_model(meta["model"], **meta["model_kwargs"])
+    except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint model config does not fit model {meta['model']!r}: {e}") from None
     if state is not None:
         try:

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .checkpoint import atomic_write_bytes, build_model, load_checkpoint, reject_generalist, resolve_checkpoint
+from .checkpoint import (atomic_write_bytes, build_model, load_checkpoint, reject_generalist,
+                         resolve_checkpoint)
 from .data import BatchTransform
 from .data.tasks import MULTI_LABEL
 from .errors import ConfigError, MedmixError

@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__
-from .checkpoint import atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_text, build_model, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .data import BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset
 from .data.mixture import MixedBatchSampler, common_channels, sampling_weights, to_common_format
 from .data.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, TaskInfo
@@ -192,25 +192,6 @@ def pooled_stats(images: Iterable[torch.Tensor]) -> tuple[list[float], list[floa
 
 
 # ----------------------------------------------------------------------------------------------- model
-def build_generalist_model(meta: dict, state: dict | None = None) -> nn.Module:
-    from .errors import CheckpointError
-    from .models.multihead import MultiHeadClassifier
-
-    g = meta["generalist"]
-    try:
-        model = MultiHeadClassifier(meta["model"], [len(d["task"]["class_names"]) for d in g["datasets"]],
-                                    **meta["model_kwargs"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint model config does not fit model {meta['model']!r}: {e}") from None
-    if state is not None:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise CheckpointError(f"checkpoint weights do not fit the generalist {meta['model']!r} "
-                                  f"({str(e).splitlines()[0]})") from None
-    return model.eval()
-
-
 @torch.inference_mode()
 def _forward(model: nn.Module, images: torch.Tensor, transform: BatchTransform, batch_size: int, precision: str,
              features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -574,11 +555,9 @@ def _fmt_t(t: Any) -> str:
 
 
 def _plot_history(history: list[dict], path: Path, best_epoch: int, names: Sequence[str]) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from .metrics import _new_figure
 
-    fig = Figure(figsize=(11, 4), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = _new_figure(11, 4)
     ep = [r["epoch"] for r in history]
     ax1, ax2 = fig.add_subplot(121), fig.add_subplot(122)
     ax1.plot(ep, [r["train_loss"] for r in history], label="train loss (all heads)")
@@ -632,7 +611,7 @@ def evaluate_generalist(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.Pa
     state, meta, _ = load_checkpoint(path)
     if not is_generalist(meta):
         raise ConfigError(f"{path} is not a generalist checkpoint; use medmix.evaluate")
-    model = build_generalist_model(meta, state)
+    model = build_model(meta, state)
     members = _members_of(meta, path.parent, data_dir)
     tf = BatchTransform(meta["img_size"], meta["mean"], meta["std"])
     m = evaluate_heads(model, members, split, tf, meta, batch_size=batch_size, precision=resolve_precision(precision))
@@ -683,7 +662,7 @@ class GeneralistPredictor:
         state, self.meta, _, extras = load_checkpoint(self.path, extras=True)
         if not is_generalist(self.meta):
             raise ConfigError(f"{self.path} is not a generalist checkpoint; use medmix.Predictor")
-        self.model = build_generalist_model(self.meta, state)
+        self.model = build_model(self.meta, state)
         g = self.meta["generalist"]
         self.datasets = g["datasets"]
         self.names = [d["name"] for d in self.datasets]
