@@ -54,7 +54,7 @@ from .data.mixture import MixedBatchSampler, common_channels, sampling_weights, 
 from .data.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, TaskInfo
 from .errors import ConfigError
 from .losses import build_loss, default_loss_name
-from .metrics import compute_metrics, predict_labels
+from .metrics import compute_metrics, predict_labels, save_figure
 
 __all__ = [
     "GeneralistConfig",
@@ -360,7 +360,8 @@ def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str]
         "generalist": {"datasets": datasets_meta, "modality_columns": [0, len(members)], "modality_temperature": 1.0,
                        "sampling": {"temperature": cfg.sampling_temperature, "weights": weights.tolist()},
                        "channels": channels, "img_size": side,
-                       "channel_rule": "grayscale replicated to 3 channels" if channels == 3 else "colour -> BT.601 luma"},
+                       "channel_rule": "grayscale replicated to 3 channels" if channels == 3 else
+                       "colour -> BT.601 luma"},
         "train_config": _as_json(asdict(cfg)),
     }
     steps = cfg.steps_per_epoch or max(1, sum(sizes) // cfg.batch_size)
@@ -484,7 +485,8 @@ def _as_json(v: Any) -> Any:
 
 
 def _default_out(cfg: GeneralistConfig) -> str:
-    return str(Path("runs") / f"generalist-{len(cfg.datasets)}sets-{cfg.model}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / f"generalist-{len(cfg.datasets)}sets-{cfg.model}-s{cfg.seed}-{stamp}")
 
 
 def _mixture_sample(members: Sequence[_Member], split: str, weights: np.ndarray, limit: int, seed: int
@@ -572,8 +574,7 @@ def _plot_history(history: list[dict], path: Path, best_epoch: int, names: Seque
     for ax in (ax1, ax2):
         ax.axvline(best_epoch, color="k", ls="--", lw=0.8)
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

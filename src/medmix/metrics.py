@@ -385,6 +385,23 @@ def _new_figure(width: float, height: float) -> Any:
     return fig
 
 
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` through a temporary file and a rename, so a reader (or a kill mid-write)
+    never sees half an image; creates the parent directory."""
+    import os
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
 def plot_confusion(
     cm: ArrayLike,
     class_names: Sequence[str] | None,
@@ -422,10 +439,7 @@ def plot_confusion(
             ax.text(j, i, txt, ha="center", va="center", fontsize=fs,
                     color="white" if vmax > 0 and float(v) > vmax / 2 else "black")
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out
+    return save_figure(fig, path)
 
 
 def plot_reliability(
@@ -455,7 +469,4 @@ def plot_reliability(
     ax.set_title(f"{title}\nECE = {ece:.4f} ({n_bins} bins, n = {int(counts.sum())})")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out
+    return save_figure(fig, path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data.tasks import MULTI_LABEL, TaskInfo
-from .metrics import plot_confusion
+from .metrics import plot_confusion, save_figure
 
 # Official MedMNIST v2 benchmark (Yang et al., Scientific Data 2023, Table 3), test ACC / AUC, for the datasets
 # medmix can compare against offline. Quoted, not measured.
@@ -42,8 +42,7 @@ def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) 
         for ax in (ax1, ax2):
             ax.axvline(best_epoch, color="k", ls="--", lw=0.8)
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
+    return save_figure(fig, path)
 
 
 def write_confusion(metrics: dict, info: TaskInfo, path: Path, title: str) -> Path | None:
@@ -124,8 +123,7 @@ def write_roc(probs, labels, info: TaskInfo, path: Path, title: str) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return save_figure(fig, path)
 
 
 def confident_mistakes(probs, labels, info: TaskInfo, threshold=0.5, k: int = 16) -> list[dict]:
@@ -184,8 +182,7 @@ def write_mistakes(images, mistakes: list[dict], path: Path, title: str) -> Path
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return save_figure(fig, path)
 
 
 def _f(v, digits: int = 4) -> str:

@@ -25,6 +25,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..errors import ImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".npy"}
+# warnings.catch_warnings() saves and restores the process-wide warning filters: two threads decoding at once (the
+# server) could restore each other's state and leave PIL's warnings silenced, or not, for good. One decode at a time.
+_DECODE_LOCK = threading.Lock()
 MAX_PIXELS = 50_000_000  # decompression-bomb guard: refuse images with more pixels than this
 
 
@@ -123,7 +126,7 @@ def _decode_bytes(data: bytes, what: str) -> Image.Image:
     if not data:
         raise ImageError(f"{what}: the file is empty")
     try:
-        with warnings.catch_warnings(), _native_stderr_silenced(data):
+        with _DECODE_LOCK, warnings.catch_warnings(), _native_stderr_silenced(data):
             # PIL warns on stderr about damaged files ("Truncated File Read", "Corrupt EXIF data") and above its own
             # pixel limit (MAX_PIXELS below is lower): the outcome is a decoded image or one ImageError, not noise
             warnings.simplefilter("ignore")
