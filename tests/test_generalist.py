@@ -109,6 +109,19 @@ def test_multihead_layout_and_gradients():
     assert m.forward_head(m.forward_features(x), pre_logits=True).shape == (4, m.num_features)
 
 
+@pytest.mark.parametrize("backbone", ["cnn_transformer", "resnet18_28", "medvit_small"])
+def test_any_registered_backbone_with_its_classifier_as_router(backbone):
+    torch.manual_seed(0)
+    m = MultiHeadClassifier(backbone, [3, 2], in_chans=3, img_size=28).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        out = m(x)
+        f = m.forward_features(x)
+        router = m.backbone.forward_head(f)  # the backbone's own head, built with one class per dataset
+    assert out.shape == (2, 2 + 3 + 2)
+    torch.testing.assert_close(out[:, :2], router)
+
+
 # ----------------------------------------------------------------------------------------------- training
 def _two_modalities(root: Path) -> Path:
     """'pneumoniamnist' (official layout, vertical bars, 28 px) and 'stripes' (packed, horizontal bars, 32 px):
