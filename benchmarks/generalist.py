@@ -40,6 +40,30 @@ def run(out: Path, reuse: bool, **kwargs) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+def ood_rates(run_dir: Path, data_dir: str, seed: int) -> dict:
+    """Share of images flagged as out of distribution: each dataset's test split (about 5% by construction of the
+    val thresholds, more under a val/test shift), uniform noise, smoothed noise and blank images (should be ~100%)."""
+    import torch
+    import torch.nn.functional as F
+
+    from medmix.generalist import GeneralistPredictor, _members_of
+
+    p = GeneralistPredictor(run_dir)
+    out = {}
+    for m in _members_of(p.meta, run_dir, data_dir):
+        out[m.name] = float((~p.analyse(m.splits["test"].images)["in_distribution"]).mean())
+    g = torch.Generator().manual_seed(seed)
+    c, s = p.channels, p.img_size
+    uniform = torch.randint(0, 256, (500, c, s, s), generator=g, dtype=torch.uint8)
+    smooth = F.avg_pool2d(uniform.float(), 5, 1, 2)
+    smooth = ((smooth - smooth.amin((1, 2, 3), keepdim=True)) / (smooth.amax((1, 2, 3), keepdim=True) -
+              smooth.amin((1, 2, 3), keepdim=True)) * 255).round().to(torch.uint8)
+    blank = torch.randint(0, 256, (100, 1, 1, 1), generator=g).expand(100, c, s, s).to(torch.uint8).contiguous()
+    for name, x in (("uniform noise", uniform), ("smoothed noise", smooth), ("blank", blank)):
+        out[name] = float((~p.analyse(x)["in_distribution"]).mean())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=DEFAULT_DATA)
@@ -75,7 +99,8 @@ def main() -> None:
         runs.append({"arm": "generalist", "seed": seed, "seconds": g["train_seconds"], "best_epoch": g["best_epoch"],
                      "routing_acc": g["test"]["routing_acc"], "end_to_end_acc": g["test"]["end_to_end_acc"],
                      "routing_confusion": g["test"]["routing_confusion"],
-                     "datasets": {d: _slim(m) for d, m in g["test"]["datasets"].items()}})
+                     "datasets": {d: _slim(m) for d, m in g["test"]["datasets"].items()},
+                     "ood_flagged": ood_rates(Path(a.runs) / f"generalist-s{seed}", a.data_dir, seed)})
         print(f"seed {seed} generalist: routing {g['test']['routing_acc']:.4f}, {g['train_seconds']:.0f} s",
               file=sys.stderr, flush=True)
         spec = {"arm": "specialists", "seed": seed, "seconds": 0.0, "datasets": {}, "steps": {}}
@@ -134,6 +159,10 @@ def _report(a, runs: list[dict], p: np.ndarray, sizes: list[int], channels: int,
           f"Routing accuracy over all test images: **{fmt([100 * v for v in routing_all], 2)} %** (target ≥ 99.5 %: "
           f"{target}); end-to-end accuracy (router picks the head) {fmt(r['end_to_end_acc'] for r in gen)}.  ",
           f"Training wall time per seed: generalist {gsec:.0f} s, the specialists together {ssec:.0f} s.", "",
+          "Flagged as out of distribution by the generalist (one Gaussian per (dataset, class) on its features, "
+          "threshold of the routed dataset at 95% of its val images), mean ± std over seeds:", "",
+          table(["images", "flagged"], [[k, fmt([100 * r["ood_flagged"][k] for r in gen], 1) + " %"]
+                                        for k in gen[0]["ood_flagged"]]), "",
           "Routing confusion, summed over seeds (rows: true dataset, columns: routed to):", "",
           table(["true \\ routed"] + list(a.datasets),
                 [[d] + [int(v) for v in row] for d, row in

@@ -680,9 +680,33 @@ class GeneralistPredictor:
 
         return load_image(src, self.channels, self.img_size, name)
 
-    def predict(self, inputs: Iterable[Any], dataset: str | None = None, top_k: int | None = None) -> list[dict]:
+    def analyse(self, images: torch.Tensor, dataset: str | None = None, batch_size: int = 256) -> dict[str, Any]:
+        """uint8 images in the common format ``(N, C, S, S)`` -> ``{"logits" (N, columns), "router" (N, datasets)
+        calibrated router probabilities, "dataset_index" (N,) the routed (or forced) dataset, "ood_score" and
+        "in_distribution" (N,) numpy arrays, or None without OOD data}``."""
         from .engine import probabilities
         from .ood import mahalanobis_score, pixel_std
+
+        if dataset is not None and dataset not in self.names:
+            raise ConfigError(f"--dataset {dataset!r} is not one of this generalist's datasets: "
+                              f"{', '.join(self.names)}")
+        logits, feats = _forward(self.model, images, self.transform, batch_size, "fp32",
+                                 features=self.stats is not None)
+        n_d = len(self.names)
+        router = probabilities(logits[:, :n_d], MULTI_CLASS, self.meta["generalist"].get("modality_temperature", 1.0))
+        index = torch.full((len(images),), self.names.index(dataset)) if dataset is not None else router.argmax(1)
+        out: dict[str, Any] = {"logits": logits, "router": router, "dataset_index": index, "ood_score": None,
+                               "in_distribution": None}
+        if self.stats is not None:
+            scores = mahalanobis_score(feats, self.stats)
+            thresholds = np.array([float(self.ood["thresholds_by_dataset"][n]) for n in self.names])
+            blank = pixel_std(images) < float(self.ood.get("min_pixel_std") or 0.0)
+            out["ood_score"] = scores
+            out["in_distribution"] = (scores <= thresholds[index.numpy()]) & ~blank
+        return out
+
+    def predict(self, inputs: Iterable[Any], dataset: str | None = None, top_k: int | None = None) -> list[dict]:
+        from .engine import probabilities
         from .predict import _single_input
 
         if dataset is not None and dataset not in self.names:
@@ -692,26 +716,20 @@ class GeneralistPredictor:
         if not items:
             raise ConfigError("no images given")
         names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image[{i}]" for i, x in enumerate(items)]
-        batch = torch.stack([self.load(x, n) for x, n in zip(items, names)])
-        logits, feats = _forward(self.model, batch, self.transform, 256, "fp32", features=self.stats is not None)
-        n_d = len(self.names)
-        router = probabilities(logits[:, :n_d], MULTI_CLASS, self.meta["generalist"].get("modality_temperature", 1.0))
-        scores = mahalanobis_score(feats, self.stats) if self.stats is not None else None
-        blank = pixel_std(batch) < float(self.ood.get("min_pixel_std") or 0.0) if self.ood else None
+        a = self.analyse(torch.stack([self.load(x, n) for x, n in zip(items, names)]), dataset)
         out = []
         for i, name in enumerate(names):
-            k = self.names.index(dataset) if dataset is not None else int(router[i].argmax())
+            k = int(a["dataset_index"][i])
             d, info = self.datasets[k], self.infos[k]
-            a, b = d["columns"]
-            p = probabilities(logits[i:i + 1, a:b], info.task, d.get("temperature", 1.0) or 1.0)[0]
-            r = {"file": name, "dataset": d["name"], "dataset_confidence": round(float(router[i, k]), 6),
+            lo, hi = d["columns"]
+            p = probabilities(a["logits"][i:i + 1, lo:hi], info.task, d.get("temperature", 1.0) or 1.0)[0]
+            r = {"file": name, "dataset": d["name"], "dataset_confidence": round(float(a["router"][i, k]), 6),
                  "routed": dataset is None,
-                 "dataset_probabilities": {n: round(float(router[i, j]), 6) for j, n in enumerate(self.names)}}
+                 "dataset_probabilities": {n: round(float(a["router"][i, j]), 6) for j, n in enumerate(self.names)}}
             r.update(self._answer(p, info, d, top_k))
-            if scores is not None:
-                thr = float(self.ood["thresholds_by_dataset"][d["name"]])
-                r["in_distribution"] = bool(scores[i] <= thr and not blank[i])
-                r["ood_score"] = round(float(scores[i]), 6)
+            if a["ood_score"] is not None:
+                r["in_distribution"] = bool(a["in_distribution"][i])
+                r["ood_score"] = round(float(a["ood_score"][i]), 6)
             out.append(r)
         return out
 
