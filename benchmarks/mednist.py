@@ -1,7 +1,7 @@
 """Medical MNIST / MedNIST with the second seed's protocol: stratified 70/15/15, accuracy, precision, recall, F1.
 
     python benchmarks/mednist.py [--data-dir ../shared/data] [--models cnn_transformer hybrid_mixer_small]
-                                 [--img-size 64] [--epochs 3] [--seeds 0 1 2]
+                                 [--img-size 64] [--epochs 3] [--seeds 0 1 2] [--reuse]
 
 Writes results/mednist.{json,md,png}: per model, test accuracy / macro precision / recall / F1 mean +- std over seeds,
 wall-clock training time, the confusion matrix of the first seed (PNG), beside the seed paper's 99.92 % test
@@ -14,7 +14,8 @@ import sys
 import time
 
 import numpy as np
-from _common import DEFAULT_DATA, RESULTS, command_line, fmt, machine, mean_std, table, write_results
+from _common import (DEFAULT_DATA, RESULTS, command_line, fmt, machine, mean_std, table, train_or_reuse,
+                     write_results)
 
 SEED_ACC = 0.9992  # second seed: CNN + Transformer, Medical MNIST test accuracy
 
@@ -28,9 +29,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--reuse", action="store_true",
+                    help="read finished runs (metrics.json) and finish interrupted ones (--resume) instead of "
+                         "retraining")
     a = ap.parse_args()
 
-    from medmix.engine import TrainConfig, set_threads, train
+    from medmix.engine import set_threads
     from medmix.metrics import plot_confusion
 
     set_threads()
@@ -38,10 +42,11 @@ def main() -> None:
     t0 = time.perf_counter()
     for model in a.models:
         for seed in a.seeds:
-            r = train(TrainConfig(dataset="mednist", data_dir=a.data_dir, model=model, img_size=a.img_size,
-                                  epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer="adam",
-                                  monitor="loss", patience=a.epochs, seed=seed, augment="rotate_flip_zoom",
-                                  out=f"runs/bench/mednist/{model}-s{seed}", overwrite=True, quiet=True))
+            r = train_or_reuse(f"runs/bench/mednist/{model}-s{seed}", a.reuse, dataset="mednist",
+                               data_dir=a.data_dir, model=model, img_size=a.img_size, epochs=a.epochs,
+                               batch_size=a.batch_size, lr=a.lr, optimizer="adam", monitor="loss",
+                               patience=a.epochs, seed=seed, augment="rotate_flip_zoom",
+                               resume=True if a.reuse else None)
             t = r.test
             runs.append({"model": model, "seed": seed, "best_epoch": r.best_epoch, "seconds": r.seconds,
                          "test_acc": t["acc"], "test_precision": t["precision"], "test_recall": t["recall"],
