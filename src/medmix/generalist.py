@@ -407,7 +407,7 @@ def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str]
             mod_loss = F.cross_entropy(logits[:, :len(members)], torch.cat(targets))
             loss = cfg.modality_weight * mod_loss
             row = 0
-            for (d, idx), tgt in zip(batch, targets):
+            for d, idx in batch:
                 a, b = datasets_meta[d]["columns"]
                 part = logits[row:row + len(idx), a:b]
                 loss = loss + losses[d](part, members[d].splits["train"].labels[idx]) * (len(idx) / n)
