@@ -614,7 +614,11 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, transform: Bat
     Training sees augmented images (rotated, zoomed, zero-padded), so the running statistics describe a slightly
     different distribution from the clean images met at evaluation; re-estimating them on clean training images
     removes that shift (measured on PneumoniaMNIST val: ACC .897 -> .928 at equal AUC). Returns False when the model
-    has no BatchNorm."""
+    has no BatchNorm.
+
+    The batches are drawn in a fixed random order: in storage order a class-sorted split (a packed npz whose split
+    indices are sorted) gives single-class batches, whose variances miss the between-class spread; that collapsed
+    MedNIST from .9997 to .80 val ACC before the order was shuffled."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return False
@@ -626,7 +630,7 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, transform: Bat
     model.eval()
     for m in bns:
         m.train()
-    for idx in iterate_batches(len(images), batch_size):
+    for idx in iterate_batches(len(images), batch_size, torch.Generator().manual_seed(0)):
         model(transform(images[idx]))
     for m, (momentum, _) in zip(bns, saved):
         m.momentum = momentum
