@@ -1,183 +1,20 @@
-"""Decode one user image (file, bytes, PIL image or array) into uint8 ``(C, H, W)`` the way training data look.
+"""Decode one user image into a uint8 tensor ``(C, H, W)`` the way training data look.
 
-Training images are uint8, 1 or 3 channels, at the dataset's stored size. A user image is converted the same way:
-EXIF orientation applied, 16-bit and float images rescaled to 0..255, alpha composited on black, palette expanded,
-then converted to grayscale or RGB to match the model and resized (area-averaging when shrinking) to its stored
-size. Anything that cannot be decoded raises :class:`ImageError` with the reason (and nothing else: the decoder
-path is fuzzed with random and mutated image bytes in the tests). Images of more than ``MAX_PIXELS`` pixels
-(width x height, e.g. 10000x10000 = 100 M) are refused from their header, before any pixel is decoded, which also
-stops decompression bombs (a small file declaring huge dimensions).
+The decoding itself lives in the torch-free :mod:`medmix.imaging` (shared with the ONNX Runtime server); this module
+adds torch tensors as inputs and outputs.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import sys
-import threading
-import warnings
-from pathlib import Path
-
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageError
+from ..imaging import IMAGE_SUFFIXES, MAX_PIXELS, ImageTooLarge, load_image_np
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".npy"}
-# warnings.catch_warnings() saves and restores the process-wide warning filters: two threads decoding at once (the
-# server) could restore each other's state and leave PIL's warnings silenced, or not, for good. One decode at a time.
-_DECODE_LOCK = threading.Lock()
-MAX_PIXELS = 50_000_000  # decompression-bomb guard: refuse images with more pixels than this
-
-
-def _to_uint8(a: np.ndarray, what: str) -> np.ndarray:
-    if a.dtype == np.uint8:
-        return a
-    if a.dtype == np.bool_:
-        return a.astype(np.uint8) * 255
-    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-        raise ImageError(f"{what}: unsupported array dtype {a.dtype}")
-    a = a.astype(np.float64)
-    if not np.isfinite(a).all():
-        raise ImageError(f"{what}: the array contains NaN or infinite values")
-    lo, hi = float(a.min()), float(a.max())
-    if lo >= 0 and hi <= 1.0:  # float image in [0, 1]
-        a = a * 255.0
-    elif lo < 0 or hi > 255:  # 16-bit or arbitrary range: stretch to 0..255
-        a = (a - lo) / (hi - lo if hi > lo else 1.0) * 255.0
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
-
-
-def _array_to_pil(a: np.ndarray, what: str) -> Image.Image:
-    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
-        a = np.moveaxis(a, 0, -1)  # CHW -> HWC
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
-        raise ImageError(f"{what}: expected an array of shape (H, W), (H, W, C) or (C, H, W) with C in 1/3/4, "
-                         f"got {a.shape}")
-    if min(a.shape[:2]) < 1:
-        raise ImageError(f"{what}: empty image of shape {a.shape}")
-    if a.shape[0] * a.shape[1] > MAX_PIXELS:
-        raise ImageError(f"{what}: {a.shape[1]}x{a.shape[0]} pixels is more than the limit of {MAX_PIXELS:,}")
-    return Image.fromarray(_to_uint8(a, what))
-
-
-def _open(src: object, what: str) -> Image.Image:
-    if isinstance(src, Image.Image):
-        return src
-    if isinstance(src, np.ndarray):
-        return _array_to_pil(src, what)
-    if isinstance(src, torch.Tensor):
-        return _array_to_pil(src.detach().cpu().numpy(), what)
-    if isinstance(src, (bytes, bytearray)):
-        data = bytes(src)
-        if data[:6] == b"\x93NUMPY":
-            return _array_to_pil(_load_npy(io.BytesIO(data), what), what)
-        return _decode_bytes(data, what)
-    if not isinstance(src, (str, os.PathLike)):
-        raise ImageError(f"{what}: expected a file path, bytes, a PIL image or an array, got {type(src).__name__}")
-    path = Path(os.fspath(src))
-    if path.is_dir():
-        raise ImageError(f"{path}: is a directory, expected an image file")
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
-    if path.suffix.lower() == ".npy" or data[:6] == b"\x93NUMPY":
-        return _array_to_pil(_load_npy(io.BytesIO(data), what), what)
-    return _decode_bytes(data, what)
-
-
-def _load_npy(f: io.BytesIO, what: str) -> np.ndarray:
-    try:
-        return np.load(f, allow_pickle=False)
-    except Exception as e:  # numpy raises ValueError/OSError/EOFError for bad files
-        raise ImageError(f"{what}: not a valid .npy array ({e})") from None
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced(data: bytes):
-    """libtiff prints warnings about damaged files straight to file descriptor 2, around the one-line error the CLI
-    gives; silence it while a TIFF is decoded. Only in a single-threaded process (the CLI), where redirecting the
-    descriptor cannot swallow another thread's output."""
-    if data[:4] not in (b"II*\x00", b"MM\x00*") or threading.active_count() > 1:
-        yield
-        return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):
-        yield
-        return
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _decode_bytes(data: bytes, what: str) -> Image.Image:
-    if not data:
-        raise ImageError(f"{what}: the file is empty")
-    try:
-        with _DECODE_LOCK, warnings.catch_warnings(), _native_stderr_silenced(data):
-            # PIL warns on stderr about damaged files ("Truncated File Read", "Corrupt EXIF data") and above its own
-            # pixel limit (MAX_PIXELS below is lower): the outcome is a decoded image or one ImageError, not noise
-            warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ImageError(f"{what}: {w}x{h} pixels is more than the limit of {MAX_PIXELS:,}")
-            img = ImageOps.exif_transpose(img)
-            img.load()
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{what}: refused as a possible decompression bomb ({e})") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{what}: not a readable image (unknown or unsupported format)") from None
-    except MemoryError:
-        raise ImageError(f"{what}: not enough memory to decode the image") from None
-    except Exception as e:  # decoders of damaged files raise OSError, SyntaxError, ValueError, struct.error, ...
-        raise ImageError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
-    return img
-
-
-def _to_mode(img: Image.Image, n_channels: int) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        img = Image.fromarray(_to_uint8(np.asarray(img), "image"))
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGB", img.size, (0, 0, 0))
-        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
-        img = background
-    return img.convert("L" if n_channels == 1 else "RGB")
+__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "ImageTooLarge", "load_image"]
 
 
 def load_image(src: object, n_channels: int, size: int | None = None, name: str | None = None) -> torch.Tensor:
-    """Decode ``src`` into a uint8 tensor ``(C, size, size)`` (or its own size when ``size`` is None)."""
-    what = name or (os.fspath(src) if isinstance(src, (str, os.PathLike)) else "image")
-    img = _open(src, what)
-    try:
-        with warnings.catch_warnings():  # (see _decode_bytes)
-            warnings.simplefilter("ignore")
-            img = _to_mode(img, n_channels)
-        if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BOX if min(img.size) > size else Image.Resampling.BICUBIC)
-    except ImageError:
-        raise
-    except Exception as e:  # a mode PIL cannot convert (e.g. LAB), a damaged lazily decoded frame, ...
-        raise ImageError(f"{what}: cannot convert the {img.mode} image ({type(e).__name__}: {e})") from None
-    a = np.asarray(img, dtype=np.uint8)
-    if a.ndim == 2:
-        a = a[None]
-    else:
-        a = np.ascontiguousarray(a.transpose(2, 0, 1))
-    return torch.from_numpy(a.copy())
+    """Decode ``src`` (a path, bytes, a PIL image, a NumPy array or a tensor) into a uint8 tensor
+    ``(C, size, size)`` (or its own size when ``size`` is None)."""
+    if isinstance(src, torch.Tensor):
+        src = src.detach().cpu().numpy()
+    return torch.from_numpy(load_image_np(src, n_channels, size, name))

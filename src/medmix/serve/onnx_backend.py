@@ -10,9 +10,10 @@ batch ``(B, C, img_size, img_size)`` and returns ``logits``, calibrated ``probab
 has an out-of-distribution detector, ``ood_score`` (predictions then carry ``in_distribution`` and ``ood_score``
 exactly like the torch Predictor's).
 
-The preprocessing here reproduces :mod:`medmix.data.images` (decoding, EXIF orientation, 16-bit/float rescaling,
-alpha on black, grayscale/RGB conversion, BOX resize when shrinking and BICUBIC when enlarging to the stored data
-size) and the evaluation path of :class:`medmix.data.transforms.BatchTransform` (bilinear resize to the model
+Images are decoded by :mod:`medmix.imaging`, the torch-free code the torch path uses too (EXIF orientation,
+16-bit/float rescaling, alpha on black, grayscale/RGB conversion, BOX resize when shrinking and BICUBIC when
+enlarging to the stored data size); the resize and normalisation here reproduce the evaluation path of
+:class:`medmix.data.transforms.BatchTransform` (bilinear resize to the model
 input size only when it differs from the data size, antialiased when shrinking, as ``F.interpolate`` does; then
 ``(x - 255 mean) / (255 std)``) with PIL and NumPy. ``tests/test_export.py`` checks it against the torch
 :class:`~medmix.predict.Predictor` (probabilities within 1e-4).
@@ -21,7 +22,6 @@ This module must not import torch (a test blocks the import and loads it).
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -30,141 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import CheckpointError, ConfigError, ImageError
+from ..errors import CheckpointError, ConfigError
+from ..imaging import MAX_PIXELS, ImageTooLarge, image_size, load_image_np  # noqa: F401  (re-exported for the app)
 
 META_KEY = "medmix"
 MULTI_LABEL = "multi-label, binary-class"
 ORDINAL = "ordinal-regression"
-MAX_PIXELS = 50_000_000  # the same default guard as medmix.data.images
-
-
-class ImageTooLarge(ImageError):
-    """An image with more pixels than allowed (a possible decompression bomb); the server answers 413."""
-
-
-# ----------------------------------------------------------------------------------------------- decoding
-def image_size(data: bytes, name: str = "image") -> tuple[int, int] | None:
-    """``(width, height)`` read from the image header without decoding the pixels; None for .npy arrays.
-    Raises :class:`ImageError` when the bytes are no image PIL can identify."""
-    if not data:
-        raise ImageError(f"{name}: the file is empty")
-    if data[:6] == b"\x93NUMPY":
-        return None
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"{name}: refused as a possible decompression bomb ({e})") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not a readable image (unknown or unsupported format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
-
-
-def _to_uint8(a: np.ndarray, what: str) -> np.ndarray:
-    if a.dtype == np.uint8:
-        return a
-    if a.dtype == np.bool_:
-        return a.astype(np.uint8) * 255
-    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-        raise ImageError(f"{what}: unsupported array dtype {a.dtype}")
-    a = a.astype(np.float64)
-    if not np.isfinite(a).all():
-        raise ImageError(f"{what}: the array contains NaN or infinite values")
-    lo, hi = float(a.min()), float(a.max())
-    if lo >= 0 and hi <= 1.0:
-        a = a * 255.0
-    elif lo < 0 or hi > 255:
-        a = (a - lo) / (hi - lo if hi > lo else 1.0) * 255.0
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
-
-
-def _array_to_pil(a: np.ndarray, what: str) -> Image.Image:
-    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
-        a = np.moveaxis(a, 0, -1)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
-        raise ImageError(f"{what}: expected an array of shape (H, W), (H, W, C) or (C, H, W) with C in 1/3/4, "
-                         f"got {a.shape}")
-    if min(a.shape[:2]) < 1:
-        raise ImageError(f"{what}: empty image of shape {a.shape}")
-    return Image.fromarray(_to_uint8(a, what))
-
-
-def _decode_bytes(data: bytes, what: str, max_pixels: int) -> Image.Image:
-    if not data:
-        raise ImageError(f"{what}: the file is empty")
-    if data[:6] == b"\x93NUMPY":
-        try:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except Exception as e:  # numpy raises ValueError/OSError/EOFError for bad files
-            raise ImageError(f"{what}: not a valid .npy array ({e})") from None
-        return _array_to_pil(arr, what)
-    try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageTooLarge(f"{what}: {w}x{h} pixels is more than the limit of {max_pixels:,}")
-        img = ImageOps.exif_transpose(img)
-        img.load()
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"{what}: refused as a possible decompression bomb ({e})") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{what}: not a readable image (unknown or unsupported format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
-    return img
-
-
-def _to_mode(img: Image.Image, n_channels: int) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        img = Image.fromarray(_to_uint8(np.asarray(img), "image"))
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGB", img.size, (0, 0, 0))
-        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
-        img = background
-    return img.convert("L" if n_channels == 1 else "RGB")
-
-
-def load_image_np(src: Any, n_channels: int, size: int | None = None, name: str | None = None,
-                  max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """``src`` (bytes, a path, a PIL image or an array) -> uint8 ``(C, size, size)``, like
-    :func:`medmix.data.images.load_image`."""
-    what = name or (os.fspath(src) if isinstance(src, (str, os.PathLike)) else "image")
-    if isinstance(src, Image.Image):
-        img = src
-    elif isinstance(src, np.ndarray):
-        img = _array_to_pil(src, what)
-    elif isinstance(src, (bytes, bytearray)):
-        img = _decode_bytes(bytes(src), what, max_pixels)
-    else:
-        path = Path(os.fspath(src))
-        if path.is_dir():
-            raise ImageError(f"{path}: is a directory, expected an image file")
-        if not path.exists():
-            raise ImageError(f"{path}: no such file")
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
-        if path.suffix.lower() == ".npy" and data[:6] != b"\x93NUMPY":
-            raise ImageError(f"{what}: not a valid .npy array")
-        img = _decode_bytes(data, what, max_pixels)
-    img = _to_mode(img, n_channels)
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BOX if min(img.size) > size else Image.Resampling.BICUBIC)
-    a = np.asarray(img, dtype=np.uint8)
-    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-    return np.ascontiguousarray(a)
-
-
 # ----------------------------------------------------------------------------------------------- resize + normalise
 def _linear_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
     """``(n_out, n_in)`` matrix of ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis; with
