@@ -245,3 +245,14 @@ def test_bad_configs_raise() -> None:
         MedViT(depths=(3, 4, 7, 3))
     with pytest.raises(ValueError):
         create_model("medvit_small", img_size=16)  # below the registered minimum of 28 px
+
+
+def test_create_model_keeps_the_official_stochastic_depth_unless_given() -> None:
+    """create_model (and `medmix train` without --drop-path-rate) no longer overrides the builders' defaults."""
+    from medmix.engine import TrainConfig
+
+    default = create_model("medvit_small", num_classes=2, in_chans=1, img_size=28)
+    assert list(default.features)[-1].mhsa_path_dropout.drop_prob == pytest.approx(0.1 * 0.75)
+    off = create_model("medvit_small", num_classes=2, in_chans=1, img_size=28, drop_path_rate=0.0)
+    assert isinstance(list(off.features)[-1].mhsa_path_dropout, nn.Identity)
+    assert TrainConfig().drop_path_rate is None

@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not fit the out-of-distribution statistics and threshold at the end (default: fit them, "
                         "so predictions carry in_distribution and ood_score)")
     s.add_argument("--drop-rate", type=float, default=0.0)
-    s.add_argument("--drop-path-rate", type=float, default=0.0)
+    s.add_argument("--drop-path-rate", type=float, default=None,
+                   help="stochastic depth (default: the model's own: 0 for the CNNs, 0.1/0.2 for MedViT S/B/L)")
     g = s.add_argument_group("several datasets (--dataset a,b,...)")
     g.add_argument("--sampling-temperature", type=float, default=2.0,
                    help="batches draw dataset d with probability proportional to n_d^(1/T): 1 = by size, "

@@ -78,7 +78,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: str | None = None  # policy name; default by dataset
     drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
+    drop_path_rate: float | None = None  # None: the model's own default (MedViT's official 0.1/0.2)
     patience: int = 10
     monitor: str = "auto"
     precision: str = "auto"

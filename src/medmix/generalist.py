@@ -106,7 +106,7 @@ class GeneralistConfig:
     modality_weight: float = 1.0
     label_smoothing: float = 0.0
     drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
+    drop_path_rate: float | None = None  # None: the backbone's own default
     patience: int = 10
     precision: str = "auto"
     seed: int = 0

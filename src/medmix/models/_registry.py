@@ -60,9 +60,11 @@ def model_info(name: str) -> ModelInfo:
 
 def create_model(
     name: str, *, num_classes: int = 2, in_chans: int = 1, img_size: int = 28, drop_rate: float = 0.0,
-    drop_path_rate: float = 0.0, **kwargs,
+    drop_path_rate: float | None = None, **kwargs,
 ) -> nn.Module:
-    """Build a registered model. Unknown names raise :class:`UnknownNameError` listing the known ones."""
+    """Build a registered model. Unknown names raise :class:`UnknownNameError` listing the known ones.
+
+    ``drop_path_rate=None`` keeps the builder's own default (e.g. 0.1 for MedViT-S as in the official code)."""
     info = model_info(name)
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
@@ -75,8 +77,10 @@ def create_model(
     if unknown:
         raise ConfigError(f"model {name!r} does not take {', '.join(unknown)}")
     try:
+        if drop_path_rate is not None:
+            kwargs["drop_path_rate"] = drop_path_rate
         model = info.builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size, drop_rate=drop_rate,
-                             drop_path_rate=drop_path_rate, **kwargs)
+                             **kwargs)
     except TypeError as e:  # an option the model's constructor does not take
         raise ConfigError(f"model {name!r}: {e}") from None
     model.medmix_name = name  # type: ignore[attr-defined]

@@ -67,7 +67,7 @@ Behavioural deviations from the official code
    fails with an ``IndexError`` otherwise).
 
 The default stochastic-depth rates of the builders follow the official registrations (0.1 for small, 0.2 for base
-and large); note that :func:`medmix.models.create_model` always passes its own ``drop_path_rate``.
+and large); :func:`medmix.models.create_model` and ``medmix train`` keep them unless ``drop_path_rate`` is given.
 
 Parameter counts (num_classes=9, in_chans=3; in_chans=1 is 64 * 2 * 9 = 1,152 fewer)
 --------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def head_layout(head_sizes: Sequence[int]) -> list[tuple[int, int]]:
 
 class MultiHeadClassifier(nn.Module):
     def __init__(self, backbone: str, head_sizes: Sequence[int], *, in_chans: int = 3, img_size: int = 28,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, **backbone_kwargs) -> None:
+                 drop_rate: float = 0.0, drop_path_rate: float | None = None, **backbone_kwargs) -> None:
         super().__init__()
         if not head_sizes or any(int(k) < 1 for k in head_sizes):
             raise ValueError(f"need at least one head, each with at least one output; got {list(head_sizes)}")
