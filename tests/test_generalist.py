@@ -309,3 +309,17 @@ def test_missing_dataset_file_is_named(tmp_path, capsys, _keep_threads):
                     tmp_path / "x"], capsys)
     assert rc == 2 and "pathmnist.npz not found" in e and len(e.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_blank_guard_is_the_routed_datasets(gen_run):
+    """One dataset with blank images (MedNIST has constant slices) must not switch the guard off for the others."""
+    r, _ = gen_run
+    p = GeneralistPredictor(r.run_dir)
+    guard = p.ood["min_pixel_std_by_dataset"]
+    assert set(guard) == {"pneumoniamnist", "stripes"} and all(v > 0 for v in guard.values())
+    blank = torch.full((4, 1, 28, 28), 90, dtype=torch.uint8)
+    p.ood["min_pixel_std_by_dataset"] = {"pneumoniamnist": 0.0, "stripes": guard["stripes"]}
+    assert not p.analyse(blank, dataset="stripes")["in_distribution"].any()
+    textured = torch.from_numpy(class_images(np.zeros(4, dtype=np.int64), 28, 1, seed=3)[:, None])
+    p.ood["min_pixel_std_by_dataset"] = {"pneumoniamnist": 0.0, "stripes": 1e9}
+    assert not p.analyse(textured, dataset="stripes")["in_distribution"].any()  # the guard of the routed head
