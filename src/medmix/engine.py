@@ -58,11 +58,12 @@ def resolve_precision(precision: str) -> str:
 
 
 @dataclass
-class TrainConfig:
-    dataset: str = "breastmnist"
+class RecipeConfig:
+    """The training recipe shared by single-dataset runs (:class:`TrainConfig`) and generalists
+    (:class:`medmix.generalist.GeneralistConfig`)."""
     data_dir: str | None = None
-    size: int = 28  # which MedMNIST file (28/64/128/224)
-    img_size: int | None = None  # model input side; default: the stored image size
+    size: int = 28  # which MedMNIST file (28/64/128/224); other datasets are read at their stored size
+    img_size: int | None = None  # model input side; default: the stored image size (generalist: the smallest)
     model: str = "hybrid_mixer_small"
     epochs: int = 30
     batch_size: int = 128
@@ -71,28 +72,33 @@ class TrainConfig:
     optimizer: str = "adam"
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
-    loss: str | None = None  # default by task: ce (single label), bce (multi-label)
-    alpha: float = 0.2  # ordinal loss mix
-    margin: float = 0.1  # ordinal loss margin
-    ordinal_variant: str = "peaked"
     label_smoothing: float = 0.0
-    augment: str | None = None  # policy name; default by dataset
     drop_rate: float = 0.0
     drop_path_rate: float | None = None  # None: the model's own default (MedViT's official 0.1/0.2)
     patience: int = 10
-    monitor: str = "auto"
     precision: str = "auto"
     seed: int = 0
     out: str | None = None
     overwrite: bool = False
     download: bool = False
     eval_batch_size: int = 512
-    tune_threshold: bool = False  # multi-label: per-label thresholds chosen on val (else 0.5)
     bn_recalibrate: bool = True  # re-estimate BatchNorm statistics of the best weights on un-augmented train images
     calibrate: bool = True  # fit the confidence temperature on the val logits at the end (medmix.calibrate)
     ood: bool = True  # fit the out-of-distribution statistics and threshold at the end (medmix.ood)
     quiet: bool = False
     model_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig(RecipeConfig):
+    dataset: str = "breastmnist"
+    loss: str | None = None  # default by task: ce (single label), bce (multi-label)
+    alpha: float = 0.2  # ordinal loss mix
+    margin: float = 0.1  # ordinal loss margin
+    ordinal_variant: str = "peaked"
+    augment: str | None = None  # policy name; default by dataset
+    monitor: str = "auto"
+    tune_threshold: bool = False  # multi-label: per-label thresholds chosen on val (else 0.5)
     resume: str | bool | None = None  # a run directory to continue; True: continue `out` if it holds a run
     ddp: bool | None = None  # data-parallel: None = when launched by torchrun with several processes
 

@@ -39,7 +39,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -53,6 +53,7 @@ from .checkpoint import atomic_write_text, build_model, load_checkpoint, resolve
 from .data import BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset
 from .data.mixture import MixedBatchSampler, common_channels, sampling_weights, to_common_format
 from .data.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, TaskInfo
+from .engine import RecipeConfig
 from .errors import ConfigError
 from .losses import build_loss, default_loss_name
 from .metrics import compute_metrics, predict_labels, save_figure
@@ -88,38 +89,13 @@ def parse_datasets(value: str | Sequence[str]) -> tuple[str, ...]:
 
 
 @dataclass
-class GeneralistConfig:
+class GeneralistConfig(RecipeConfig):
+    """The shared recipe (:class:`medmix.engine.RecipeConfig`) plus what a mixture of datasets needs."""
     datasets: tuple[str, ...] = ("pneumoniamnist", "breastmnist")
-    data_dir: str | None = None
-    size: int = 28  # which MedMNIST file (28/64/128/224); other datasets are read at their stored size
-    img_size: int | None = None  # the common side; default: the smallest stored side among the datasets
     channels: int | None = None  # the common channel count; default: 3 when any dataset is in colour, else 1
-    model: str = "hybrid_mixer_small"
-    epochs: int = 30
     steps_per_epoch: int | None = None  # default: one pass over the pooled training images
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    optimizer: str = "adam"
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
     sampling_temperature: float = 2.0  # p_d ∝ n_d^(1/T); inf = equal
     modality_weight: float = 1.0
-    label_smoothing: float = 0.0
-    drop_rate: float = 0.0
-    drop_path_rate: float | None = None  # None: the backbone's own default
-    patience: int = 10
-    precision: str = "auto"
-    seed: int = 0
-    out: str | None = None
-    overwrite: bool = False
-    download: bool = False
-    eval_batch_size: int = 512
-    bn_recalibrate: bool = True
-    calibrate: bool = True
-    ood: bool = True
-    quiet: bool = False
-    model_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
