@@ -53,7 +53,7 @@ from .checkpoint import atomic_write_text, build_model, load_checkpoint, resolve
 from .data import BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset
 from .data.mixture import MixedBatchSampler, common_channels, sampling_weights, to_common_format
 from .data.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, TaskInfo
-from .engine import RecipeConfig
+from .engine import RecipeConfig, _known
 from .errors import ConfigError
 from .losses import build_loss, default_loss_name
 from .metrics import compute_metrics, predict_labels, save_figure
@@ -141,14 +141,6 @@ def _load_members(cfg: GeneralistConfig) -> tuple[list[_Member], int, int]:
         augment = dataset_spec(b.name).augment if _known(b.name) else "rotate_flip_zoom"
         members.append(_Member(b.name, info, splits, b.source, b.image_size, augment, b.split_indices))
     return members, side, channels
-
-
-def _known(name: str) -> bool:
-    try:
-        dataset_spec(name)
-        return True
-    except Exception:
-        return False
 
 
 def pooled_stats(images: Iterable[torch.Tensor]) -> tuple[list[float], list[float]]:
