@@ -400,22 +400,17 @@ def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload
     app.add_middleware(BodyLimitMiddleware, limit=max_upload_bytes)
 
     # ------------------------------------------------------------------ errors: JSON, never a 500 for bad input
-    @app.exception_handler(PayloadTooLarge)
-    @app.exception_handler(ImageTooLarge)
-    async def _too_large(request: Request, e: MedmixError):
-        return _error(413, "payload_too_large", str(e))
+    def _answer(status: int, code: str):
+        async def handler(request: Request, e: MedmixError):
+            return _error(status, code, str(e))
 
-    @app.exception_handler(ImageError)
-    async def _bad_image(request: Request, e: ImageError):
-        return _error(415, "unsupported_image", str(e))
+        return handler
 
-    @app.exception_handler(NotAvailable)
-    async def _not_available(request: Request, e: NotAvailable):
-        return _error(501, "not_available", str(e))
-
-    @app.exception_handler(MedmixError)
-    async def _medmix_error(request: Request, e: MedmixError):
-        return _error(422, "invalid_request", str(e))
+    # the most specific class in an error's MRO picks the answer
+    for exc, status, code in ((PayloadTooLarge, 413, "payload_too_large"), (ImageTooLarge, 413, "payload_too_large"),
+                              (ImageError, 415, "unsupported_image"), (NotAvailable, 501, "not_available"),
+                              (MedmixError, 422, "invalid_request")):
+        app.add_exception_handler(exc, _answer(status, code))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
