@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .checkpoint import atomic_write_text, build_model, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .data import BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset
+from .data import BatchTransform, DataBundle, Split, channel_stats, dataset_spec, get_policy, load_dataset
 from .data.mixture import MixedBatchSampler, common_channels, sampling_weights, to_common_format
 from .data.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, TaskInfo
 from .engine import RecipeConfig, _known
@@ -141,23 +141,6 @@ def _load_members(cfg: GeneralistConfig) -> tuple[list[_Member], int, int]:
         augment = dataset_spec(b.name).augment if _known(b.name) else "rotate_flip_zoom"
         members.append(_Member(b.name, info, splits, b.source, b.image_size, augment, b.split_indices))
     return members, side, channels
-
-
-def pooled_stats(images: Iterable[torch.Tensor]) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (0..1 units) of several uint8 ``(N, C, H, W)`` tensors taken together."""
-    total, s1, s2 = 0, None, None
-    for x in images:
-        flat = x.transpose(0, 1).reshape(x.shape[1], -1)
-        for chunk in flat.split(1 << 24, dim=1):
-            c = chunk.double()
-            s1 = c.sum(1) if s1 is None else s1 + c.sum(1)
-            s2 = (c * c).sum(1) if s2 is None else s2 + (c * c).sum(1)
-        total += flat.shape[1]
-    if not total:
-        raise ConfigError("no training images")
-    m = s1 / total
-    std = (s2 / total - m * m).clamp_min(1e-12).sqrt()
-    return (m / 255).tolist(), (std / 255).clamp_min(1e-3).tolist()
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -299,7 +282,7 @@ def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str]
         raise ConfigError(f"model {cfg.model!r} needs img_size >= {model_info(cfg.model).min_img_size}, got {side}")
     sizes = [len(m.splits["train"]) for m in members]
     weights = sampling_weights(sizes, cfg.sampling_temperature)
-    mean, std = pooled_stats(m.splits["train"].images for m in members)
+    mean, std = channel_stats([m.splits["train"].images for m in members])
     train_tfs = [BatchTransform(side, mean, std, get_policy(m.augment)) for m in members]
     eval_tf = BatchTransform(side, mean, std)
     losses = [build_loss(default_loss_name(m.info.task), m.info.task, m.info.num_classes,

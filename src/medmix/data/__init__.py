@@ -19,7 +19,7 @@ from .tasks import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TaskInfo
 from .transforms import AUGMENT_POLICIES, AugmentConfig, BatchTransform, get_policy
 
 __all__ = ["Split", "DataBundle", "DatasetSpec", "load_dataset", "list_datasets", "dataset_spec", "TaskInfo",
-           "BatchTransform", "AugmentConfig", "AUGMENT_POLICIES", "get_policy", "resolve_data_dir"]
+           "channel_stats", "BatchTransform", "AugmentConfig", "AUGMENT_POLICIES", "get_policy", "resolve_data_dir"]
 
 
 @dataclass
@@ -45,17 +45,25 @@ class DataBundle:
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training images, in 0..1 units."""
-        x = self.splits["train"].images
+        return channel_stats([self.splits["train"].images])
+
+
+def channel_stats(images) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..1 units) of several uint8 ``(N, C, H, W)`` tensors taken together (a generalist
+    pools its datasets)."""
+    total, s1, s2 = 0, None, None
+    for x in images:
         flat = x.transpose(0, 1).reshape(x.shape[1], -1)
-        mean, sq = torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(x.shape[1], dtype=torch.float64)
         for chunk in flat.split(1 << 24, dim=1):  # bounded memory for big sets
             c = chunk.double()
-            mean += c.sum(1)
-            sq += (c * c).sum(1)
-        n = flat.shape[1]
-        m = mean / n
-        std = (sq / n - m * m).clamp_min(1e-12).sqrt()
-        return (m / 255).tolist(), (std / 255).clamp_min(1e-3).tolist()
+            s1 = c.sum(1) if s1 is None else s1 + c.sum(1)
+            s2 = (c * c).sum(1) if s2 is None else s2 + (c * c).sum(1)
+        total += flat.shape[1]
+    if not total:
+        raise DataError("no training images")
+    m = s1 / total
+    std = (s2 / total - m * m).clamp_min(1e-12).sqrt()
+    return (m / 255).tolist(), (std / 255).clamp_min(1e-3).tolist()
 
 
 @dataclass(frozen=True)
