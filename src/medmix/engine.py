@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from . import __version__, distributed
 from .checkpoint import atomic_write_text, save_checkpoint
-from .data import BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset
+from .data import BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset, normalization
 from .data.tasks import BINARY, MULTI_LABEL
 from .errors import CheckpointError, ConfigError
 from .losses import build_loss, default_loss_name
@@ -82,6 +82,7 @@ class RecipeConfig:
     overwrite: bool = False
     download: bool = False
     eval_batch_size: int = 512
+    normalize: str = "dataset"  # "dataset": per-channel train mean/std; "half": mean .5 / std .5 (official MedMNIST)
     bn_recalibrate: bool = True  # re-estimate BatchNorm statistics of the best weights on un-augmented train images
     calibrate: bool = True  # fit the confidence temperature on the val logits at the end (medmix.calibrate)
     ood: bool = True  # fit the out-of-distribution statistics and threshold at the end (medmix.ood)
@@ -422,7 +423,7 @@ def _train(cfg: TrainConfig, given: set[str], ctx: distributed.Context, log: Cal
     info = bundle.info
     img_size = cfg.img_size or bundle.image_size
     augment = cfg.augment or (dataset_spec(bundle.name).augment if _known(bundle.name) else "rotate_flip_zoom")
-    mean, std = bundle.channel_stats()
+    mean, std = normalization(cfg.normalize, [bundle.splits["train"].images])
     train_tf = BatchTransform(img_size, mean, std, get_policy(augment))
     eval_tf = BatchTransform(img_size, mean, std)
     loss_name = cfg.loss or default_loss_name(info.task)
@@ -597,7 +598,8 @@ def _train(cfg: TrainConfig, given: set[str], ctx: distributed.Context, log: Cal
                     train_seconds=seconds, machine=machine_description())
         save_checkpoint(run / "best_model.pth", final_model, meta, extras=extras)
         metrics_doc = {"dataset": bundle.name, "model": cfg.model, "seed": cfg.seed, "best_epoch": best_epoch,
-                       "monitor": monitor, "train_seconds": seconds, "machine": machine_description(),
+                       "epochs_run": len(history), "monitor": monitor, "precision": precision,
+                       "train_seconds": seconds, "machine": machine_description(), "native_bf16": bf16_supported(),
                        "medmix_version": __version__, "val": val, "test": test}
         atomic_write_text(run / "metrics.json", json.dumps(_jsonable(metrics_doc), indent=2))
         _write_history_csv(run / "log.csv", history)

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .checkpoint import atomic_write_text, build_model, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .data import BatchTransform, DataBundle, Split, channel_stats, dataset_spec, get_policy, load_dataset
+from .data import BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset, normalization
 from .data.mixture import MixedBatchSampler, common_channels, sampling_weights, to_common_format
 from .data.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, TaskInfo
 from .engine import RecipeConfig, _known
@@ -282,7 +282,7 @@ def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str]
         raise ConfigError(f"model {cfg.model!r} needs img_size >= {model_info(cfg.model).min_img_size}, got {side}")
     sizes = [len(m.splits["train"]) for m in members]
     weights = sampling_weights(sizes, cfg.sampling_temperature)
-    mean, std = channel_stats([m.splits["train"].images for m in members])
+    mean, std = normalization(cfg.normalize, [m.splits["train"].images for m in members])
     train_tfs = [BatchTransform(side, mean, std, get_policy(m.augment)) for m in members]
     eval_tf = BatchTransform(side, mean, std)
     losses = [build_loss(default_loss_name(m.info.task), m.info.task, m.info.num_classes,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError, UnknownNameError
+from ..errors import ConfigError, DataError, UnknownNameError
 from . import folders, medmnist
 from .tasks import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TaskInfo
 from .transforms import AUGMENT_POLICIES, AugmentConfig, BatchTransform, get_policy
@@ -64,6 +64,21 @@ def channel_stats(images) -> tuple[list[float], list[float]]:
     m = s1 / total
     std = (s2 / total - m * m).clamp_min(1e-12).sqrt()
     return (m / 255).tolist(), (std / 255).clamp_min(1e-3).tolist()
+
+
+NORMALIZATIONS = ("dataset", "half")
+
+
+def normalization(kind: str, images) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..1 units) used to normalise inputs: ``"dataset"``, the statistics of the training
+    images (several uint8 tensors are pooled, as a generalist does); ``"half"``, mean .5 and std .5 per channel, the
+    official MedMNIST experiments' ``Normalize([.5], [.5])``."""
+    if kind == "dataset":
+        return channel_stats(images)
+    if kind == "half":
+        c = images[0].shape[1]
+        return [0.5] * c, [0.5] * c
+    raise ConfigError(f"unknown normalize {kind!r}; use {' or '.join(NORMALIZATIONS)}")
 
 
 @dataclass(frozen=True)

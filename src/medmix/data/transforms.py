@@ -41,6 +41,9 @@ AUGMENT_POLICIES: dict[str, AugmentConfig] = {
     "ultrasound": AugmentConfig(hflip=True, rotate=15, scale=(0.9, 1.1), translate=0.05),
     # fundus photographs, dermoscopy: any rotation and either flip
     "rotation_free": AugmentConfig(hflip=True, vflip=True, rotate=180, scale=(0.9, 1.1), translate=0.05),
+    # the MedViT / Ordinal Loss paper's list (random scaling, rotation, cropping, horizontal flip); the paper gives
+    # no magnitudes, so these are ours: zoom 0.8-1.2, +-15 degrees, crops shifted up to 10 % of the side
+    "medvit_paper": AugmentConfig(hflip=True, rotate=15, scale=(0.8, 1.2), translate=0.1),
     # the Medical MNIST seed's recipe: rotation, flip and zoom
     "rotate_flip_zoom": AugmentConfig(hflip=True, rotate=15, scale=(0.9, 1.1), translate=0.0),
 }
