@@ -78,7 +78,8 @@ def main() -> None:
     for model, rec in specs:
         rows = []
         for variant, alpha in variants:
-            rs = [r for r in runs if (r["model"], r["recipe"], r["variant"], r["alpha"]) == (model, rec, variant, alpha)]
+            key = (model, rec, variant, alpha)
+            rs = [r for r in runs if (r["model"], r["recipe"], r["variant"], r["alpha"]) == key]
             if not rs:
                 continue
             s = {"model": model, "recipe": rec, "variant": variant, "alpha": alpha, "n_seeds": len(rs),

@@ -483,3 +483,130 @@ def test_fuzz_mutated_images(seed, channels, edits):
         else:
             b[i:i] = chunk
     _decode_or_image_error(bytes(b), channels)
+
+
+# ----------------------------------------------------------------------------------------------- option values
+@pytest.mark.parametrize("args, fragment", [
+    (["--lr", "-1"], "--lr must be in (0, 10]"),
+    (["--lr", "nan"], "--lr must be in (0, 10]"),
+    (["--img-size", "0"], "--img-size must be a positive integer"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be in [0, inf)"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+    (["--drop-rate", "1.5"], "--drop-rate must be in [0, 1)"),
+    (["--drop-path-rate", "-0.1"], "--drop-path-rate must be in [0, 1)"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be in [0, inf)"),
+    (["--patience", "0"], "--patience must be an integer of at least 1"),
+    (["--epochs", "0"], "--epochs must be an integer of at least 1"),
+    (["--batch-size", "-4"], "--batch-size must be an integer of at least 1"),
+    (["--loss", "ordinal", "--alpha", "2"], "--alpha must be in [0, 1]"),
+    (["--margin", "-1"], "--margin must be in [0, inf)"),
+])
+def test_refused_training_options(tmp_path, capsys, args, fragment):
+    out = tmp_path / "run"
+    refused(["train", "--dataset", "breastmnist", "--out", out, *args], capsys, fragment)
+    assert not list(tmp_path.iterdir())  # nothing written, not even the .partial directory
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--lr", "-1"], "--lr must be in (0, 10]"),
+    (["--img-size", "0"], "--img-size must be a positive integer"),
+])
+def test_refused_generalist_options(tmp_path, capsys, args, fragment):
+    refused(["train", "--dataset", "breastmnist,pneumoniamnist", "--out", tmp_path / "g", *args], capsys, fragment)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--top-k", "-1"], "--top-k must be at least 1"),
+    (["--threshold", "2"], "--threshold must be in [0, 1]"),
+])
+def test_refused_predict_options(trained_run, files, capsys, args, fragment):
+    refused(["predict", trained_run.run_dir, files["rgb.png"], *args], capsys, fragment)
+
+
+def test_refused_explain_top_k(trained_run, files, tmp_path, capsys):
+    refused(["explain", trained_run.run_dir, files["rgb.png"], "--out", tmp_path / "cams", "--top-k", "0"], capsys,
+            "--top-k must be at least 1")
+    assert not (tmp_path / "cams").exists()
+
+
+# ----------------------------------------------------------------------------------------------- unwritable outputs
+def _unwritable(tmp_path) -> dict[str, str]:
+    """Paths no command can create: under /proc (a kernel file system) and under a regular file."""
+    (tmp_path / "a_file").write_text("x")
+    return {"proc": "/proc/medmix-test/out", "under_file": str(tmp_path / "a_file" / "sub" / "out")}
+
+
+@pytest.mark.parametrize("where", ["proc", "under_file"])
+def test_unwritable_outputs_are_refused_before_any_work(trained_run, files, tmp_path, capsys, where):
+    bad = _unwritable(tmp_path)[where]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    why = "cannot write in /proc" if where == "proc" else "is a file, not a directory"
+    refused(["train", "--dataset", "breastmnist", "--epochs", "1", "--out", bad], capsys, why)
+    refused(["train", "--dataset", "breastmnist,pneumoniamnist", "--epochs", "1", "--out", bad], capsys, why)
+    refused(["quickstart", "--out", bad], capsys, why)
+    refused(["explain", trained_run.run_dir, files["rgb.png"], "--out", bad], capsys, why)
+    refused(["evaluate", trained_run.run_dir, "--out", bad], capsys, why)
+    refused(["evaluate", trained_run.run_dir, "--report", bad], capsys, why)
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    refused(["export", trained_run.run_dir, "--onnx", bad + ".onnx"], capsys, why)
+    assert (tmp_path / "a_file").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_export_refuses_a_directory_and_a_bad_opset(trained_run, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    refused(["export", trained_run.run_dir, "--onnx", tmp_path], capsys, "is a directory")
+    refused(["export", trained_run.run_dir, "--onnx", tmp_path / "m.onnx", "--opset", "5"], capsys,
+            "opset 5 is not supported")
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------- ports
+@pytest.mark.parametrize("args, fragment", [
+    (["--port", "99999"], "--port must be 1..65535"),
+    (["--port", "0"], "--port must be 1..65535"),
+    (["--port", "-5"], "--port must be 1..65535"),
+    (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid'"),
+    (["--host", "192.0.2.1"], "--host 192.0.2.1: not an address of this machine"),
+    (["--max-upload-mb", "0"], "--max-upload-mb must be positive"),
+    (["--max-upload-mb", "nan"], "--max-upload-mb must be positive"),
+    (["--threads", "0"], "--threads must be at least 1"),
+])
+def test_refused_serve_options(trained_run, capsys, args, fragment):
+    pytest.importorskip("fastapi")
+    refused(["serve", trained_run.run_dir, *args], capsys, fragment)
+
+
+def test_serve_on_a_busy_port_says_so_before_loading_the_model(tmp_path, capsys):
+    """One line, exit 2, and no model is loaded (the checkpoint here does not even exist)."""
+    import socket
+
+    pytest.importorskip("fastapi")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        refused(["serve", tmp_path / "nothing-here", "--port", port], capsys, f"port {port} on 127.0.0.1 is already "
+                                                                            "in use")
+
+
+# ----------------------------------------------------------------------------------------------- missing extras
+@pytest.mark.parametrize("module, argv_tail, extra", [
+    ("fastapi", ["serve"], "serve"),
+    ("uvicorn", ["serve"], "serve"),
+    ("onnxruntime", ["serve", "--backend", "onnx"], "onnx"),
+    ("onnx", ["export", "--onnx", "m.onnx"], "onnx"),
+])
+def test_a_missing_extra_names_the_install_command(trained_run, tmp_path, monkeypatch, capsys, module, argv_tail,
+                                                   extra):
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError, as when not installed
+    monkeypatch.chdir(tmp_path)
+    cmd, *rest = argv_tail
+    line = refused([cmd, trained_run.run_dir, *rest], capsys, f'pip install "medmix[{extra}]"')
+    assert f"the '{extra}' extra" in line and 'pip install -e ".[' in line
+    assert not list(tmp_path.iterdir())

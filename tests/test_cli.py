@@ -263,3 +263,34 @@ def test_real_process_exit_code_and_stderr(tmp_path):
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert p.stderr.startswith("medmix: error: unknown dataset 'nosuchmnist'") and "breastmnist" in p.stderr
     assert p.stdout == ""
+
+
+def test_every_option_has_help_with_its_default():
+    """`medmix COMMAND --help` documents every option; each that takes a value says its default (or that it is
+    required)."""
+    import argparse
+
+    from medmix.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing, no_default = [], []
+    for name, sp in sub.choices.items():
+        for a in sp._actions:
+            if not a.option_strings or a.dest == "help":
+                continue
+            if not a.help:
+                missing.append(f"{name} {a.option_strings[0]}")
+            elif a.nargs != 0 and "default" not in a.help and "required" not in a.help:
+                no_default.append(f"{name} {a.option_strings[0]}: {a.help}")
+    assert not missing, missing
+    assert not no_default, no_default
+
+
+def test_help_shows_real_defaults(capsys):
+    from medmix.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--lr LR peak learning rate (default: 0.001)" in out
+    assert "(default: hybrid_mixer_small)" in out and "(default: 30)" in out

@@ -58,7 +58,11 @@ def test_run_directory_is_complete(trained_run):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert without_timing(rows) == pytest.approx(without_timing(trained_run.history))
+    logged, kept = without_timing(rows), without_timing(trained_run.history)
+    # row by row: pytest.approx compares flat mappings only (pytest 9 refuses a list of dicts)
+    assert len(logged) == len(kept) and all(a.keys() == b.keys() for a, b in zip(logged, kept))
+    for a, b in zip(logged, kept):
+        assert a == pytest.approx(b)
     with open(run / "log.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in csv_rows] == [1, 2]
@@ -214,3 +218,39 @@ def test_batchnorm_recalibration_on_class_sorted_images_keeps_the_between_class_
     full = tf(images)
     assert float(bn[0].running_mean) == pytest.approx(float(full.mean()), rel=1e-4)
     assert float(bn[0].running_var) == pytest.approx(float(full.var()), rel=0.05)  # ~0.19; class-sorted gave ~0.0005
+
+
+def _same_printed_digits(a: dict, b: dict) -> None:
+    for k in ("acc", "auc", "loss"):
+        assert f"{a[k]:.4f}" == f"{b[k]:.4f}", (k, a[k], b[k])
+
+
+def test_evaluate_matches_metrics_json_and_report_says_epochs(trained_run, tmp_path):
+    """`medmix evaluate` on a finished run gives metrics.json's test figures (same weights, same precision), and the
+    report names the best epoch and the epochs run."""
+    from medmix.evaluation import evaluate
+
+    doc = json.loads((trained_run.run_dir / "metrics.json").read_text())
+    m = evaluate(trained_run.run_dir, split="test", report=tmp_path / "report")
+    assert m["precision"] == doc["precision"] == "fp32"
+    _same_printed_digits(m, doc["test"])
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert f"best epoch {doc['best_epoch']} of {doc['epochs_run']} run" in text and "evaluated in fp32" in text
+
+
+def test_evaluate_uses_the_precision_the_run_used(tmp_path):
+    """A bf16 run (with OOD statistics, whose features are fp32) evaluates in bf16 by default, as at the end of
+    training; on CPUs without native bf16 the run would take minutes, so it is skipped there."""
+    from medmix.data.medmnist import ASSETS
+    from medmix.engine import bf16_supported
+    from medmix.evaluation import evaluate
+
+    if not bf16_supported():
+        pytest.skip("no native bf16 on this CPU (bf16 is emulated, ~100x slower)")
+    r = train(dataset="breastmnist", data_dir=str(ASSETS), epochs=1, batch_size=64, precision="bf16",
+              out=str(tmp_path / "bf16"), quiet=True)
+    doc = json.loads((r.run_dir / "metrics.json").read_text())
+    m = evaluate(r.run_dir, split="test")
+    assert doc["precision"] == m["precision"] == "bf16"
+    _same_printed_digits(m, doc["test"])
+    assert evaluate(r.run_dir, split="test", precision="fp32")["precision"] == "fp32"

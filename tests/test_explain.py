@@ -11,7 +11,7 @@ import torch.nn as nn
 from _quadrant import CLASSES, QUADRANTS, make_images, quadrant_mass, trained, write_run
 from PIL import Image
 
-from medmix.cli import EXPLAIN_METHODS, main
+from medmix.cli import build_parser, main
 from medmix.data import BatchTransform
 from medmix.errors import ConfigError
 from medmix.explain import METHODS, cam_array, explain, resolve_class, target_layer, tokens_to_map
@@ -162,8 +162,22 @@ def test_cli_explain(ckpt, image_files, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_cli_offers_every_method():
-    assert tuple(EXPLAIN_METHODS) == tuple(METHODS)
+def _explain_method_option():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return next(a for a in sub.choices["explain"]._actions if a.dest == "method")
+
+
+def test_one_default_method_for_cli_library_and_server():
+    """The CLI and medmix.explain share one default (the server's: tests/test_serve.py)."""
+    import inspect
+
+    from medmix.cam_methods import DEFAULT_METHOD
+    from medmix.explain import explain
+
+    opt = _explain_method_option()
+    assert tuple(opt.choices) == tuple(METHODS)
+    assert opt.default == DEFAULT_METHOD == inspect.signature(explain).parameters["method"].default
+    assert f"default: {DEFAULT_METHOD}" in opt.help  # the help text says the real default
 
 
 # ----------------------------------------------------------------------------------------------- other layers

@@ -228,3 +228,13 @@ def test_bad_requests_are_422_never_500(client, small_client, test_images):
                                           422)
     assert client.get("/v1/predict").status_code == 405
     assert client.get("/nope").status_code == 404
+
+
+def test_explain_default_method_is_the_cli_default(client):
+    """The page calls /v1/explain without a method: it must draw what `medmix explain` draws."""
+    from medmix.cam_methods import DEFAULT_METHOD
+
+    spec = client.get("/openapi.json").json()
+    params = spec["paths"]["/v1/explain"]["post"]["parameters"]
+    method = next(p for p in params if p["name"] == "method")
+    assert method["schema"]["default"] == DEFAULT_METHOD

@@ -176,7 +176,10 @@ def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None
     from .engine import predict_logits, probabilities
     from .evaluation import load_training_data
 
+    from .paths import check_writable_file
+
     path = resolve_checkpoint(run_or_ckpt)
+    check_writable_file(path, "checkpoint")  # rewritten in place at the end, with the reliability PNGs beside it
     state, meta, train_state, extras = load_checkpoint(path, extras=True)
     reject_generalist(meta, path, "`medmix calibrate` (a generalist fits its temperatures at the end of training)")
     model = build_model(meta, state)
@@ -185,6 +188,11 @@ def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None
     if bundle.info.class_names != info.class_names or bundle.info.task != info.task:
         raise ConfigError(f"the data found for {meta.get('dataset')!r} do not match the checkpoint's classes/task")
     val = bundle.splits["val"]
+    from .small_data import MIN_VAL_FOR_TEMPERATURE
+
+    if len(val) < MIN_VAL_FOR_TEMPERATURE:
+        raise ConfigError(f"the validation split has {len(val)} images (fewer than {MIN_VAL_FOR_TEMPERATURE}): too "
+                          f"few to fit a temperature; {path} is unchanged")
     tf = BatchTransform(meta["img_size"], meta["mean"], meta["std"])
     logits = predict_logits(model, val.images, tf, batch_size)
     labels = val.labels

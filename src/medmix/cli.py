@@ -11,10 +11,11 @@ import sys
 from typing import Any, Sequence
 
 from . import __version__
+from .cam_methods import DEFAULT_METHOD as DEFAULT_CAM_METHOD
+from .cam_methods import METHODS as CAM_METHODS
 from .errors import MedmixError
 
 # explanation methods, kept here so `medmix --help` does not import pytorch_grad_cam
-EXPLAIN_METHODS = ("gradcam", "gradcam++", "layercam", "xgradcam", "hirescam", "eigencam")
 
 
 def _print_json(obj: Any) -> None:
@@ -63,7 +64,8 @@ class _Default:
 
 # `medmix train` options that are TrainConfig fields of the same name
 TRAIN_FIELDS = ("dataset", "data_dir", "size", "img_size", "model", "epochs", "batch_size", "lr", "weight_decay",
-                "optimizer", "schedule", "loss", "alpha", "margin", "ordinal_variant", "label_smoothing", "augment",
+                "optimizer", "schedule", "warmup_epochs", "normalize", "loss", "alpha", "margin", "ordinal_variant",
+                "label_smoothing", "augment",
                 "patience", "monitor", "precision", "seed", "out", "overwrite", "download", "drop_rate",
                 "drop_path_rate", "tune_threshold", "resume", "ddp")
 
@@ -90,7 +92,8 @@ def train_kwargs(a: argparse.Namespace) -> dict:
 
 # `medmix train` options of a generalist run (several datasets) that are GeneralistConfig fields of the same name
 GENERALIST_FIELDS = ("data_dir", "size", "img_size", "channels", "model", "epochs", "steps_per_epoch", "batch_size",
-                     "lr", "weight_decay", "optimizer", "schedule", "sampling_temperature", "modality_weight",
+                     "lr", "weight_decay", "optimizer", "schedule", "warmup_epochs", "normalize",
+                     "sampling_temperature", "modality_weight",
                      "label_smoothing", "drop_rate", "drop_path_rate", "patience", "precision", "seed", "out",
                      "overwrite", "download")
 SINGLE_ONLY = ("loss", "alpha", "margin", "ordinal_variant", "augment", "monitor", "tune_threshold", "resume", "ddp")
@@ -175,7 +178,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         if m.get("routing_confusion_png"):
             print(f"routing confusion matrix: {m['routing_confusion_png']}")
         return
-    print(format_metrics(m, f"{m['dataset']} {m['split']} split, {m['model']}:"))
+    print(format_metrics(m, f"{m['dataset']} {m['split']} split, {m['model']} ({m['precision']}):"))
     t = m["temperature"]
     shown = f"{t:.4f}" if isinstance(t, float) else "per label"
     print(f"calibration (T = {shown}): ECE {m['ece_before']:.4f} -> {m['ece_after']:.4f} ({m['n_bins']} bins), "
@@ -239,6 +242,11 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
+    from .errors import require_extra
+
+    require_extra("serve", "medmix serve")
+    if a.backend == "onnx":
+        require_extra("onnx", "medmix serve --backend onnx")
     from .serve.app import run
 
     run(a.checkpoint, host=a.host, port=a.port, backend=a.backend, onnx_path=a.onnx, max_upload_mb=a.max_upload_mb,
@@ -246,6 +254,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
+    from .errors import require_extra
+
+    require_extra("onnx", "medmix export")
     from .export import export_onnx
 
     r = export_onnx(a.checkpoint, a.onnx, opset=a.opset)
@@ -264,6 +275,21 @@ def cmd_quickstart(a: argparse.Namespace) -> None:
     quickstart(out=a.out, epochs=a.epochs, quiet=a.quiet)
 
 
+JSON_HELP = "print machine-readable JSON on stdout instead of text"
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default: X)" to every option's help that does not state its default itself."""
+    for action in parser._actions:
+        if not action.option_strings or action.help in (None, argparse.SUPPRESS) or action.nargs == 0:
+            continue
+        value = action.default.value if isinstance(action.default, _Default) else action.default
+        if action.required:
+            action.help += " (required)"
+        elif value is not None and "default" not in action.help:
+            action.help += f" (default: {value})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medmix", description="Medical image classification on CPUs.")
     p.add_argument("--version", action="version", version=f"medmix {__version__}")
@@ -275,38 +301,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("datasets", help="list known datasets and whether their files are present")
     data_dir(s)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_datasets)
 
     s = sub.add_parser("models", help="list models with parameters and MACs")
-    s.add_argument("--img-size", type=int, default=28)
-    s.add_argument("--in-chans", type=int, default=1)
-    s.add_argument("--num-classes", type=int, default=2)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--img-size", type=int, default=28, help="input side used to count MACs")
+    s.add_argument("--in-chans", type=int, default=1, help="input channels used to count parameters and MACs")
+    s.add_argument("--num-classes", type=int, default=2, help="classes of the head used to count parameters")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("train", help="train a model and evaluate it on the test split")
     s.add_argument("--dataset", help="a dataset name (see `medmix datasets`), a class-folder directory or an npz "
                                      "file; several, comma-separated, train one generalist model with a head per "
-                                     "dataset and a modality router (medmix.generalist)")
+                                     "dataset and a modality router (medmix.generalist); required unless "
+                                     "--resume RUN_DIR")
     data_dir(s)
-    s.add_argument("--size", type=int, default=28, choices=(28, 64, 128, 224), help="MedMNIST file size")
+    s.add_argument("--size", type=int, default=28, choices=(28, 64, 128, 224),
+                   help="which MedMNIST file to read ({flag}.npz for 28, {flag}_{size}.npz otherwise)")
     s.add_argument("--img-size", type=int, default=None, help="model input side (default: stored image size)")
-    s.add_argument("--model", default="hybrid_mixer_small")
-    s.add_argument("--epochs", type=int, default=30)
-    s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--weight-decay", type=float, default=0.0)
-    s.add_argument("--optimizer", choices=("adam", "adamw"), default="adam")
-    s.add_argument("--schedule", choices=("cosine", "step", "none"), default="cosine")
+    s.add_argument("--model", default="hybrid_mixer_small", help="model name (see `medmix models`)")
+    s.add_argument("--epochs", type=int, default=30, help="training epochs (passes over the training split)")
+    s.add_argument("--batch-size", type=int, default=128, help="images per step (the global batch under torchrun)")
+    s.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    s.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the optimiser")
+    s.add_argument("--optimizer", choices=("adam", "adamw"), default="adam",
+                   help="adam or adamw (decoupled weight decay)")
+    s.add_argument("--schedule", choices=("cosine", "step", "none"), default="cosine",
+                   help="learning-rate schedule per step: cosine (after --warmup-epochs), step (x0.1 at 50 %% and "
+                        "75 %% of training, the official MedMNIST recipe) or none")
+    s.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up of the cosine schedule, in epochs")
     s.add_argument("--loss", choices=("ce", "nll", "bce", "ordinal"), default=None,
-                   help="default: ce (single label) or bce (multi-label)")
-    s.add_argument("--alpha", type=float, default=0.2, help="ordinal loss: weight of the rank loss")
+                   help="training loss (default: ce for single-label tasks, bce for multi-label)")
+    s.add_argument("--alpha", type=float, default=0.2, help="ordinal loss: weight of the rank loss, 0..1")
     s.add_argument("--margin", type=float, default=0.1, help="ordinal loss: ranking margin")
-    s.add_argument("--ordinal-variant", choices=("peaked", "printed"), default="peaked")
-    s.add_argument("--label-smoothing", type=float, default=0.0)
-    s.add_argument("--augment", default=None, help="augmentation policy (default by dataset): "
-                                                   "none, radiology, ultrasound, rotation_free, rotate_flip_zoom")
+    s.add_argument("--ordinal-variant", choices=("peaked", "printed"), default="peaked",
+                   help="ordinal loss: peaked (the rank loss points at the true grade) or printed (the formula exactly "
+                        "as printed in the Ordinal Loss paper, for comparison)")
+    s.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy, 0..1")
+    s.add_argument("--normalize", choices=("dataset", "half"), default="dataset",
+                   help="input normalisation: dataset (mean/std of the training images) or half (mean .5, std .5, "
+                        "as the official MedMNIST experiments)")
+    s.add_argument("--augment", default=None, help="augmentation policy: none, radiology, ultrasound, rotation_free, "
+                                                   "rotate_flip_zoom or medvit_paper (default: chosen by dataset)")
     s.add_argument("--tune-threshold", action="store_true",
                    help="multi-label: choose each label's decision threshold on the validation split")
     s.add_argument("--no-bn-recalibrate", action="store_true",
@@ -318,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ood", action="store_true",
                    help="do not fit the out-of-distribution statistics and threshold at the end (default: fit them, "
                         "so predictions carry in_distribution and ood_score)")
-    s.add_argument("--drop-rate", type=float, default=0.0)
+    s.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the classifier, 0..1")
     s.add_argument("--drop-path-rate", type=float, default=None,
                    help="stochastic depth (default: the model's own: 0 for the CNNs, 0.1/0.2 for MedViT S/B/L)")
     g = s.add_argument_group("several datasets (--dataset a,b,...)")
@@ -335,18 +372,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation metric that picks the best epoch (auto: AUC for binary/multi-label, else ACC)")
     s.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 autocast where the CPU has native bf16, else fp32")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0,
+                   help="random seed of the split, initialisation, data order and augmentation")
     s.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<model>-s<seed>-<time>)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     s.add_argument("--download", action="store_true", help="download a missing MedMNIST file (needs internet)")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     s.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue a run killed mid-way (its directory or <dir>.partial) or a finished one with more "
-                        "--epochs; without RUN_DIR: continue --out if it holds a run, else start it")
+                        "--epochs; without RUN_DIR: continue --out if it holds a run, else start it (default: a "
+                        "new run)")
     s.add_argument("--ddp", action="store_true", default=None,
                    help="data-parallel training in processes started by torchrun (automatic when torchrun starts "
                         "more than one): torchrun --nproc_per_node=N -m medmix train ...")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     for action in s._actions:  # mark the defaults, so that given options can be told apart (see train_kwargs)
         if action.dest not in ("help", "json"):
             action.default = _Default(action.default)
@@ -355,71 +394,77 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="metrics of a checkpoint on a split")
     s.add_argument("checkpoint", help="best_model.pth or a run directory")
     data_dir(s)
-    s.add_argument("--split", choices=("train", "val", "test"), default="test")
-    s.add_argument("--out", default=None, help="write the confusion matrix and reliability diagram PNGs here")
+    s.add_argument("--split", choices=("train", "val", "test"), default="test", help="split to evaluate")
+    s.add_argument("--out", default=None,
+                   help="write the confusion matrix and reliability diagram PNGs here (default: no figures)")
     s.add_argument("--report", default=None, metavar="DIR",
                    help="write DIR/report.md (metrics, calibration, per-class table, official MedMNIST rows) with "
-                        "its figures (confusion, ROC, reliability, most confident mistakes)")
-    s.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
-    s.add_argument("--json", action="store_true")
+                        "its figures (confusion, ROC, reliability, most confident mistakes) (default: no report)")
+    s.add_argument("--precision", choices=("auto", "bf16", "fp32", "run"), default="run",
+                   help="run: the precision the run was trained and evaluated in (so figures match metrics.json); "
+                        "auto: bf16 where the CPU has native bf16")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("predict", help="classify images with a checkpoint")
     s.add_argument("checkpoint", help="best_model.pth or a run directory")
     s.add_argument("images", nargs="+", help="PNG/JPEG/TIFF/BMP files or .npy arrays")
-    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-k", type=int, default=None, help="show the K most probable classes (default: all)")
     s.add_argument("--threshold", type=float, default=None,
                    help="multi-label decision threshold (default: the checkpoint's, tuned on val, else 0.5)")
     s.add_argument("--ordinal", choices=("argmax", "expected"), default="argmax",
                    help="ordinal tasks: report the most probable grade or the rounded expected grade")
     s.add_argument("--dataset", default=None, metavar="NAME",
-                   help="generalist checkpoints: answer with this dataset's head instead of the routed one")
-    s.add_argument("--json", action="store_true")
+                   help="generalist checkpoints: answer with this dataset's head (default: the head the router picks)")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("explain", help="Grad-CAM heatmaps: where a checkpoint looked in images")
     s.add_argument("checkpoint", help="best_model.pth or a run directory")
     s.add_argument("images", nargs="+", help="PNG/JPEG/TIFF/BMP files or .npy arrays")
     s.add_argument("--out", required=True, help="directory for the <image>_<method>.png panels")
-    s.add_argument("--method", choices=tuple(EXPLAIN_METHODS), default="gradcam++",
-                   help="gradcam (default), gradcam++, layercam, xgradcam, hirescam or eigencam (class-agnostic)")
+    s.add_argument("--method", choices=tuple(CAM_METHODS), default=DEFAULT_CAM_METHOD,
+                   help=f"{', '.join(CAM_METHODS)} (eigencam is class-agnostic)")
     s.add_argument("--class", dest="target_class", default=None, metavar="NAME_OR_INDEX",
-                   help="explain this class (name or index) instead of the predicted one")
+                   help="explain this class, by name or index (default: each image's predicted class)")
     s.add_argument("--top-k", type=int, default=3, help="probabilities shown in the panel")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_explain)
 
     s = sub.add_parser("calibrate", help="fit the confidence temperature on the validation split and store it")
     s.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="a run directory or a checkpoint file")
     data_dir(s)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("serve", help="HTTP API and web page (with Grad-CAM) for a checkpoint")
     s.add_argument("checkpoint", help="best_model.pth, a run directory, or an .onnx file with --backend onnx")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on, 1..65535")
     s.add_argument("--backend", choices=("torch", "onnx"), default="torch",
                    help="torch (with Grad-CAM) or onnx (ONNX Runtime, no torch in the server process)")
     s.add_argument("--onnx", default=None, metavar="PATH",
                    help="--backend onnx: the exported model (default: export the checkpoint to a temporary file)")
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body accepted (413 above)")
     s.add_argument("--threads", type=int, default=1, help="model threads (1 is fastest for small images)")
-    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="server log level")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("export", help="export a checkpoint to ONNX (checked against torch)")
     s.add_argument("checkpoint", help="best_model.pth or a run directory")
     s.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write the ONNX model")
-    s.add_argument("--opset", type=int, default=17)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--opset", type=int, default=17, help="ONNX opset, 9..21")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("quickstart", help="train, evaluate and predict on the embedded BreastMNIST")
-    s.add_argument("--out", default="runs/quickstart")
-    s.add_argument("--epochs", type=int, default=40)
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--out", default="runs/quickstart", help="run directory (replaced if it exists)")
+    s.add_argument("--epochs", type=int, default=40, help="training epochs")
+    s.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     s.set_defaults(func=cmd_quickstart)
+    for sp in sub.choices.values():
+        _show_defaults(sp)
     return p
 
 

@@ -29,12 +29,16 @@ import torch.nn as nn
 
 from . import __version__, distributed
 from .checkpoint import atomic_write_text, save_checkpoint
-from .data import BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset, normalization
+from .data import (NORMALIZATIONS, BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset,
+                   normalization)
 from .data.tasks import BINARY, MULTI_LABEL
 from .errors import CheckpointError, ConfigError
 from .losses import build_loss, default_loss_name
 from .metrics import compute_metrics
 from .models import create_model, model_info
+from .paths import check_writable_dir
+from .small_data import (MIN_PER_SIDE_FOR_THRESHOLD, MIN_VAL_FOR_MODEL_SELECTION, MIN_VAL_FOR_OOD_THRESHOLD,
+                         MIN_VAL_FOR_TEMPERATURE, warn)
 
 MONITORS = ("auto", "acc", "auc", "loss", "f1")
 
@@ -88,6 +92,51 @@ class RecipeConfig:
     ood: bool = True  # fit the out-of-distribution statistics and threshold at the end (medmix.ood)
     quiet: bool = False
     model_kwargs: dict = field(default_factory=dict)
+
+
+def _range(name: str, value: float | None, lo: float, hi: float = math.inf, *, lo_open: bool = False,
+           hi_open: bool = False, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi))
+    if not ok:
+        lb, rb = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
+        raise ConfigError(f"--{name.replace('_', '-')} must be in {lb}{lo:g}, {hi:g}{rb}, got {value!r}")
+
+
+def check_recipe(cfg: RecipeConfig) -> None:
+    """Refuse recipe values that cannot train (one line each, before any data is read). Single-dataset and
+    generalist runs share it."""
+    for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be an integer of at least 1, got {v!r}")
+    _range("lr", cfg.lr, 0.0, 10.0, lo_open=True)
+    _range("weight_decay", cfg.weight_decay, 0.0)
+    _range("warmup_epochs", cfg.warmup_epochs, 0.0)
+    _range("label_smoothing", cfg.label_smoothing, 0.0, 1.0, hi_open=True)
+    _range("drop_rate", cfg.drop_rate, 0.0, 1.0, hi_open=True)
+    _range("drop_path_rate", cfg.drop_path_rate, 0.0, 1.0, hi_open=True, optional=True)
+    if cfg.size not in (28, 64, 128, 224):
+        raise ConfigError(f"--size must be 28, 64, 128 or 224 (the MedMNIST file sizes), got {cfg.size!r}")
+    if cfg.img_size is not None:
+        if not isinstance(cfg.img_size, int) or isinstance(cfg.img_size, bool) or cfg.img_size < 1:
+            raise ConfigError(f"--img-size must be a positive integer, got {cfg.img_size!r}")
+        need = model_info(cfg.model).min_img_size
+        if cfg.img_size < need:
+            raise ConfigError(f"model {cfg.model!r} needs --img-size >= {need}, got {cfg.img_size}")
+    if cfg.optimizer not in ("adam", "adamw"):
+        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use adam or adamw")
+    if cfg.schedule not in ("cosine", "step", "none"):
+        raise ConfigError(f"unknown schedule {cfg.schedule!r}; use cosine, step or none")
+    if cfg.normalize not in NORMALIZATIONS:
+        raise ConfigError(f"unknown normalize {cfg.normalize!r}; use {' or '.join(NORMALIZATIONS)}")
+    resolve_precision(cfg.precision)
+    if isinstance(cfg, TrainConfig):
+        _range("alpha", cfg.alpha, 0.0, 1.0)
+        _range("margin", cfg.margin, 0.0)
+        _monitor(cfg.monitor, "binary-class")
 
 
 @dataclass
@@ -399,13 +448,10 @@ def _train(cfg: TrainConfig, given: set[str], ctx: distributed.Context, log: Cal
         cfg = _resumed_config(cfg, resume, given)
     quiet = cfg.quiet or not ctx.is_main
     say = (log or (lambda s: None if quiet else print(s, file=sys.stderr))) if ctx.is_main else (lambda s: None)
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ConfigError("--epochs and --batch-size must be at least 1")
+    check_recipe(cfg)
     if cfg.batch_size < ctx.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the {ctx.world_size} processes: the batch "
                           f"is the global batch, split across processes")
-    if cfg.optimizer not in ("adam", "adamw"):
-        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use adam or adamw")
     ts = resume.train_state if resume is not None else None
     if resume is not None and not resume.in_place:  # a finished run: is there anything left to do?
         if ts["epoch"] >= cfg.epochs:
@@ -416,6 +462,8 @@ def _train(cfg: TrainConfig, given: set[str], ctx: distributed.Context, log: Cal
                               f"pass --patience greater than {ts['bad_epochs']} to continue it")
     precision = resolve_precision(cfg.precision)
     model_info(cfg.model)  # fail fast on an unknown model name, before reading data
+    if resume is None and ctx.is_main:  # a bad --out must fail before any training, not after the first epoch
+        check_writable_dir(cfg.out or "runs", "--out")
     torch.manual_seed(cfg.seed)
     split_file = resume.source / "split.json" if resume is not None else None
     bundle = load_dataset(cfg.dataset, data_dir=cfg.data_dir, size=cfg.size, seed=cfg.seed, download=cfg.download,
@@ -439,6 +487,11 @@ def _train(cfg: TrainConfig, given: set[str], ctx: distributed.Context, log: Cal
     monitor = _monitor(cfg.monitor, info.task)
     meta = build_meta(cfg, bundle, model_kwargs, img_size, mean, std, loss_name, augment)
     meta["monitor"], meta["precision"] = monitor, precision
+    small_val = len(bundle.splits["val"]) < MIN_VAL_FOR_MODEL_SELECTION
+    if small_val:
+        warn(f"the validation split has {len(bundle.splits['val'])} images (fewer than "
+             f"{MIN_VAL_FOR_MODEL_SELECTION}): too few to pick a best epoch or stop early; all {cfg.epochs} epochs "
+             f"are trained and the last one is kept", meta, show=ctx.is_main)
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
@@ -542,7 +595,8 @@ def _train(cfg: TrainConfig, given: set[str], ctx: distributed.Context, log: Cal
                    "train_img_s": seen / train_time, "epoch_seconds": time.perf_counter() - t0}
             history.append(row)
             _append_jsonl(run / "log.jsonl", row)
-            score = _score(val, monitor)
+            # too few val images to choose an epoch: every epoch "improves", so the last one is kept, none stops early
+            score = float(epoch) if small_val else _score(val, monitor)
             improved = score > best_score
             if improved:
                 best_score, best_epoch, bad_epochs = score, epoch, 0
@@ -588,19 +642,21 @@ def _train(cfg: TrainConfig, given: set[str], ctx: distributed.Context, log: Cal
                              cfg.eval_batch_size, precision, return_probs=True)
         threshold: float | list[float] = 0.5
         if cfg.tune_threshold and info.task == MULTI_LABEL:
-            threshold = tune_thresholds(val.pop("_probs"), bundle.splits["val"].labels.numpy())
+            threshold = tune_thresholds(val.pop("_probs"), bundle.splits["val"].labels.numpy(), info.class_names,
+                                        meta, show=ctx.is_main)
             val = evaluate_split(final_model, bundle.splits["val"], eval_tf, info.task, info.class_names, eval_loss,
                                  cfg.eval_batch_size, precision, threshold=threshold)
         val.pop("_probs", None)
         test = evaluate_split(final_model, bundle.splits["test"], eval_tf, info.task, info.class_names, eval_loss,
                               cfg.eval_batch_size, precision, threshold=threshold)
-        meta.update(threshold=threshold, epoch=best_epoch, val_metrics=_slim(val), test_metrics=_slim(test),
+        meta.update(threshold=threshold, epoch=best_epoch, epochs_run=len(history), val_metrics=_slim(val),
+                    test_metrics=_slim(test),
                     train_seconds=seconds, machine=machine_description())
         save_checkpoint(run / "best_model.pth", final_model, meta, extras=extras)
         metrics_doc = {"dataset": bundle.name, "model": cfg.model, "seed": cfg.seed, "best_epoch": best_epoch,
                        "epochs_run": len(history), "monitor": monitor, "precision": precision,
                        "train_seconds": seconds, "machine": machine_description(), "native_bf16": bf16_supported(),
-                       "medmix_version": __version__, "val": val, "test": test}
+                       "medmix_version": __version__, "warnings": meta.get("warnings", []), "val": val, "test": test}
         atomic_write_text(run / "metrics.json", json.dumps(_jsonable(metrics_doc), indent=2))
         _write_history_csv(run / "log.csv", history)
         from .report import plot_curves, write_confusion
@@ -658,6 +714,10 @@ def fit_confidence(model: nn.Module, bundle: DataBundle, transform: BatchTransfo
     if not (calibrate or ood):
         return {}
     val = bundle.splits["val"]
+    if calibrate and len(val) < MIN_VAL_FOR_TEMPERATURE:
+        warn(f"the validation split has {len(val)} images (fewer than {MIN_VAL_FOR_TEMPERATURE}): no confidence "
+             f"temperature fitted (T = 1); probabilities are the model's own", meta, show=say is not None)
+        calibrate = False
     logits, features = ood_mod.extract(model, val.images, transform, batch_size)
     extras: dict[str, torch.Tensor] = {}
     if calibrate:
@@ -670,19 +730,35 @@ def fit_confidence(model: nn.Module, bundle: DataBundle, transform: BatchTransfo
                 f"calibration on val: per-label T, NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}")
     if ood:
         tr = bundle.splits["train"]
+        if len(val) < MIN_VAL_FOR_OOD_THRESHOLD:
+            warn(f"the validation split has {len(val)} images (fewer than {MIN_VAL_FOR_OOD_THRESHOLD}): the "
+                 f"out-of-distribution threshold is set on the training and validation images together "
+                 f"(stricter: more images flagged)", meta, show=say is not None)
         meta["ood"], extras = ood_mod.fit(model, tr.images, tr.labels, val.images, transform, task,
-                                          batch_size=batch_size, seed=seed, val=(logits, features))
+                                          batch_size=batch_size, seed=seed, val=(logits, features),
+                                          pool_train=len(val) < MIN_VAL_FOR_OOD_THRESHOLD)
     return extras
 
 
-def tune_thresholds(probs: np.ndarray, labels: np.ndarray, grid: int = 99) -> list[float]:
-    """Per label, the threshold in (0, 1) with the best validation accuracy (ties: the one nearest 0.5)."""
+def tune_thresholds(probs: np.ndarray, labels: np.ndarray, class_names: list[str] | None = None,
+                    meta: dict | None = None, *, show: bool = True, grid: int = 99) -> list[float]:
+    """Per label, the threshold in (0, 1) with the best validation accuracy (ties: the one nearest 0.5). A label
+    with fewer than ``MIN_PER_SIDE_FOR_THRESHOLD`` positive or negative val images keeps 0.5 (one warning)."""
     cands = np.linspace(0.01, 0.99, grid)
-    out = []
+    out, kept = [], []
     for j in range(probs.shape[1]):
+        pos = int((labels[:, j] > 0.5).sum())
+        if min(pos, len(labels) - pos) < MIN_PER_SIDE_FOR_THRESHOLD:
+            out.append(0.5)
+            kept.append(class_names[j] if class_names else str(j))
+            continue
         acc = ((probs[:, j][None, :] > cands[:, None]) == (labels[:, j][None, :] > 0.5)).mean(1)
         best = np.flatnonzero(acc == acc.max())
         out.append(float(cands[best[np.argmin(np.abs(cands[best] - 0.5))]]))
+    if kept:
+        warn(f"{len(kept)} label(s) have fewer than {MIN_PER_SIDE_FOR_THRESHOLD} positive or negative validation "
+             f"images ({', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}): their decision threshold stays 0.5",
+             meta, show=show)
     return out
 
 

@@ -31,3 +31,39 @@ class CheckpointError(MedmixError):
 
 class ConfigError(MedmixError, ValueError):
     """Arguments that do not fit together."""
+
+
+class MissingExtraError(MedmixError, ImportError):
+    """A feature whose optional dependencies (a pip "extra") are not installed."""
+
+
+# the optional dependencies behind each extra of pyproject.toml, by import name
+EXTRAS: dict[str, tuple[str, ...]] = {"serve": ("fastapi", "uvicorn", "python_multipart"),
+                                      "onnx": ("onnx", "onnxruntime")}
+
+
+def require_extra(extra: str, feature: str) -> None:
+    """Raise :class:`MissingExtraError` naming the install command when a module of ``extra`` cannot be imported."""
+    import importlib
+
+    missing = []
+    for module in EXTRAS[extra]:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            if module == "python_multipart":  # releases before 0.0.13 install it as `multipart`
+                try:
+                    importlib.import_module("multipart")
+                    continue
+                except ImportError:
+                    pass
+            missing.append(module.replace("_", "-"))
+    if missing:
+        raise MissingExtraError(f"{feature} needs {', '.join(missing)} (the {extra!r} extra): pip install "
+                                f"\"medmix[{extra}]\" (in a source checkout: pip install -e \".[{extra}]\")")
+
+
+def check_top_k(top_k: int | None) -> None:
+    """``top_k`` is None (every class) or a positive integer."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(f"--top-k must be at least 1 (or left out for every class), got {top_k!r}")

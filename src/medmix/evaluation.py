@@ -42,7 +42,7 @@ def _out_dir(out: str | os.PathLike) -> Path:
 
 def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, split: str = "test",
              out: str | os.PathLike | None = None, report: str | os.PathLike | None = None, batch_size: int = 512,
-             precision: str = "auto") -> dict:
+             precision: str = "run") -> dict:
     """Metrics with the official MedMNIST ACC/AUC semantics plus macro P/R/F1, the confusion matrix and calibration.
 
     Probabilities use the checkpoint's calibration temperature. Calibration is reported before (``T = 1``) and
@@ -68,10 +68,18 @@ def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | No
 
     if split not in ("train", "val", "test"):
         raise ConfigError(f"unknown split {split!r}; use train, val or test")
+    from .paths import check_writable_dir
+
+    for flag, d in (("--out", out), ("--report", report)):
+        if d is not None:
+            check_writable_dir(d, flag)
     path = resolve_checkpoint(ckpt_or_run)
     state, meta, _, extras = load_checkpoint(path, extras=True)
     from .generalist import evaluate_generalist, is_generalist
 
+    if precision == "run":  # what the run was evaluated in at the end of training, so the figures match metrics.json
+        precision = meta.get("precision") or "auto"
+    precision = resolve_precision(precision)
     if is_generalist(meta):
         if report is not None:
             raise ConfigError("--report is not available for generalist checkpoints; use --out for the routing "
@@ -90,10 +98,12 @@ def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | No
     data = bundle.splits[split]
     detector = Detector.from_checkpoint(meta, extras)
     features = None
-    if detector is not None and detector.needs_features:
+    if detector is not None and detector.needs_features and precision == "fp32":
         logits, features = extract(model, data.images, tf, batch_size)
     else:
-        logits = predict_logits(model, data.images, tf, batch_size, resolve_precision(precision))
+        logits = predict_logits(model, data.images, tf, batch_size, precision)
+        if detector is not None and detector.needs_features:  # the OOD statistics were fitted on fp32 features
+            _, features = extract(model, data.images, tf, batch_size)
     temperature = stored_temperature(meta)
     probs = probabilities(logits, info.task, temperature).numpy()
     m = compute_metrics(data.labels.numpy(), probs, info.task, info.class_names, threshold=meta.get("threshold", 0.5))
@@ -106,7 +116,7 @@ def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | No
     if detector is not None:
         flags = detector.flags(detector.scores(logits, features), data.images)
         m.update(ood_method=detector.method, ood_flagged=float(np.mean(~flags)))
-    m.update(split=split, dataset=bundle.name, model=meta["model"], checkpoint=str(path))
+    m.update(split=split, dataset=bundle.name, model=meta["model"], checkpoint=str(path), precision=precision)
     title = f"{bundle.name} {split} - {meta['model']}"
     if out_dir is not None:
         from .report import write_confusion, write_reliability

@@ -28,24 +28,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .cam_methods import DEFAULT_METHOD, METHODS
 from .checkpoint import atomic_write_bytes
 from .errors import ConfigError
+from .paths import check_writable_dir
 
-__all__ = ["METHODS", "cam_array", "explain", "resolve_class", "target_layer", "tokens_to_map"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "cam_array", "explain", "resolve_class", "target_layer", "tokens_to_map"]
 
-# method name -> pytorch_grad_cam class name
-METHODS: dict[str, str] = {
-    "gradcam": "GradCAM",
-    "gradcam++": "GradCAMPlusPlus",
-    "layercam": "LayerCAM",
-    "xgradcam": "XGradCAM",
-    "hirescam": "HiResCAM",
-    "eigencam": "EigenCAM",  # class-agnostic: the first principal component of the feature map
-}
-# Plain Grad-CAM averages gradients over the map; on the token mixer those change sign across positions and the
-# heatmap can come out inverted (quadrant-task mass in the right quadrant: 0.09-0.90 over seeds). Grad-CAM++
-# weights positive gradients per position and stayed at 0.55-0.79, so it is the default; --method gradcam remains.
-DEFAULT_METHOD = "gradcam++"
 PANEL_SIDE = 224  # the input is shown at least this many pixels wide
 _CHUNK = 32  # images per Grad-CAM forward/backward pass
 
@@ -260,6 +249,7 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
     _cam_class(method)  # fail on an unknown method before loading anything
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
+    check_writable_dir(out_dir, "--out")
     pred = checkpoint if isinstance(checkpoint, Predictor) else Predictor(checkpoint)
     names_cls = pred.class_names
     fixed = resolve_class(target_class, names_cls)

@@ -47,7 +47,8 @@ from .checkpoint import (atomic_write_bytes, build_model, load_checkpoint, rejec
                          resolve_checkpoint)
 from .data import BatchTransform
 from .data.tasks import MULTI_LABEL
-from .errors import ConfigError, MedmixError
+from .errors import ConfigError, MedmixError, require_extra
+from .paths import check_writable_file
 
 META_KEY = "medmix"
 INPUT_NAME = "input"
@@ -114,11 +115,13 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
                 tolerance: float = 1e-4, check_batch: int = 8, seed: int = 0) -> dict:
     """Write ``out_path`` (ONNX, dynamic batch) and return a summary: path, bytes, classes, input/outputs, the
     measured ``max_abs_diff_probabilities``/``max_abs_diff_logits`` and seconds."""
+    require_extra("onnx", "medmix export")
     import onnx
     import onnxruntime as ort
 
-    if not 9 <= int(opset) <= 21:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 9 <= opset <= 21:
         raise ConfigError(f"opset {opset} is not supported; use 9..21 (default 17)")
+    check_writable_file(out_path, "--onnx")
     t0 = time.perf_counter()
     from .ood import Detector
 

@@ -54,7 +54,8 @@ from .data import BatchTransform, DataBundle, Split, dataset_spec, get_policy, l
 from .data.mixture import MixedBatchSampler, common_channels, sampling_weights, to_common_format
 from .data.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, TaskInfo
 from .engine import RecipeConfig, _known
-from .errors import ConfigError
+from .errors import ConfigError, check_top_k
+from .paths import check_writable_dir
 from .losses import build_loss, default_loss_name
 from .metrics import compute_metrics, predict_labels, save_figure
 
@@ -253,6 +254,7 @@ def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str]
         _progress,
         _schedule,
         _write_history_csv,
+        check_recipe,
         epoch_seed,
         machine_description,
         recalibrate_batchnorm,
@@ -264,18 +266,16 @@ def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str]
     cfg = cfg or GeneralistConfig(**kwargs)
     cfg.datasets = parse_datasets(cfg.datasets)
     say = log or (lambda s: None if cfg.quiet else print(s, file=sys.stderr))
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ConfigError("--epochs and --batch-size must be at least 1")
+    check_recipe(cfg)
     if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
         raise ConfigError("--steps-per-epoch must be at least 1")
-    if cfg.optimizer not in ("adam", "adamw"):
-        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use adam or adamw")
     if cfg.modality_weight < 0:
         raise ConfigError(f"--modality-weight must be >= 0, got {cfg.modality_weight}")
     if cfg.channels not in (None, 1, 3):
         raise ConfigError(f"--channels must be 1 or 3, got {cfg.channels}")
     precision = resolve_precision(cfg.precision)
     model_info(cfg.model)
+    check_writable_dir(cfg.out or "runs", "--out")  # before any data is read or epoch trained
     torch.manual_seed(cfg.seed)
     members, side, channels = _load_members(cfg)
     if side < model_info(cfg.model).min_img_size:
@@ -414,8 +414,8 @@ def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str]
     test = evaluate_heads(model, members, "test", eval_tf, meta, batch_size=cfg.eval_batch_size, precision=precision)
     for m_, split in ((val, "val"), (test, "test")):
         m_.update(kind=KIND, split=split, model=cfg.model)
-    meta.update(epoch=best_epoch, val_metrics=summarize(val), test_metrics=summarize(test), train_seconds=seconds,
-                machine=machine_description())
+    meta.update(epoch=best_epoch, epochs_run=len(history), val_metrics=summarize(val), test_metrics=summarize(test),
+                train_seconds=seconds, machine=machine_description())
     save_checkpoint(run / "best_model.pth", model, meta, extras=extras)
     doc = {"kind": KIND, "datasets": [m.name for m in members], "model": cfg.model, "seed": cfg.seed,
            "best_epoch": best_epoch, "train_seconds": seconds, "machine": machine_description(),
@@ -665,6 +665,7 @@ class GeneralistPredictor:
         from .engine import probabilities
         from .predict import _single_input
 
+        check_top_k(top_k)
         if dataset is not None and dataset not in self.names:
             raise ConfigError(f"--dataset {dataset!r} is not one of this generalist's datasets: "
                               f"{', '.join(self.names)}")

@@ -139,19 +139,30 @@ def threshold_at_tpr(in_scores: Any, tpr: float = TPR) -> float:
 
 # ----------------------------------------------------------------------------------------------- fitting
 def fit_from_features(train_features: Any, train_labels: Any, val_logits: Any, val_features: Any, task: str, *,
-                      method: str = DEFAULT_SCORE, tpr: float = TPR, energy_temperature: float = 1.0
-                      ) -> tuple[dict, dict[str, torch.Tensor]]:
+                      method: str = DEFAULT_SCORE, tpr: float = TPR, energy_temperature: float = 1.0,
+                      train_logits: Any = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(meta block, checkpoint extras)`` from features of the training split and logits/features of the validation
     split. The block: ``method`` (the score predictions use), ``threshold`` (its), ``thresholds`` (both scores),
-    ``temperature`` (of the energy), ``tpr``, ``split`` ("val"), ``n_val``, ``n_fit``, ``feature_dim``."""
+    ``temperature`` (of the energy), ``tpr``, ``split`` ("val"), ``n_val``, ``n_fit``, ``feature_dim``.
+
+    ``train_logits`` given (a validation split too small to place a threshold on): the thresholds are placed on the
+    training and validation scores pooled (``split`` "train+val"); training images sit closer to the statistics
+    fitted on them, so the threshold is stricter."""
     if method not in SCORES:
         raise ConfigError(f"unknown OOD score {method!r}; use one of {', '.join(SCORES)}")
     stats = fit_mahalanobis(train_features, train_labels, task)
     val_scores = {"mahalanobis": mahalanobis_score(val_features, stats),
                   "energy": energy_score(val_logits, energy_temperature, task)}
-    thresholds = {k: threshold_at_tpr(v, tpr) for k, v in val_scores.items()}
+    in_scores = val_scores
+    if train_logits is not None:
+        in_scores = {"mahalanobis": np.concatenate([mahalanobis_score(train_features, stats),
+                                                    val_scores["mahalanobis"]]),
+                     "energy": np.concatenate([energy_score(train_logits, energy_temperature, task),
+                                               val_scores["energy"]])}
+    thresholds = {k: threshold_at_tpr(v, tpr) for k, v in in_scores.items()}
     block = {"method": method, "threshold": thresholds[method], "thresholds": thresholds,
-             "temperature": float(energy_temperature), "tpr": float(tpr), "split": "val",
+             "temperature": float(energy_temperature), "tpr": float(tpr),
+             "split": "val" if train_logits is None else "train+val",
              "n_val": len(val_scores["energy"]), "n_fit": int(np.asarray(train_features).shape[0]),
              "feature_dim": int(stats[EXTRA_MEANS].shape[1]), "n_means": int(stats[EXTRA_MEANS].shape[0])}
     return block, stats
@@ -159,20 +170,21 @@ def fit_from_features(train_features: Any, train_labels: Any, val_logits: Any, v
 
 def fit(model: nn.Module, train_images: torch.Tensor, train_labels: Any, val_images: torch.Tensor, transform,
         task: str, *, method: str = DEFAULT_SCORE, tpr: float = TPR, batch_size: int = 256,
-        max_fit_images: int = MAX_FIT_IMAGES, seed: int = 0, val: tuple[torch.Tensor, torch.Tensor] | None = None
-        ) -> tuple[dict, dict[str, torch.Tensor]]:
+        max_fit_images: int = MAX_FIT_IMAGES, seed: int = 0, val: tuple[torch.Tensor, torch.Tensor] | None = None,
+        pool_train: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """Fit the OOD statistics of ``model`` on un-augmented training images (``transform`` must not augment) and
-    fix the thresholds on the validation images; ``val`` may pass their already computed ``(logits, features)``.
+    fix the thresholds on the validation images (``pool_train``: on the training and validation images together);
+    ``val`` may pass their already computed ``(logits, features)``.
     Returns ``(meta["ood"] block, checkpoint extras)``."""
     labels = torch.as_tensor(np.asarray(train_labels)) if not isinstance(train_labels, torch.Tensor) else train_labels
     min_std = 0.5 * float(np.quantile(pixel_std(train_images), MIN_STD_QUANTILE)) if len(train_images) else 0.0
     if len(train_images) > max_fit_images:
         idx = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:max_fit_images]
         train_images, labels = train_images[idx], labels[idx]
-    _, train_features = extract(model, train_images, transform, batch_size)
+    train_logits, train_features = extract(model, train_images, transform, batch_size)
     val_logits, val_features = val if val is not None else extract(model, val_images, transform, batch_size)
     block, stats = fit_from_features(train_features, labels.numpy(), val_logits, val_features, task, method=method,
-                                     tpr=tpr)
+                                     tpr=tpr, train_logits=train_logits if pool_train else None)
     block["min_pixel_std"] = round(min_std, 4)
     return block, stats
 

@@ -26,7 +26,7 @@ from .data import BatchTransform
 from .data.images import load_image
 from .data.tasks import MULTI_LABEL, TaskInfo
 from .engine import predict_logits, probabilities
-from .errors import ConfigError
+from .errors import ConfigError, check_top_k
 
 
 class Predictor:
@@ -50,6 +50,8 @@ class Predictor:
         self.info = TaskInfo.from_dict(self.meta["task"])
         self.transform = BatchTransform(self.meta["img_size"], self.meta["mean"], self.meta["std"])
         self.temperature = stored_temperature(self.meta)  # one number, or one per label (multi-label)
+        if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+            raise ConfigError(f"--threshold must be in [0, 1], got {threshold!r}")
         t = threshold if threshold is not None else self.meta.get("threshold", 0.5)
         self.thresholds = [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * len(self.class_names)
 
@@ -67,6 +69,7 @@ class Predictor:
         return probabilities(logits, self.info.task, self.temperature)
 
     def predict(self, inputs: Iterable[Any], top_k: int | None = None) -> list[dict]:
+        check_top_k(top_k)
         items = [inputs] if _single_input(inputs) else list(inputs)  # one path/bytes/image, not its characters
         if not items:
             raise ConfigError("no images given")

@@ -5,12 +5,14 @@ import sys
 from pathlib import Path
 
 from .engine import TrainConfig, train
+from .paths import check_writable_dir
 from .predict import Predictor, format_prediction
 from .report import OFFICIAL_BENCHMARK, format_metrics
 
 
 def quickstart(out: str = "runs/quickstart", epochs: int = 40, quiet: bool = False, seed: int = 0) -> dict:
     """Returns the test metrics; writes the run folder (checkpoint, log, curves, confusion matrix, a sample)."""
+    check_writable_dir(out, "--out")
     print("medmix quickstart: HybridCNN + Global Token Mixer on BreastMNIST (embedded, 28 px, CC BY 4.0)",
           file=sys.stderr)
     result = train(TrainConfig(dataset="breastmnist", model="hybrid_mixer_small", epochs=epochs, batch_size=64,

@@ -24,6 +24,12 @@ OFFICIAL_BENCHMARK: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 
+def _epochs(meta: dict) -> str:
+    """"best epoch 31 of 40 run (chosen on val)"; older checkpoints do not record the epochs run."""
+    best, ran = meta.get("epoch", "?"), meta.get("epochs_run")
+    return f"best epoch {best} of {ran} run (chosen on val)" if ran else f"best epoch {best} (chosen on val)"
+
+
 def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -219,8 +225,8 @@ def write_evaluation_report(out: Path, m: dict, probs, labels, images, info: Tas
     t_txt = f"{t:.4f}" if isinstance(t, float) else "per label [" + ", ".join(f"{v:.3f}" for v in t) + "]"
     lines = [f"# Evaluation report: {model} on {dataset} ({split} split)", "",
              f"Checkpoint: `{m['checkpoint']}`  ",
-             (f"Task: {m['task']}, {m['n']} images, {len(info.class_names)} classes; trained "
-              f"{meta.get('epoch', '?')} epochs (best on val), medmix {meta.get('medmix_version', '?')}"), "",
+             (f"Task: {m['task']}, {m['n']} images, {len(info.class_names)} classes; {_epochs(meta)}; "
+              f"evaluated in {m.get('precision', '?')}; medmix {meta.get('medmix_version', '?')}"), "",
              "## Headline", "",
              "| metric | value |", "|---|---|",
              f"| ACC (official MedMNIST semantics) | {_f(m['acc'])} |",

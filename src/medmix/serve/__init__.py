@@ -13,6 +13,9 @@ __all__ = ["create_app"]
 
 def __getattr__(name: str):
     if name == "create_app":
+        from ..errors import require_extra
+
+        require_extra("serve", "medmix.serve")
         from .app import create_app
 
         return create_app

@@ -25,12 +25,14 @@ a batch runs share the next one); Grad-CAM runs in the thread pool under the sam
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import math
 import os
 import queue
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..cam_methods import DEFAULT_METHOD as DEFAULT_CAM_METHOD
+from ..cam_methods import METHODS as CAM_METHODS
 from ..errors import CheckpointError, ConfigError, ImageError, MedmixError
 from .onnx_backend import MAX_PIXELS, ImageTooLarge, OnnxPredictor, image_size
 
@@ -489,8 +493,7 @@ def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload
               responses={200: {"content": {"image/png": {}}}, 501: {"description": "ONNX backend: no Grad-CAM"}})
     async def explain(files: Annotated[list[UploadFile] | None, File(description="one image file")] = None,
                       file: Annotated[UploadFile | None, File(description="one image file")] = None,
-                      method: Annotated[str, Query(description="gradcam, gradcam++, layercam, xgradcam, "
-                                                               "hirescam or eigencam")] = "gradcam",
+                      method: Annotated[str, Query(description=", ".join(CAM_METHODS))] = DEFAULT_CAM_METHOD,
                       target_class: Annotated[str | None, Query(description="class name or index to "
                                                                             "explain (default: predicted)")] = None
                       ) -> Response:
@@ -500,10 +503,9 @@ def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload
         items = await read_uploads(files, file)
         if len(items) != 1:
             raise BadRequest(f"/v1/explain takes one image, got {len(items)}")
-        from ..cli import EXPLAIN_METHODS
 
-        if method not in EXPLAIN_METHODS:
-            raise BadRequest(f"unknown method {method!r}; use one of {', '.join(EXPLAIN_METHODS)}")
+        if method not in CAM_METHODS:
+            raise BadRequest(f"unknown method {method!r}; use one of {', '.join(CAM_METHODS)}")
         t0 = time.perf_counter()
         (image,) = await run_in_threadpool(decode_all, items)
         png, info = await run_in_threadpool(model.explain, image, items[0][0], method, target_class)
@@ -519,14 +521,52 @@ def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload
 def run(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, backend: str = "torch",
         onnx_path: str | os.PathLike | None = None, max_upload_mb: float = 10.0, log_level: str = "info",
         threads: int | None = 1) -> None:
-    """Build the app (the model loads here, once) and serve it with uvicorn until interrupted."""
+    """Build the app (the model loads here, once) and serve it with uvicorn until interrupted.
+
+    The listening socket is bound first, before the model loads: a port in use or a host that is not this
+    machine's fails at once with one line, and no other server can take the port between the check and the start."""
     import uvicorn
 
-    if max_upload_mb <= 0:
+    if not math.isfinite(max_upload_mb) or max_upload_mb <= 0:
         raise ConfigError(f"--max-upload-mb must be positive, got {max_upload_mb}")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {threads}")
-    app = create_app(checkpoint, backend, int(max_upload_mb * 1024 * 1024), onnx_path=onnx_path, threads=threads)
-    print(f"medmix: serving {app.state.backend.meta['model']} ({backend} backend) on http://{host}:{port}/  "
-          f"(API docs at /docs)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    sock = listen(host, port)
+    try:
+        app = create_app(checkpoint, backend, int(max_upload_mb * 1024 * 1024), onnx_path=onnx_path,
+                         threads=threads)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"medmix: serving {app.state.backend.meta['model']} ({backend} backend) on http://{shown}:{port}/  "
+              f"(API docs at /docs)", file=sys.stderr, flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (as uvicorn binds: SO_REUSEADDR), or one ``ConfigError`` line."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be 1..65535, got {port!r}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--host {host!r}: not an address or a name this machine can resolve "
+                          f"({getattr(e, 'strerror', None) or e})") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is already in use (another server?); choose another with "
+                              f"--port") from None
+        if e.errno == errno.EACCES:
+            raise ConfigError(f"port {port} on {host}: permission denied (ports below 1024 need privileges); "
+                              f"choose another with --port") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"--host {host}: not an address of this machine") from None
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    sock.listen(2048)  # uvicorn's default backlog; from here on the port is ours
+    return sock

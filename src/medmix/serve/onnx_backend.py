@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, require_extra
 from ..imaging import MAX_PIXELS, ImageTooLarge, image_size, load_image_np  # noqa: F401  (re-exported for the app)
 
 META_KEY = "medmix"
@@ -120,6 +120,7 @@ def describe(name: str, p: np.ndarray, class_names: Sequence[str], task: str, th
 # ----------------------------------------------------------------------------------------------- the predictor
 def read_metadata(path: str | os.PathLike) -> dict:
     """The ``medmix`` JSON metadata of an exported ONNX file (cheap: the graph is read, weights are not parsed)."""
+    require_extra("onnx", "the ONNX Runtime backend")
     import onnx
 
     p = Path(path)
@@ -146,6 +147,7 @@ class OnnxPredictor:
 
     def __init__(self, path: str | os.PathLike, *, threshold: float | None = None, ordinal_mode: str = "argmax",
                  threads: int | None = None, max_pixels: int = MAX_PIXELS) -> None:
+        require_extra("onnx", "the ONNX Runtime backend")
         import onnxruntime as ort
 
         if ordinal_mode not in ("argmax", "expected"):
