@@ -12,7 +12,8 @@ from typing import Any, Iterable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
-DEFAULT_DATA = os.environ.get("MEDMIX_DATA", str(ROOT.parent / "shared" / "data"))
+# like the command line: $MEDMIX_DATA, else medmnist's own download folder
+DEFAULT_DATA = os.environ.get("MEDMIX_DATA", str(Path("~/.medmnist").expanduser()))
 
 
 def machine() -> dict:
@@ -104,7 +105,8 @@ def train_or_reuse(out: str | Path, reuse: bool, *, reuse_only: bool = False, **
                           **train_kwargs))
     d = json.loads((out / "metrics.json").read_text())
     return SimpleNamespace(best_epoch=d["best_epoch"], seconds=d["train_seconds"], val=d["val"], test=d["test"],
-                           epochs_run=d.get("epochs_run"), precision=d.get("precision"),
+                           epochs_run=d.get("epochs_run"),
+                           precision=d.get("float_precision", d.get("precision")),
                            machine={"description": d.get("machine"), "native_bf16": d.get("native_bf16")})
 
 

@@ -1,6 +1,6 @@
 """One generalist vs one specialist per dataset: same backbone, same input format, same total training budget.
 
-    python benchmarks/generalist.py [--data-dir ../shared/data]
+    python benchmarks/generalist.py [--data-dir ~/medmnist]
                                     [--datasets pneumoniamnist breastmnist retinamnist mednist]
                                     [--model hybrid_mixer_small] [--img-size 28] [--steps 1200] [--evals 10]
                                     [--seeds 0 1 2] [--reuse]

@@ -1,6 +1,6 @@
 """Out-of-distribution warning: does the OOD score tell a model's own images from other modalities, noise, constants?
 
-    python benchmarks/ood.py [--data-dir ../shared/data] [--runs RUN_DIR ...] [--epochs 20] [--threads 1]
+    python benchmarks/ood.py [--data-dir ~/medmnist] [--runs RUN_DIR ...] [--epochs 20] [--threads 1]
 
 For models trained on BreastMNIST, PneumoniaMNIST and RetinaMNIST (28 px; a run given with --runs is reused, its
 dataset read from its checkpoint; otherwise the default model is trained for --epochs with seed 0 into

@@ -177,6 +177,9 @@ def chest_ckpt(tmp_path, chest_npz):
     from medmix.models import create_model
 
     path, _ = chest_npz
+    from conftest import write_official_npz
+
+    write_official_npz(path, 14, sizes=(40, 60, 10), multi_label=True)  # calibrate needs >= 50 val images
     info = task_info("chestmnist")
     kwargs = dict(num_classes=info.num_classes, in_chans=1, img_size=28)
     torch.manual_seed(0)

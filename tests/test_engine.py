@@ -232,7 +232,7 @@ def test_evaluate_matches_metrics_json_and_report_says_epochs(trained_run, tmp_p
 
     doc = json.loads((trained_run.run_dir / "metrics.json").read_text())
     m = evaluate(trained_run.run_dir, split="test", report=tmp_path / "report")
-    assert m["precision"] == doc["precision"] == "fp32"
+    assert m["float_precision"] == doc["float_precision"] == "fp32"
     _same_printed_digits(m, doc["test"])
     text = (tmp_path / "report" / "report.md").read_text()
     assert f"best epoch {doc['best_epoch']} of {doc['epochs_run']} run" in text and "evaluated in fp32" in text
@@ -251,6 +251,6 @@ def test_evaluate_uses_the_precision_the_run_used(tmp_path):
               out=str(tmp_path / "bf16"), quiet=True)
     doc = json.loads((r.run_dir / "metrics.json").read_text())
     m = evaluate(r.run_dir, split="test")
-    assert doc["precision"] == m["precision"] == "bf16"
+    assert doc["float_precision"] == m["float_precision"] == "bf16"
     _same_printed_digits(m, doc["test"])
-    assert evaluate(r.run_dir, split="test", precision="fp32")["precision"] == "fp32"
+    assert evaluate(r.run_dir, split="test", precision="fp32")["float_precision"] == "fp32"

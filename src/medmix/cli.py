@@ -178,7 +178,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         if m.get("routing_confusion_png"):
             print(f"routing confusion matrix: {m['routing_confusion_png']}")
         return
-    print(format_metrics(m, f"{m['dataset']} {m['split']} split, {m['model']} ({m['precision']}):"))
+    print(format_metrics(m, f"{m['dataset']} {m['split']} split, {m['model']} ({m['float_precision']}):"))
     t = m["temperature"]
     shown = f"{t:.4f}" if isinstance(t, float) else "per label"
     print(f"calibration (T = {shown}): ECE {m['ece_before']:.4f} -> {m['ece_after']:.4f} ({m['n_bins']} bins), "

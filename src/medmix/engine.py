@@ -654,7 +654,7 @@ def _train(cfg: TrainConfig, given: set[str], ctx: distributed.Context, log: Cal
                     train_seconds=seconds, machine=machine_description())
         save_checkpoint(run / "best_model.pth", final_model, meta, extras=extras)
         metrics_doc = {"dataset": bundle.name, "model": cfg.model, "seed": cfg.seed, "best_epoch": best_epoch,
-                       "epochs_run": len(history), "monitor": monitor, "precision": precision,
+                       "epochs_run": len(history), "monitor": monitor, "float_precision": precision,
                        "train_seconds": seconds, "machine": machine_description(), "native_bf16": bf16_supported(),
                        "medmix_version": __version__, "warnings": meta.get("warnings", []), "val": val, "test": test}
         atomic_write_text(run / "metrics.json", json.dumps(_jsonable(metrics_doc), indent=2))

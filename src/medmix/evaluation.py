@@ -116,7 +116,8 @@ def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | No
     if detector is not None:
         flags = detector.flags(detector.scores(logits, features), data.images)
         m.update(ood_method=detector.method, ood_flagged=float(np.mean(~flags)))
-    m.update(split=split, dataset=bundle.name, model=meta["model"], checkpoint=str(path), precision=precision)
+    m.update(split=split, dataset=bundle.name, model=meta["model"], checkpoint=str(path),
+             float_precision=precision)
     title = f"{bundle.name} {split} - {meta['model']}"
     if out_dir is not None:
         from .report import write_confusion, write_reliability

@@ -1,4 +1,5 @@
-"""Training losses for the four MedMNIST task kinds, including the seed paper's Ordinal Loss.
+"""Training losses for the four MedMNIST task kinds, including the Ordinal Loss of Liu, *Medical Image
+Classification Based on Transformer Model and Ordinal Loss*.
 
 Every module is called like a torch loss, ``loss(logits, target)``: ``logits`` is ``(N, C)`` float;
 ``target`` is ``(N,)`` (or ``(N, 1)``, as MedMNIST labels come) integer class indices for single-label
@@ -89,7 +90,7 @@ class CrossEntropy(nn.CrossEntropyLoss):
 
 
 class LogSoftmaxNLL(nn.Module):
-    """``LogSoftmax`` + ``NLLLoss``, the seed paper's formulation; numerically the same as :class:`CrossEntropy`."""
+    """``LogSoftmax`` + ``NLLLoss``, the Ordinal Loss paper's formulation; numerically the same as :class:`CrossEntropy`."""
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -159,12 +160,12 @@ def rank_loss(
 
 
 class OrdinalLoss(nn.Module):
-    r"""``alpha * RankLoss + (1 - alpha) * CE`` (the seed paper's Ordinal Loss, with a corrected direction).
+    r"""``alpha * RankLoss + (1 - alpha) * CE`` (Liu's Ordinal Loss, with a corrected direction).
 
     ``p = softmax(logits)``; for every class pair ``i < j`` a hinge (margin ranking) term compares ``p_i`` and
     ``p_j``, the direction being chosen by where the true grade ``y`` lies relative to ``(i + j) / 2``.
 
-    **variant="printed"** - the formula exactly as printed in the seed paper::
+    **variant="printed"** - the formula exactly as printed in the paper::
 
         t_ij = +1 if y > (i+j)/2 else -1          (tie y == (i+j)/2  ->  t = -1)
         term_ij = max(0, -t_ij (p_i - p_j) + margin)          margin on every pair

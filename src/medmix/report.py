@@ -226,7 +226,7 @@ def write_evaluation_report(out: Path, m: dict, probs, labels, images, info: Tas
     lines = [f"# Evaluation report: {model} on {dataset} ({split} split)", "",
              f"Checkpoint: `{m['checkpoint']}`  ",
              (f"Task: {m['task']}, {m['n']} images, {len(info.class_names)} classes; {_epochs(meta)}; "
-              f"evaluated in {m.get('precision', '?')}; medmix {meta.get('medmix_version', '?')}"), "",
+              f"evaluated in {m.get('float_precision', '?')}; medmix {meta.get('medmix_version', '?')}"), "",
              "## Headline", "",
              "| metric | value |", "|---|---|",
              f"| ACC (official MedMNIST semantics) | {_f(m['acc'])} |",

@@ -44,7 +44,7 @@ AUGMENT_POLICIES: dict[str, AugmentConfig] = {
     # the MedViT / Ordinal Loss paper's list (random scaling, rotation, cropping, horizontal flip); the paper gives
     # no magnitudes, so these are ours: zoom 0.8-1.2, +-15 degrees, crops shifted up to 10 % of the side
     "medvit_paper": AugmentConfig(hflip=True, rotate=15, scale=(0.8, 1.2), translate=0.1),
-    # the Medical MNIST seed's recipe: rotation, flip and zoom
+    # the recipe of the technical report "A CNN + Transformer model for Medical MNIST": rotation, flip, zoom
     "rotate_flip_zoom": AugmentConfig(hflip=True, rotate=15, scale=(0.9, 1.1), translate=0.0),
 }
 

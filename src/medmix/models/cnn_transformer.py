@@ -1,7 +1,7 @@
 """CNN + Transformer hybrid for Medical MNIST.
 
-Reimplements the ``MedicalMNISTCNN`` model of the seed report *"A CNN-Transformer hybrid for the Medical MNIST
-dataset"* (Medical MNIST, Kaggle ``andrewmvd/medical-mnist``: 6 grey-scale classes, 64×64 px): a stack of
+Reimplements the ``MedicalMNISTCNN`` model of the technical report *"A CNN + Transformer model for Medical
+MNIST"* (Medical MNIST, Kaggle ``andrewmvd/medical-mnist``: 6 grey-scale classes, 64×64 px): a stack of
 convolutional blocks (conv → batch norm → ReLU → max pool, widening at every block, dropout), the last feature
 map flattened into a token sequence with a positional encoding, a transformer block with 4-head self-attention and
 a position-wise feed-forward network (LayerNorm, residual connections), then dropout and a linear classifier.
@@ -318,7 +318,7 @@ class CNNTransformer(nn.Module):
 
 @register_model(
     family="cnn_transformer",
-    paper="Seed report: CNN + Transformer hybrid (MedicalMNISTCNN) for Medical MNIST",
+    paper="A CNN + Transformer model for Medical MNIST (technical report; MedicalMNISTCNN)",
     default_img_size=64,
     min_img_size=28,
 )
