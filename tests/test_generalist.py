@@ -323,3 +323,20 @@ def test_blank_guard_is_the_routed_datasets(gen_run):
     textured = torch.from_numpy(class_images(np.zeros(4, dtype=np.int64), 28, 1, seed=3)[:, None])
     p.ood["min_pixel_std_by_dataset"] = {"pneumoniamnist": 0.0, "stripes": 1e9}
     assert not p.analyse(textured, dataset="stripes")["in_distribution"].any()  # the guard of the routed head
+
+
+def test_small_validation_splits_fall_back_per_dataset(gen_run):
+    """32 val images (pneumoniamnist) are too few for a temperature, 18 (stripes) also for an OOD threshold of its
+    own: each head falls back separately and the checkpoint records why."""
+    from medmix.checkpoint import load_checkpoint
+    from medmix.small_data import MIN_VAL_FOR_OOD_THRESHOLD, MIN_VAL_FOR_TEMPERATURE
+
+    r, _ = gen_run
+    _, meta, _ = load_checkpoint(r.run_dir / "best_model.pth")
+    names = [d["name"] for d in meta["generalist"]["datasets"]]
+    assert all(d["temperature"] == 1.0 for d in meta["generalist"]["datasets"])
+    split = meta["ood"]["split_by_dataset"]
+    assert split[names[0]] == "val" and split[names[1]] == "train+val"
+    assert 18 < MIN_VAL_FOR_OOD_THRESHOLD <= 32 < MIN_VAL_FOR_TEMPERATURE
+    assert sum("no confidence temperature" in w for w in meta["warnings"]) == 2
+    assert sum("out-of-distribution threshold" in w for w in meta["warnings"]) == 1

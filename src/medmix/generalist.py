@@ -56,6 +56,7 @@ from .data.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, TaskInfo
 from .engine import RecipeConfig, _known
 from .errors import ConfigError, check_top_k
 from .paths import check_writable_dir
+from .small_data import MIN_VAL_FOR_OOD_THRESHOLD, MIN_VAL_FOR_TEMPERATURE, warn
 from .losses import build_loss, default_loss_name
 from .metrics import compute_metrics, predict_labels, save_figure
 
@@ -468,6 +469,10 @@ def _fit_trust(model: nn.Module, members: Sequence[_Member], tf: BatchTransform,
     if cfg.calibrate:
         for m, d, (logits, _) in zip(members, g["datasets"], val_out):
             a, b = d["columns"]
+            if len(m.splits["val"]) < MIN_VAL_FOR_TEMPERATURE:
+                warn(f"{m.name}: the validation split has {len(m.splits['val'])} images (fewer than "
+                     f"{MIN_VAL_FOR_TEMPERATURE}): no confidence temperature fitted for its head (T = 1)", meta)
+                continue
             d["temperature"], d["calibration"] = fit_calibration(logits[:, a:b], m.splits["val"].labels, m.info.task)
         if n_d > 1:
             mod_logits = torch.cat([lo[:, :n_d] for lo, _ in val_out])
@@ -493,14 +498,21 @@ def _fit_trust(model: nn.Module, members: Sequence[_Member], tf: BatchTransform,
         offset += 1 if m.info.task == MULTI_LABEL else m.info.num_classes
         stds.append(ood_mod.pixel_std(tr.images))
     stats = ood_mod.fit_mahalanobis(torch.cat(feats), torch.cat(labels), MULTI_CLASS)
-    thresholds = {}
-    for m, (_, f) in zip(members, val_out):
-        thresholds[m.name] = ood_mod.threshold_at_tpr(ood_mod.mahalanobis_score(f, stats), ood_mod.TPR)
+    thresholds, splits = {}, {}
+    for m, (_, f), ft in zip(members, val_out, feats):
+        scores = ood_mod.mahalanobis_score(f, stats)
+        splits[m.name] = "val"
+        if len(m.splits["val"]) < MIN_VAL_FOR_OOD_THRESHOLD:
+            warn(f"{m.name}: the validation split has {len(m.splits['val'])} images (fewer than "
+                 f"{MIN_VAL_FOR_OOD_THRESHOLD}): its out-of-distribution threshold is set on its training and "
+                 f"validation images together (stricter)", meta)
+            scores, splits[m.name] = np.concatenate([ood_mod.mahalanobis_score(ft, stats), scores]), "train+val"
+        thresholds[m.name] = ood_mod.threshold_at_tpr(scores, ood_mod.TPR)
     # the blank guard per dataset, applied to the dataset an image is routed to: pooled, one dataset that holds
     # blank images (MedNIST has constant slices) switched it off for all (measured: 71% of blank images flagged)
     min_std = {m.name: round(0.5 * float(np.quantile(v, ood_mod.MIN_STD_QUANTILE)), 4) for m, v in zip(members, stds)}
     meta["ood"] = {"method": "mahalanobis", "per_dataset": True, "thresholds_by_dataset": thresholds,
-                   "tpr": ood_mod.TPR, "split": "val", "min_pixel_std_by_dataset": min_std,
+                   "tpr": ood_mod.TPR, "split": "val", "split_by_dataset": splits, "min_pixel_std_by_dataset": min_std,
                    "n_fit": int(sum(len(f) for f in feats)), "n_means": int(stats[ood_mod.EXTRA_MEANS].shape[0]),
                    "feature_dim": int(stats[ood_mod.EXTRA_MEANS].shape[1])}
     return stats
