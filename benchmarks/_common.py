@@ -19,7 +19,7 @@ DEFAULT_DATA = os.environ.get("MEDMIX_DATA", str(Path("~/.medmnist").expanduser(
 def machine() -> dict:
     import torch
 
-    from medmix.engine import bf16_supported, machine_description
+    from medmix.inference import bf16_supported, machine_description
 
     return {"description": machine_description(), "python": platform.python_version(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "native_bf16": bf16_supported(),

@@ -81,7 +81,7 @@ def main() -> None:
 
     from medmix.data import load_dataset
     from medmix.data.mixture import common_channels, sampling_weights
-    from medmix.engine import set_threads
+    from medmix.inference import set_threads
 
     set_threads()
     bundles = [load_dataset(d, data_dir=a.data_dir) for d in a.datasets]

@@ -52,7 +52,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from medmix.data.medmnist import file_name, medmnist_flags
-    from medmix.engine import set_threads
+    from medmix.inference import set_threads
     from medmix.report import OFFICIAL_BENCHMARK
 
     set_threads()

@@ -1,4 +1,6 @@
-"""Medical MNIST / MedNIST with the protocol of "A CNN + Transformer model for Medical MNIST": stratified 70/15/15, accuracy, precision, recall, F1.
+"""Medical MNIST / MedNIST with the protocol of "A CNN + Transformer model for Medical MNIST".
+
+Stratified 70/15/15 split; accuracy, precision, recall, F1.
 
     python benchmarks/mednist.py [--data-dir ~/medmnist] [--models cnn_transformer hybrid_mixer_small]
                                  [--img-size 64] [--epochs 3] [--seeds 0 1 2] [--reuse]
@@ -34,7 +36,7 @@ def main() -> None:
                          "retraining")
     a = ap.parse_args()
 
-    from medmix.engine import set_threads
+    from medmix.inference import set_threads
     from medmix.metrics import plot_confusion
 
     set_threads()

@@ -60,7 +60,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from medmix.catalog import count_macs
-    from medmix.engine import set_threads
+    from medmix.inference import set_threads
     from medmix.models import create_model, list_models, model_info
 
     set_threads()
@@ -76,7 +76,7 @@ def main() -> None:
                          "macs_28": count_macs(m28, 28, 1), "macs_224": count_macs(m224, 224, 1), "speed": {}})
         del m224
     # throughput: round-robin over (model, size, precision, mode) so noise is shared
-    from medmix.engine import bf16_supported
+    from medmix.inference import bf16_supported
 
     def precisions(name: str) -> tuple[str, ...]:
         if a.bf16 == "all" or (a.bf16 == "auto" and bf16_supported()):

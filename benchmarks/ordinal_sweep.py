@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true", help="train nothing; tabulate the finished runs")
     a = ap.parse_args()
 
-    from medmix.engine import set_threads
+    from medmix.inference import set_threads
 
     set_threads()
     specs = [(m, r or "medmix") for m, _, r in (s.partition(":") for s in a.runs)]

@@ -136,7 +136,7 @@ async def load(url: str, pngs: list[bytes], clients: int, seconds: float, warmup
 def single_image(ckpt: Path, onnx_path: Path, pngs: list[bytes], repeats: int, threads: int) -> dict:
     import torch
 
-    from medmix.engine import bf16_supported, predict_logits, probabilities
+    from medmix.inference import bf16_supported, predict_logits, probabilities
     from medmix.predict import Predictor
     from medmix.serve.onnx_backend import OnnxPredictor
 
@@ -194,7 +194,7 @@ def main() -> None:
     if not (0 < a.seconds <= 600 and 1 <= a.clients <= 256):
         raise SystemExit("--seconds must be in (0, 600] and --clients in [1, 256]")
 
-    from medmix.engine import set_threads
+    from medmix.inference import set_threads
     from medmix.export import export_onnx
 
     set_threads()

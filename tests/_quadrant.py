@@ -69,7 +69,7 @@ def trained() -> tuple[dict, list[float], list[float]]:
 def write_run(root: Path, *, label_noise: float = 0.0, head_scale: float = 1.0, n: int = 600) -> Path:
     """A checkpoint of the trained model beside a packed npz of quadrant images whose labels are flipped with
     probability ``label_noise``; the head is multiplied by ``head_scale`` (an over-confident model). Returns the
-    checkpoint path; its metadata points at the npz so :func:`medmix.evaluate.load_training_data` finds the data."""
+    checkpoint path; its metadata points at the npz so :func:`medmix.checkpoint.load_training_data` finds the data."""
     from medmix.checkpoint import save_checkpoint
     from medmix.data.tasks import BINARY, TaskInfo
     from medmix.models import create_model

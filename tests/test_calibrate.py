@@ -14,7 +14,7 @@ from medmix.calibrate import T_MAX, T_MIN, _Weights, calibrate, calibration_metr
 from medmix.checkpoint import load_checkpoint, save_checkpoint
 from medmix.cli import main
 from medmix.data.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL
-from medmix.engine import probabilities
+from medmix.inference import probabilities
 from medmix.errors import ConfigError, MedmixError
 from medmix.predict import Predictor
 

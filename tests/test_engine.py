@@ -242,7 +242,7 @@ def test_evaluate_uses_the_precision_the_run_used(tmp_path):
     """A bf16 run (with OOD statistics, whose features are fp32) evaluates in bf16 by default, as at the end of
     training; on CPUs without native bf16 the run would take minutes, so it is skipped there."""
     from medmix.data.medmnist import ASSETS
-    from medmix.engine import bf16_supported
+    from medmix.inference import bf16_supported
     from medmix.evaluation import evaluate
 
     if not bf16_supported():

@@ -190,7 +190,7 @@ def test_checkpoint_round_trip_gives_the_training_numbers(gen_run):
 def test_per_dataset_metrics_are_the_official_ones_and_end_to_end_counts_routing(gen_run):
     from medmix.checkpoint import load_checkpoint
     from medmix.data import BatchTransform
-    from medmix.engine import probabilities
+    from medmix.inference import probabilities
     from medmix.checkpoint import build_model
     from medmix.generalist import _members_of
 

@@ -10,9 +10,8 @@ One model for several datasets (a head per dataset and a modality router, :mod:`
 >>> g = medmix.train_generalist(datasets=("pneumoniamnist", "breastmnist"), epochs=5)
 >>> medmix.load_predictor(g.run_dir).predict(["image.png"])[0]     # {'dataset': ..., 'label': ..., ...}
 """
-__version__ = "0.1.0"
-
-from .errors import MedmixError  # noqa: E402
+from ._version import __version__
+from .errors import MedmixError
 
 
 def __getattr__(name: str):  # lazy: `import medmix` stays cheap for the CLI's --help

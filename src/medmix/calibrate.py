@@ -103,7 +103,7 @@ def calibration_metrics(logits: Any, labels: Any, task: str, temperature: float 
                         n_bins: int = N_BINS) -> dict:
     """``nll`` and top-label ``ece`` (``n_bins`` equal-width bins) of ``logits / temperature``. Multi-label tasks
     count every (image, label) decision as one binary prediction: ``nll`` is then the mean binary cross-entropy."""
-    from .engine import probabilities
+    from .inference import probabilities
     from .metrics import expected_calibration_error, nll
 
     _check_task(task)
@@ -152,13 +152,7 @@ class _Weights(nn.Module):
 def _plot(probs: np.ndarray, labels: np.ndarray, path: Path, title: str) -> Path:
     from .metrics import plot_reliability
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        plot_reliability(probs, labels, tmp, N_BINS, title)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return plot_reliability(probs, labels, path, N_BINS, title)  # written atomically (metrics.save_figure)
 
 
 def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None = None, *,
@@ -170,12 +164,17 @@ def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None
     ``T = 1``; 15 bins), ``n_bins`` and the two reliability-diagram PNGs ``reliability_before`` /
     ``reliability_after`` (beside the checkpoint). The checkpoint is rewritten atomically with the same weights.
     """
-    from .checkpoint import build_model, load_checkpoint, reject_generalist, resolve_checkpoint, save_checkpoint
+    from .checkpoint import (
+        build_model,
+        load_checkpoint,
+        load_training_data,
+        reject_generalist,
+        resolve_checkpoint,
+        save_checkpoint,
+    )
     from .data import BatchTransform
     from .data.tasks import TaskInfo
-    from .engine import predict_logits, probabilities
-    from .evaluation import load_training_data
-
+    from .inference import predict_logits, probabilities
     from .paths import check_writable_file
 
     path = resolve_checkpoint(run_or_ckpt)

@@ -25,24 +25,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import __version__
+from ._version import __version__
+from .atomic import atomic_file, atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 from .errors import CheckpointError, ConfigError
 
 FORMAT = 1
 REQUIRED_META = ("model", "model_kwargs", "task", "img_size", "data_size", "mean", "std")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(Path(path), text.encode())
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict, train_state: dict | None = None,
@@ -62,17 +50,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict, train
         if bad:
             raise ValueError(f"checkpoint extras must map names to tensors; not: {bad}")
         payload["extras"] = {k: v.detach().cpu().contiguous() for k, v in extras.items()}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        torch.save(payload, f)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -156,9 +135,34 @@ def load_checkpoint(path: str | os.PathLike, *, extras: bool = False):
     return state, meta, payload.get("train_state"), dict(found)
 
 
+GENERALIST = "generalist"  # meta["kind"] of a multi-dataset checkpoint (medmix.generalist)
+
+
+def is_generalist(meta: dict) -> bool:
+    return meta.get("kind") == GENERALIST
+
+
+def load_training_data(meta: dict, run_dir: Path, data_dir: str | os.PathLike | None = None,
+                       split_name: str = "split.json"):
+    """The dataset a checkpoint was trained on, with the same split (``split_name`` beside it when present)."""
+    src = meta.get("data_source", {})
+    stored = Path(src.get("path", ""))
+    name = meta["dataset"]
+    if src.get("kind") == "folder" or (src.get("kind") == "packed" and (data_dir is None or name != "mednist")):
+        name = str(stored)  # data without a registry name are found where they were read
+    elif data_dir is None and src.get("kind") == "medmnist" and stored.is_file():
+        data_dir = stored.parent
+    split_file = run_dir / split_name
+    from .data import load_dataset
+
+    return load_dataset(name, data_dir=data_dir, size=int(src.get("size", meta["data_size"])),
+                        seed=int(src.get("split_seed", meta.get("seed", 0))),
+                        split_file=split_file if split_file.exists() else None)
+
+
 def reject_generalist(meta: dict, path: str | os.PathLike, what: str) -> None:
     """Raise a clear error when a command that needs a single-dataset classifier is given a generalist."""
-    if meta.get("kind") == "generalist":
+    if is_generalist(meta):
         raise ConfigError(f"{path} is a generalist checkpoint ({meta.get('dataset', '')}); {what} supports "
                           f"single-dataset checkpoints only: use `medmix predict` / `medmix evaluate` (routed), or "
                           f"train a specialist")

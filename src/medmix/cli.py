@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from . import __version__
+from ._version import __version__
 from .cam_methods import DEFAULT_METHOD as DEFAULT_CAM_METHOD
 from .cam_methods import METHODS as CAM_METHODS
 from .errors import MedmixError
@@ -128,7 +128,8 @@ def generalist_kwargs(a: argparse.Namespace) -> dict:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from .engine import set_threads, train
+    from .engine import train
+    from .inference import set_threads
     from .errors import ConfigError
 
     set_threads()
@@ -162,7 +163,7 @@ def _train_generalist(a: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
-    from .engine import set_threads
+    from .inference import set_threads
     from .evaluation import evaluate
     from .report import format_metrics
 
@@ -195,7 +196,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 def cmd_predict(a: argparse.Namespace) -> None:
     from .errors import ConfigError
-    from .generalist import GeneralistPredictor, format_routed
+    from .generalist_predictor import GeneralistPredictor, format_routed
     from .predict import format_prediction, load_predictor
 
     p = load_predictor(a.checkpoint, threshold=a.threshold, ordinal_mode=a.ordinal)
@@ -212,7 +213,7 @@ def cmd_predict(a: argparse.Namespace) -> None:
 
 
 def cmd_explain(a: argparse.Namespace) -> None:
-    from .engine import set_threads
+    from .inference import set_threads
     from .explain import explain
 
     set_threads()
@@ -226,7 +227,7 @@ def cmd_explain(a: argparse.Namespace) -> None:
 
 def cmd_calibrate(a: argparse.Namespace) -> None:
     from .calibrate import calibrate
-    from .engine import set_threads
+    from .inference import set_threads
 
     set_threads()
     r = calibrate(a.checkpoint, data_dir=a.data_dir)
@@ -268,7 +269,7 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_quickstart(a: argparse.Namespace) -> None:
-    from .engine import set_threads
+    from .inference import set_threads
     from .quickstart import quickstart
 
     set_threads()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -27,38 +26,47 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import __version__, distributed
+from . import distributed
+from ._version import __version__
 from .checkpoint import atomic_write_text, save_checkpoint
-from .data import (NORMALIZATIONS, BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset,
-                   normalization)
+from .data import (
+    NORMALIZATIONS,
+    BatchTransform,
+    DataBundle,
+    Split,
+    dataset_spec,
+    get_policy,
+    load_dataset,
+    normalization,
+)
 from .data.tasks import BINARY, MULTI_LABEL
 from .errors import CheckpointError, ConfigError
+from .inference import autocast as _autocast
+
+# the inference helpers the loop uses; also importable from here, as before they moved to medmix.inference
+from .inference import (  # noqa: F401
+    bf16_supported,
+    extract,
+    iterate_batches,
+    machine_description,
+    predict_logits,
+    probabilities,
+    resolve_precision,
+    set_threads,
+)
 from .losses import build_loss, default_loss_name
 from .metrics import compute_metrics
 from .models import create_model, model_info
 from .paths import check_writable_dir
-from .small_data import (MIN_PER_SIDE_FOR_THRESHOLD, MIN_VAL_FOR_MODEL_SELECTION, MIN_VAL_FOR_OOD_THRESHOLD,
-                         MIN_VAL_FOR_TEMPERATURE, warn)
+from .small_data import (
+    MIN_PER_SIDE_FOR_THRESHOLD,
+    MIN_VAL_FOR_MODEL_SELECTION,
+    MIN_VAL_FOR_OOD_THRESHOLD,
+    MIN_VAL_FOR_TEMPERATURE,
+    warn,
+)
 
 MONITORS = ("auto", "acc", "auc", "loss", "f1")
-
-
-def bf16_supported() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX); without them bf16 is emulated
-    and far slower than fp32 (measured: ~100x on an AVX2-only EPYC)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(precision: str) -> str:
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"unknown precision {precision!r}; use auto, bf16 or fp32")
-    if precision == "auto":
-        return "bf16" if bf16_supported() else "fp32"
-    return precision
 
 
 @dataclass
@@ -171,41 +179,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------- batches
-def iterate_batches(n: int, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False):
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    stop = n - (n % batch_size) if drop_last and n > batch_size else n
-    for i in range(0, stop, batch_size):
-        yield order[i:i + batch_size]
-
-
-def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def probabilities(logits: torch.Tensor, task: str, temperature: float | list[float] | torch.Tensor = 1.0
-                  ) -> torch.Tensor:
-    """Logits -> the scores the official evaluator expects (sigmoid for multi-label, softmax otherwise).
-
-    ``temperature`` divides the logits: one number, or one per column (per-label temperatures of multi-label
-    tasks)."""
-    if not isinstance(temperature, (int, float)):
-        temperature = torch.as_tensor(temperature, dtype=torch.float32)
-    z = logits.float() / temperature
-    return torch.sigmoid(z) if task == MULTI_LABEL else torch.softmax(z, dim=1)
-
-
-@torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, transform: BatchTransform, batch_size: int = 512,
-                   precision: str = "fp32") -> torch.Tensor:
-    model.eval()
-    device = next(model.parameters(), torch.empty(0)).device
-    out = []
-    for idx in iterate_batches(len(images), batch_size):
-        with _autocast(precision):
-            out.append(model(transform(images[idx]).to(device)).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
-
-
 def evaluate_split(model: nn.Module, split: Split, transform: BatchTransform, task: str, class_names, loss_fn=None,
                    batch_size: int = 512, precision: str = "fp32", temperature: float = 1.0,
                    threshold: float | list[float] = 0.5, return_probs: bool = False) -> dict:
@@ -718,7 +691,7 @@ def fit_confidence(model: nn.Module, bundle: DataBundle, transform: BatchTransfo
         warn(f"the validation split has {len(val)} images (fewer than {MIN_VAL_FOR_TEMPERATURE}): no confidence "
              f"temperature fitted (T = 1); probabilities are the model's own", meta, show=say is not None)
         calibrate = False
-    logits, features = ood_mod.extract(model, val.images, transform, batch_size)
+    logits, features = extract(model, val.images, transform, batch_size)
     extras: dict[str, torch.Tensor] = {}
     if calibrate:
         meta["temperature"], meta["calibration"] = fit_calibration(logits, val.labels, task)
@@ -810,24 +783,3 @@ def _write_history_csv(path: Path, history: list[dict]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def machine_description() -> str:
-    import platform
-
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.system()}"
-
-
-def set_threads() -> None:
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:  # torchrun: the processes on this machine share its cores
-        n //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        pass
-    torch.set_num_threads(max(1, n))

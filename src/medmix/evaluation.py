@@ -2,42 +2,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
-from .checkpoint import build_model, load_checkpoint, resolve_checkpoint
-from .data import BatchTransform, load_dataset
+from .checkpoint import build_model, load_checkpoint, load_training_data, resolve_checkpoint  # noqa: F401
+from .data import BatchTransform
 from .data.tasks import TaskInfo
-from .engine import resolve_precision
 from .errors import ConfigError
+from .inference import resolve_precision
 from .losses import build_loss, default_loss_name
-
-
-def load_training_data(meta: dict, run_dir: Path, data_dir: str | os.PathLike | None = None,
-                       split_name: str = "split.json"):
-    """The dataset a checkpoint was trained on, with the same split (``split_name`` beside it when present)."""
-    src = meta.get("data_source", {})
-    stored = Path(src.get("path", ""))
-    name = meta["dataset"]
-    if src.get("kind") == "folder" or (src.get("kind") == "packed" and (data_dir is None or name != "mednist")):
-        name = str(stored)  # data without a registry name are found where they were read
-    elif data_dir is None and src.get("kind") == "medmnist" and stored.is_file():
-        data_dir = stored.parent
-    split_file = run_dir / split_name
-    return load_dataset(name, data_dir=data_dir, size=int(src.get("size", meta["data_size"])),
-                        seed=int(src.get("split_seed", meta.get("seed", 0))),
-                        split_file=split_file if split_file.exists() else None)
-
-
-def _out_dir(out: str | os.PathLike) -> Path:
-    try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ConfigError(f"{out}: exists and is not a directory; --out takes a directory") from None
-    except OSError as e:
-        raise ConfigError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
-    return Path(out)
+from .paths import ensure_dir
 
 
 def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None, split: str = "test",
@@ -62,9 +36,9 @@ def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | No
     import numpy as np
 
     from .calibrate import N_BINS, calibration_metrics, stored_temperature
-    from .engine import predict_logits, probabilities
+    from .inference import extract, predict_logits, probabilities
     from .metrics import compute_metrics
-    from .ood import Detector, extract
+    from .ood import Detector
 
     if split not in ("train", "val", "test"):
         raise ConfigError(f"unknown split {split!r}; use train, val or test")
@@ -75,7 +49,8 @@ def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | No
             check_writable_dir(d, flag)
     path = resolve_checkpoint(ckpt_or_run)
     state, meta, _, extras = load_checkpoint(path, extras=True)
-    from .generalist import evaluate_generalist, is_generalist
+    from .checkpoint import is_generalist
+    from .generalist import evaluate_generalist
 
     if precision == "run":  # what the run was evaluated in at the end of training, so the figures match metrics.json
         precision = meta.get("precision") or "auto"
@@ -88,8 +63,8 @@ def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | No
                                    precision=precision)
     model = build_model(meta, state)
     info = TaskInfo.from_dict(meta["task"])
-    out_dir = _out_dir(out) if out is not None else None
-    report_dir = _out_dir(report) if report is not None else None
+    out_dir = ensure_dir(out, "--out") if out is not None else None
+    report_dir = ensure_dir(report, "--report") if report is not None else None
     bundle = load_training_data(meta, path.parent, data_dir)
     if bundle.info.class_names != info.class_names or bundle.info.task != info.task:
         raise ConfigError(f"the data found for {meta['dataset']!r} do not match the checkpoint's classes/task")

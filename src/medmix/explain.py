@@ -244,7 +244,8 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
     ``confidence``, ``explained_class``, ``explained_index``, ``explained_probability``, ``probabilities`` (top-k)
     and ``cam`` (float32 ``(H, W)`` in [0, 1] at the size of the loaded image).
     """
-    from .predict import Predictor, _single_input
+    from .inference import single_input as _single_input
+    from .predict import Predictor
 
     _cam_class(method)  # fail on an unknown method before loading anything
     if top_k < 1:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .checkpoint import (atomic_write_bytes, build_model, load_checkpoint, reject_generalist,
                          resolve_checkpoint)
 from .data import BatchTransform
@@ -177,7 +177,7 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
                           f"{diff_p:.3g} > {tolerance:g} (logits {diff_l:.3g}); the file was not written")
     diff_ood = None
     if detector is not None:  # against the detector itself (float64), as Predictor applies it
-        from .ood import extract
+        from .inference import extract
 
         ref_logits, ref_feats = extract(model, x.contiguous(), lambda v: v)
         ref = detector.scores(ref_logits, ref_feats)

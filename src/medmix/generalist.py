@@ -41,24 +41,35 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import __version__
-from .checkpoint import atomic_write_text, build_model, load_checkpoint, resolve_checkpoint, save_checkpoint
+from ._version import __version__
+from .checkpoint import (
+    GENERALIST,
+    atomic_write_text,
+    build_model,
+    is_generalist,
+    load_checkpoint,
+    load_training_data,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .data import BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset, normalization
 from .data.mixture import MixedBatchSampler, common_channels, sampling_weights, to_common_format
 from .data.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, TaskInfo
 from .engine import RecipeConfig, _known
-from .errors import ConfigError, check_top_k
-from .paths import check_writable_dir
-from .small_data import MIN_VAL_FOR_OOD_THRESHOLD, MIN_VAL_FOR_TEMPERATURE, warn
+from .errors import ConfigError
+from .generalist_predictor import GeneralistPredictor, format_routed  # noqa: F401  (medmix.generalist API)
+from .inference import extract
 from .losses import build_loss, default_loss_name
 from .metrics import compute_metrics, predict_labels, save_figure
+from .paths import check_writable_dir, ensure_dir
+from .small_data import MIN_VAL_FOR_OOD_THRESHOLD, MIN_VAL_FOR_TEMPERATURE, warn
 
 __all__ = [
     "GeneralistConfig",
@@ -70,13 +81,9 @@ __all__ = [
     "train_generalist",
 ]
 
-KIND = "generalist"
+KIND = GENERALIST
 MAX_RECALIBRATE_IMAGES = 16_384  # clean training images (drawn with the sampling weights) for BatchNorm statistics
 MAX_OOD_IMAGES_PER_DATASET = 5_000  # training images per dataset for the Mahalanobis fit
-
-
-def is_generalist(meta: dict) -> bool:
-    return meta.get("kind") == KIND
 
 
 def parse_datasets(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -150,19 +157,7 @@ def _load_members(cfg: GeneralistConfig) -> tuple[list[_Member], int, int]:
 def _forward(model: nn.Module, images: torch.Tensor, transform: BatchTransform, batch_size: int, precision: str,
              features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 images -> concatenated logits (and the pre-logit features)."""
-    from .engine import _autocast, iterate_batches
-
-    model.eval()
-    logits, feats = [], []
-    for idx in iterate_batches(len(images), batch_size):
-        with _autocast(precision):
-            f = model.forward_features(transform(images[idx]))
-            logits.append(model.forward_head(f).float())
-            if features:
-                feats.append(model.forward_head(f, pre_logits=True).float())
-    if not logits:
-        return torch.empty(0), None
-    return torch.cat(logits), (torch.cat(feats) if features else None)
+    return extract(model, images, transform, batch_size, precision=precision, features=features)
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -187,7 +182,7 @@ def evaluate_heads(model: nn.Module, members: Sequence[Any], split: str, transfo
     monitored metrics, "n"}``. End-to-end: the router picks the head; an image routed to the wrong dataset counts
     as wrong.
     """
-    from .engine import probabilities
+    from .inference import probabilities
 
     g = meta["generalist"]
     layout = {d["name"]: d for d in g["datasets"]}
@@ -248,7 +243,6 @@ def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str]
                      **kwargs: Any) -> GeneralistResult:
     """Train one model on several datasets (see the module docstring); arguments as :class:`GeneralistConfig`."""
     from .engine import (
-        _autocast,
         _finish_run_dir,
         _jsonable,
         _prepare_run_dir,
@@ -257,10 +251,10 @@ def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str]
         _write_history_csv,
         check_recipe,
         epoch_seed,
-        machine_description,
         recalibrate_batchnorm,
-        resolve_precision,
     )
+    from .inference import autocast as _autocast
+    from .inference import machine_description, resolve_precision
     from .models import model_info
     from .models.multihead import MultiHeadClassifier
 
@@ -546,7 +540,6 @@ def _plot_history(history: list[dict], path: Path, best_epoch: int, names: Seque
 # ----------------------------------------------------------------------------------------------- evaluation
 def _members_of(meta: dict, run_dir: Path, data_dir: str | os.PathLike | None) -> list[_Member]:
     """The checkpoint's datasets, loaded with their training splits and brought to the common format."""
-    from .evaluation import load_training_data
 
     g = meta["generalist"]
     out = []
@@ -570,7 +563,7 @@ def evaluate_generalist(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.Pa
     """Per dataset, the official ACC/AUC of its own head on its own split; the routing accuracy over all images
     (with its confusion matrix); the end-to-end accuracy when the router picks the head. ``out`` receives
     ``routing_confusion_<split>.png``."""
-    from .engine import resolve_precision
+    from .inference import resolve_precision
 
     if split not in ("train", "val", "test"):
         raise ConfigError(f"unknown split {split!r}; use train, val or test")
@@ -584,10 +577,9 @@ def evaluate_generalist(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.Pa
     m = evaluate_heads(model, members, split, tf, meta, batch_size=batch_size, precision=resolve_precision(precision))
     m.update(kind=KIND, split=split, model=meta["model"], checkpoint=str(path), dataset=meta["dataset"])
     if out is not None:
-        from .evaluation import _out_dir
         from .metrics import plot_confusion
 
-        png = _out_dir(out) / f"routing_confusion_{split}.png"
+        png = ensure_dir(out, "--out") / f"routing_confusion_{split}.png"
         m["routing_confusion_png"] = str(plot_confusion(m["routing_confusion"], m["dataset_names"], png,
                                                         f"modality routing, {split} - {meta['model']}"))
     return m
@@ -612,118 +604,3 @@ def format_generalist(m: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- prediction
-class GeneralistPredictor:
-    """Routes each image to the dataset the modality head recognises and answers with that dataset's head.
-
-    ``predict`` returns per image ``{"file", "dataset", "dataset_confidence", "routed", "label", "index",
-    "confidence", "probabilities", "dataset_probabilities", "in_distribution", "ood_score"}``; with ``dataset=NAME``
-    that head is used for every image (``routed`` False; ``dataset_confidence`` is still the router's probability of
-    that dataset). ``in_distribution`` is False when the image is far from every (dataset, class) of the training
-    data, by the threshold of the dataset it was routed to, or blank.
-    """
-
-    def __init__(self, checkpoint: str | os.PathLike, *, threshold: float | None = None) -> None:
-        from .ood import EXTRA_MEANS, EXTRA_PRECISION
-
-        self.path = resolve_checkpoint(checkpoint)
-        state, self.meta, _, extras = load_checkpoint(self.path, extras=True)
-        if not is_generalist(self.meta):
-            raise ConfigError(f"{self.path} is not a generalist checkpoint; use medmix.Predictor")
-        self.model = build_model(self.meta, state)
-        g = self.meta["generalist"]
-        self.datasets = g["datasets"]
-        self.names = [d["name"] for d in self.datasets]
-        self.infos = [TaskInfo.from_dict(d["task"]) for d in self.datasets]
-        self.channels, self.img_size = int(g["channels"]), int(g["img_size"])
-        self.transform = BatchTransform(self.img_size, self.meta["mean"], self.meta["std"])
-        self.threshold = threshold
-        self.ood = self.meta.get("ood") if isinstance(self.meta.get("ood"), dict) else None
-        self.stats = {k: extras[k] for k in (EXTRA_MEANS, EXTRA_PRECISION)} if self.ood and extras and \
-            EXTRA_MEANS in extras else None
-
-    def load(self, src: Any, name: str | None = None) -> torch.Tensor:
-        from .data.images import load_image
-
-        return load_image(src, self.channels, self.img_size, name)
-
-    def analyse(self, images: torch.Tensor, dataset: str | None = None, batch_size: int = 256) -> dict[str, Any]:
-        """uint8 images in the common format ``(N, C, S, S)`` -> ``{"logits" (N, columns), "router" (N, datasets)
-        calibrated router probabilities, "dataset_index" (N,) the routed (or forced) dataset, "ood_score" and
-        "in_distribution" (N,) numpy arrays, or None without OOD data}``."""
-        from .engine import probabilities
-        from .ood import mahalanobis_score, pixel_std
-
-        if dataset is not None and dataset not in self.names:
-            raise ConfigError(f"--dataset {dataset!r} is not one of this generalist's datasets: "
-                              f"{', '.join(self.names)}")
-        logits, feats = _forward(self.model, images, self.transform, batch_size, "fp32",
-                                 features=self.stats is not None)
-        n_d = len(self.names)
-        router = probabilities(logits[:, :n_d], MULTI_CLASS, self.meta["generalist"].get("modality_temperature", 1.0))
-        index = torch.full((len(images),), self.names.index(dataset)) if dataset is not None else router.argmax(1)
-        out: dict[str, Any] = {"logits": logits, "router": router, "dataset_index": index, "ood_score": None,
-                               "in_distribution": None}
-        if self.stats is not None:
-            scores = mahalanobis_score(feats, self.stats)
-            thresholds = np.array([float(self.ood["thresholds_by_dataset"][n]) for n in self.names])
-            guard = self.ood.get("min_pixel_std_by_dataset") or {}
-            floor = np.array([float(guard.get(n, self.ood.get("min_pixel_std") or 0.0)) for n in self.names])
-            blank = pixel_std(images) < floor[index.numpy()]
-            out["ood_score"] = scores
-            out["in_distribution"] = (scores <= thresholds[index.numpy()]) & ~blank
-        return out
-
-    def predict(self, inputs: Iterable[Any], dataset: str | None = None, top_k: int | None = None) -> list[dict]:
-        from .engine import probabilities
-        from .predict import _single_input
-
-        check_top_k(top_k)
-        if dataset is not None and dataset not in self.names:
-            raise ConfigError(f"--dataset {dataset!r} is not one of this generalist's datasets: "
-                              f"{', '.join(self.names)}")
-        items = [inputs] if _single_input(inputs) else list(inputs)
-        if not items:
-            raise ConfigError("no images given")
-        names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image[{i}]" for i, x in enumerate(items)]
-        a = self.analyse(torch.stack([self.load(x, n) for x, n in zip(items, names)]), dataset)
-        out = []
-        for i, name in enumerate(names):
-            k = int(a["dataset_index"][i])
-            d, info = self.datasets[k], self.infos[k]
-            lo, hi = d["columns"]
-            p = probabilities(a["logits"][i:i + 1, lo:hi], info.task, d.get("temperature", 1.0) or 1.0)[0]
-            r = {"file": name, "dataset": d["name"], "dataset_confidence": round(float(a["router"][i, k]), 6),
-                 "routed": dataset is None,
-                 "dataset_probabilities": {n: round(float(a["router"][i, j]), 6) for j, n in enumerate(self.names)}}
-            r.update(self._answer(p, info, d, top_k))
-            if a["ood_score"] is not None:
-                r["in_distribution"] = bool(a["in_distribution"][i])
-                r["ood_score"] = round(float(a["ood_score"][i]), 6)
-            out.append(r)
-        return out
-
-    def _answer(self, p: torch.Tensor, info: TaskInfo, d: dict, top_k: int | None) -> dict:
-        order = torch.argsort(p, descending=True).tolist()[:top_k or None]
-        dist = {info.class_names[j]: round(float(p[j]), 6) for j in order}
-        if info.task == MULTI_LABEL:
-            t = self.threshold if self.threshold is not None else d.get("threshold", 0.5)
-            ts = [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * len(p)
-            yes = [info.class_names[j] for j in order if float(p[j]) > ts[j]]
-            return {"label": ", ".join(yes) if yes else "(none)", "index": None, "labels": yes,
-                    "confidence": round(float(p.max()), 6), "probabilities": dist}
-        j = int(torch.argmax(p))
-        return {"label": info.class_names[j], "index": j, "confidence": round(float(p[j]), 6), "probabilities": dist}
-
-
-def format_routed(r: dict) -> str:
-    """A readable block for one routed prediction."""
-    how = "routed to" if r["routed"] else "forced head"
-    lines = [f"{r['file']}: {r['dataset']} ({how}; router confidence {r['dataset_confidence']:.2%}) -> "
-             f"{r['label']}  (confidence {r['confidence']:.2%})"]
-    if r.get("in_distribution") is False:
-        lines.append(f"  WARNING: out of distribution (OOD score {r['ood_score']:.4g}): this image looks like none of "
-                     f"the training datasets; do not trust the label")
-    w = max(len(c) for c in r["probabilities"])
-    for c, p in r["probabilities"].items():
-        lines.append(f"  {c:<{w}}  {p:7.2%}  {'#' * int(round(p * 30))}")
-    return "\n".join(lines)

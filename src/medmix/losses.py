@@ -18,11 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .task_kinds import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL
 
-MULTI_CLASS = "multi-class"
-BINARY = "binary-class"
-MULTI_LABEL = "multi-label, binary-class"
-ORDINAL = "ordinal-regression"
 TASKS: tuple[str, ...] = (MULTI_CLASS, BINARY, MULTI_LABEL, ORDINAL)
 LOSS_NAMES: tuple[str, ...] = ("ce", "nll", "bce", "ordinal")
 
@@ -90,7 +87,8 @@ class CrossEntropy(nn.CrossEntropyLoss):
 
 
 class LogSoftmaxNLL(nn.Module):
-    """``LogSoftmax`` + ``NLLLoss``, the Ordinal Loss paper's formulation; numerically the same as :class:`CrossEntropy`."""
+    """``LogSoftmax`` + ``NLLLoss``, the Ordinal Loss paper's formulation; numerically the same as
+    :class:`CrossEntropy`."""
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()

@@ -45,12 +45,10 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .atomic import atomic_file
 from .errors import ConfigError
+from .task_kinds import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL
 
-MULTI_CLASS = "multi-class"
-BINARY = "binary-class"
-MULTI_LABEL = "multi-label, binary-class"
-ORDINAL = "ordinal-regression"
 TASKS: tuple[str, ...] = (MULTI_CLASS, BINARY, MULTI_LABEL, ORDINAL)
 
 OrdinalMode = Literal["argmax", "expected"]
@@ -388,17 +386,11 @@ def _new_figure(width: float, height: float) -> Any:
 def save_figure(fig: Any, path: str | Path) -> Path:
     """Write ``fig`` as a PNG at ``path`` through a temporary file and a rename, so a reader (or a kill mid-write)
     never sees half an image; creates the parent directory."""
-    import os
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as f:
+        fig.savefig(f, format="png")
     return out
 
 

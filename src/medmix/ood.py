@@ -38,6 +38,7 @@ from torch import nn
 
 from .data.tasks import MULTI_LABEL
 from .errors import ConfigError
+from .inference import extract  # noqa: F401  (ood.extract: features for the scores below)
 
 __all__ = ["DEFAULT_SCORE", "SCORES", "TPR", "Detector", "energy_score", "extract", "fit", "fit_from_features",
            "fit_mahalanobis", "flagged_fraction", "mahalanobis_score", "pixel_std", "threshold_at_tpr"]
@@ -52,24 +53,6 @@ EXTRA_PRECISION = "ood.mahalanobis.precision"
 
 
 # ----------------------------------------------------------------------------------------------- features
-@torch.inference_mode()
-def extract(model: nn.Module, images: torch.Tensor, transform, batch_size: int = 256
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images -> ``(logits (N, K), penultimate features (N, D))`` in float32, one forward pass (eval mode)."""
-    from .engine import iterate_batches
-
-    model.eval()
-    device = next(model.parameters(), torch.empty(0)).device
-    logits, feats = [], []
-    for idx in iterate_batches(len(images), batch_size):
-        f = model.forward_features(transform(images[idx]).to(device))
-        logits.append(model.forward_head(f).float().cpu())
-        feats.append(model.forward_head(f, pre_logits=True).float().reshape(len(idx), -1).cpu())
-    if not logits:
-        return torch.empty(0), torch.empty(0)
-    return torch.cat(logits), torch.cat(feats)
-
-
 # ----------------------------------------------------------------------------------------------- scores
 def energy_score(logits: Any, temperature: float = 1.0, task: str | None = None) -> np.ndarray:
     """``-T logsumexp(z / T)`` per row (multi-label: ``-T sum_j softplus(z_j / T)``); higher = more unusual."""

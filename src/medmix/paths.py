@@ -50,3 +50,13 @@ def check_writable_file(path: str | os.PathLike, what: str = "--out") -> Path:
         raise ConfigError(f"{what} {p}: exists and is not writable")
     _check_dir(p.absolute().parent, what, p)
     return p
+
+
+def ensure_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Create the output directory ``path`` (and its parents) or raise one ``ConfigError`` line."""
+    p = check_writable_dir(path, what)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{what} {p}: cannot create the directory ({e.strerror or e})") from None
+    return p

@@ -25,8 +25,9 @@ from .checkpoint import build_model, load_checkpoint, reject_generalist, resolve
 from .data import BatchTransform
 from .data.images import load_image
 from .data.tasks import MULTI_LABEL, TaskInfo
-from .engine import predict_logits, probabilities
 from .errors import ConfigError, check_top_k
+from .inference import predict_logits, probabilities
+from .inference import single_input as _single_input
 
 
 class Predictor:
@@ -85,7 +86,7 @@ class Predictor:
         if self.ood is None:
             return predict_logits(self.model, images, self.transform), [None] * len(images)
         if self.ood.needs_features:
-            from .ood import extract
+            from .inference import extract
 
             logits, features = extract(self.model, images, self.transform)
         else:
@@ -123,18 +124,13 @@ class Predictor:
 
 def load_predictor(checkpoint: str | os.PathLike, **kwargs: Any):
     """A :class:`Predictor`, or a :class:`medmix.generalist.GeneralistPredictor` for a generalist checkpoint."""
-    from .generalist import GeneralistPredictor, is_generalist
+    from .checkpoint import is_generalist
+    from .generalist_predictor import GeneralistPredictor
 
     path = resolve_checkpoint(checkpoint)
     if is_generalist(load_checkpoint(path)[1]):  # reads the file twice; checkpoints here are small
         return GeneralistPredictor(path, threshold=kwargs.get("threshold"))
     return Predictor(path, **kwargs)
-
-
-def _single_input(x: Any) -> bool:
-    from PIL import Image
-
-    return isinstance(x, (str, bytes, bytearray, os.PathLike, Image.Image))
 
 
 def format_prediction(r: dict) -> str:

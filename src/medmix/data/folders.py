@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
+from ..atomic import atomic_write_text
 from ..errors import DataError, ImageError
 from .images import IMAGE_SUFFIXES, load_image
 
@@ -120,9 +120,7 @@ def _rest_strata(rest_labels: np.ndarray) -> np.ndarray:
 def save_split(path: Path, split: dict[str, np.ndarray], seed: int, labels: np.ndarray, source: str) -> None:
     doc = {"seed": seed, "source": source, "n": int(len(labels)), "labels_md5": labels_fingerprint(labels),
            **{k: v.tolist() for k, v in split.items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc))
 
 
 def load_split(path: Path, labels: np.ndarray) -> dict[str, np.ndarray]:

@@ -4,12 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-
-MULTI_CLASS = "multi-class"
-BINARY = "binary-class"
-MULTI_LABEL = "multi-label, binary-class"
-ORDINAL = "ordinal-regression"
-TASKS = (MULTI_CLASS, BINARY, MULTI_LABEL, ORDINAL)
+from ..task_kinds import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASKS  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

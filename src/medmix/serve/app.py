@@ -52,7 +52,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from .._version import __version__
 from ..cam_methods import DEFAULT_METHOD as DEFAULT_CAM_METHOD
 from ..cam_methods import METHODS as CAM_METHODS
 from ..errors import CheckpointError, ConfigError, ImageError, MedmixError

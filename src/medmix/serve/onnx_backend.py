@@ -35,8 +35,9 @@ from ..errors import CheckpointError, ConfigError, require_extra
 from ..imaging import MAX_PIXELS, ImageTooLarge, image_size, load_image_np  # noqa: F401  (re-exported for the app)
 
 META_KEY = "medmix"
-MULTI_LABEL = "multi-label, binary-class"
-ORDINAL = "ordinal-regression"
+from ..task_kinds import MULTI_LABEL, ORDINAL
+
+
 # ----------------------------------------------------------------------------------------------- resize + normalise
 def _linear_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
     """``(n_out, n_in)`` matrix of ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis; with
