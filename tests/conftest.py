@@ -28,15 +28,15 @@ def shared_file(name: str) -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def _no_thread_changes():
     """Code under test must not change the thread count behind the tests' back: ``medmix train`` through the CLI
-    calls ``engine.set_threads()`` (all cores), which would make session-scoped runs built later differ in their
+    calls ``inference.set_threads()`` (all cores), which would make session-scoped runs built later differ in their
     last bits from in-test runs. One thread for the whole session."""
-    import medmix.engine
+    import medmix.inference
 
-    original = medmix.engine.set_threads
-    medmix.engine.set_threads = lambda: None
+    original = medmix.inference.set_threads
+    medmix.inference.set_threads = lambda: None
     torch.set_num_threads(1)
     yield
-    medmix.engine.set_threads = original
+    medmix.inference.set_threads = original
 
 
 @pytest.fixture(autouse=True)

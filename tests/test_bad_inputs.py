@@ -41,9 +41,9 @@ from medmix.errors import DataError, ImageError
 
 @pytest.fixture(autouse=True)
 def _keep_threads(monkeypatch):
-    import medmix.engine
+    import medmix.inference
 
-    monkeypatch.setattr(medmix.engine, "set_threads", lambda: None)
+    monkeypatch.setattr(medmix.inference, "set_threads", lambda: None)
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
@@ -610,3 +610,24 @@ def test_a_missing_extra_names_the_install_command(trained_run, tmp_path, monkey
     line = refused([cmd, trained_run.run_dir, *rest], capsys, f'pip install "medmix[{extra}]"')
     assert f"the '{extra}' extra" in line and 'pip install -e ".[' in line
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--size", "33"], "argument --size: invalid choice: 33"),
+    (["train", "--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (["serve", "run", "--port", "http"], "argument --port: invalid int value: 'http'"),
+    (["predict"], "the following arguments are required: checkpoint, images"),
+    (["no-such-command"], "invalid choice: 'no-such-command'"),
+])
+def test_argument_errors_are_one_line(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medmix: error: ") and fragment in lines[0], err
+
+
+def test_quickstart_refuses_bad_epochs_before_printing(tmp_path, capsys):
+    refused(["quickstart", "--epochs", "0", "--out", tmp_path / "qs"], capsys, "--epochs must be an integer")
+    assert not (tmp_path / "qs").exists()

@@ -18,9 +18,9 @@ from medmix.cli import main
 @pytest.fixture(autouse=True)
 def _keep_threads(monkeypatch):
     """``medmix train/evaluate`` set torch's thread count for the machine; keep the suite's single thread."""
-    import medmix.engine
+    import medmix.inference
 
-    monkeypatch.setattr(medmix.engine, "set_threads", lambda: None)
+    monkeypatch.setattr(medmix.inference, "set_threads", lambda: None)
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:

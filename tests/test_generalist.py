@@ -244,9 +244,9 @@ def test_predict_routes_and_forces(gen_run, tmp_path):
 # ----------------------------------------------------------------------------------------------- CLI
 @pytest.fixture
 def _keep_threads(monkeypatch):
-    import medmix.engine
+    import medmix.inference
 
-    monkeypatch.setattr(medmix.engine, "set_threads", lambda: None)
+    monkeypatch.setattr(medmix.inference, "set_threads", lambda: None)
 
 
 def run(argv, capsys):

@@ -29,9 +29,10 @@ KILLER = r'''
 import io, os, signal, sys
 import torch
 import medmix.engine as engine
+import medmix.inference
 
 torch.set_num_threads(1)  # the same arithmetic as the in-process reference
-engine.set_threads = lambda: None
+medmix.inference.set_threads = lambda: None
 mode, kill_epoch = sys.argv[1], int(sys.argv[2])
 if mode == "mid-epoch":  # SIGKILL before the second optimiser step of epoch `kill_epoch`
     original, epochs = engine.iterate_batches, [0]
@@ -97,9 +98,9 @@ def assert_complete(run) -> None:
 
 @pytest.fixture(autouse=True)
 def _keep_threads(monkeypatch):
-    import medmix.engine
+    import medmix.inference
 
-    monkeypatch.setattr(medmix.engine, "set_threads", lambda: None)
+    monkeypatch.setattr(medmix.inference, "set_threads", lambda: None)
 
 
 @pytest.fixture(scope="module")

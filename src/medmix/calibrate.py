@@ -164,36 +164,25 @@ def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None
     ``T = 1``; 15 bins), ``n_bins`` and the two reliability-diagram PNGs ``reliability_before`` /
     ``reliability_after`` (beside the checkpoint). The checkpoint is rewritten atomically with the same weights.
     """
-    from .checkpoint import (
-        build_model,
-        load_checkpoint,
-        load_training_data,
-        reject_generalist,
-        resolve_checkpoint,
-        save_checkpoint,
-    )
-    from .data import BatchTransform
-    from .data.tasks import TaskInfo
+    from .checkpoint import save_checkpoint
     from .inference import predict_logits, probabilities
     from .paths import check_writable_file
+    from .run import Run
 
-    path = resolve_checkpoint(run_or_ckpt)
+    run = Run.of(run_or_ckpt)
+    path, meta = run.path, run.meta
     check_writable_file(path, "checkpoint")  # rewritten in place at the end, with the reliability PNGs beside it
-    state, meta, train_state, extras = load_checkpoint(path, extras=True)
-    reject_generalist(meta, path, "`medmix calibrate` (a generalist fits its temperatures at the end of training)")
-    model = build_model(meta, state)
-    info = TaskInfo.from_dict(meta["task"])
-    bundle = load_training_data(meta, path.parent, data_dir)
-    if bundle.info.class_names != info.class_names or bundle.info.task != info.task:
-        raise ConfigError(f"the data found for {meta.get('dataset')!r} do not match the checkpoint's classes/task")
+    run.require_single("`medmix calibrate` (a generalist fits its temperatures at the end of training)")
+    model = run.build_model()
+    info = run.task
+    bundle = run.training_data(data_dir)
     val = bundle.splits["val"]
     from .small_data import MIN_VAL_FOR_TEMPERATURE
 
     if len(val) < MIN_VAL_FOR_TEMPERATURE:
         raise ConfigError(f"the validation split has {len(val)} images (fewer than {MIN_VAL_FOR_TEMPERATURE}): too "
                           f"few to fit a temperature; {path} is unchanged")
-    tf = BatchTransform(meta["img_size"], meta["mean"], meta["std"])
-    logits = predict_logits(model, val.images, tf, batch_size)
+    logits = predict_logits(model, val.images, run.transform(), batch_size)
     labels = val.labels
     temperature, block = fit_calibration(logits, labels, info.task)
 
@@ -210,7 +199,7 @@ def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None
 
     previous = stored_temperature(meta)
     meta["temperature"], meta["calibration"] = temperature, block
-    save_checkpoint(path, _Weights(state), meta, train_state, extras)  # keeps the OOD statistics
+    save_checkpoint(path, _Weights(run.state), meta, run.train_state, run.extras)  # keeps the OOD statistics
     return {"checkpoint": str(path), "dataset": bundle.name, "model": meta["model"], "split": "val",
             "n": int(len(val)), "task": info.task, "temperature": temperature, "previous_temperature": previous,
             "nll_before": block["nll_before"], "nll_after": block["nll_after"], "ece_before": block["ece_before"],

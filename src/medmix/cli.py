@@ -291,8 +291,16 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
             action.help += f" (default: {value})"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error format: one line ``medmix: error: ...`` and exit code 2 (argparse prints
+    the whole usage block first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"medmix: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medmix", description="Medical image classification on CPUs.")
+    p = _Parser(prog="medmix", description="Medical image classification on CPUs.")
     p.add_argument("--version", action="version", version=f"medmix {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -5,9 +5,7 @@ import os
 
 import torch
 
-from .checkpoint import build_model, load_checkpoint, load_training_data, resolve_checkpoint  # noqa: F401
-from .data import BatchTransform
-from .data.tasks import TaskInfo
+from .checkpoint import load_training_data  # noqa: F401  (medmix.evaluation.load_training_data, as before)
 from .errors import ConfigError
 from .inference import resolve_precision
 from .losses import build_loss, default_loss_name
@@ -47,31 +45,30 @@ def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | No
     for flag, d in (("--out", out), ("--report", report)):
         if d is not None:
             check_writable_dir(d, flag)
-    path = resolve_checkpoint(ckpt_or_run)
-    state, meta, _, extras = load_checkpoint(path, extras=True)
-    from .checkpoint import is_generalist
     from .generalist import evaluate_generalist
+    from .run import Run
+
+    run = Run.of(ckpt_or_run)
+    path, meta = run.path, run.meta
 
     if precision == "run":  # what the run was evaluated in at the end of training, so the figures match metrics.json
         precision = meta.get("precision") or "auto"
     precision = resolve_precision(precision)
-    if is_generalist(meta):
+    if run.is_generalist:
         if report is not None:
             raise ConfigError("--report is not available for generalist checkpoints; use --out for the routing "
                               "confusion matrix and --json for every number")
-        return evaluate_generalist(path, data_dir=data_dir, split=split, out=out, batch_size=batch_size,
+        return evaluate_generalist(run, data_dir=data_dir, split=split, out=out, batch_size=batch_size,
                                    precision=precision)
-    model = build_model(meta, state)
-    info = TaskInfo.from_dict(meta["task"])
+    model = run.build_model()
+    info = run.task
     out_dir = ensure_dir(out, "--out") if out is not None else None
     report_dir = ensure_dir(report, "--report") if report is not None else None
-    bundle = load_training_data(meta, path.parent, data_dir)
-    if bundle.info.class_names != info.class_names or bundle.info.task != info.task:
-        raise ConfigError(f"the data found for {meta['dataset']!r} do not match the checkpoint's classes/task")
-    tf = BatchTransform(meta["img_size"], meta["mean"], meta["std"])
+    bundle = run.training_data(data_dir)
+    tf = run.transform()
     loss = build_loss(default_loss_name(info.task), info.task, info.num_classes)
     data = bundle.splits[split]
-    detector = Detector.from_checkpoint(meta, extras)
+    detector = Detector.from_checkpoint(meta, run.extras)
     features = None
     if detector is not None and detector.needs_features and precision == "fp32":
         logits, features = extract(model, data.images, tf, batch_size)

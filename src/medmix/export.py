@@ -43,12 +43,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._version import __version__
-from .checkpoint import (atomic_write_bytes, build_model, load_checkpoint, reject_generalist,
-                         resolve_checkpoint)
-from .data import BatchTransform
+from .checkpoint import atomic_write_bytes
 from .data.tasks import MULTI_LABEL
 from .errors import ConfigError, MedmixError, require_extra
 from .paths import check_writable_file
+from .run import Run
 
 META_KEY = "medmix"
 INPUT_NAME = "input"
@@ -125,16 +124,15 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
     t0 = time.perf_counter()
     from .ood import Detector
 
-    src = resolve_checkpoint(checkpoint)
-    state, meta, _, extras = load_checkpoint(src, extras=True)
-    reject_generalist(meta, src, "ONNX export")
-    model = build_model(meta, state).to(memory_format=torch.contiguous_format).eval()
-    detector = Detector.from_checkpoint(meta, extras)
+    run = Run.of(checkpoint).require_single("ONNX export")
+    src, meta = run.path, run.meta
+    model = run.build_model().to(memory_format=torch.contiguous_format).eval()
+    detector = Detector.from_checkpoint(meta, run.extras)
     task = meta["task"]
     c, s, d = int(task["n_channels"]), int(meta["img_size"]), int(meta["data_size"])
     wrapped = _Exported(model, task["task"], meta.get("temperature", 1.0), detector).eval()
     outputs = list(OUTPUT_NAMES) + ([OOD_OUTPUT] if detector is not None else [])
-    transform = BatchTransform(s, meta["mean"], meta["std"], channels_last=False)
+    transform = run.transform(channels_last=False)
 
     g = torch.Generator().manual_seed(seed)
     sample = transform(torch.randint(0, 256, (2, c, d, d), dtype=torch.uint8, generator=g))

@@ -52,11 +52,9 @@ from ._version import __version__
 from .checkpoint import (
     GENERALIST,
     atomic_write_text,
-    build_model,
     is_generalist,
     load_checkpoint,
     load_training_data,
-    resolve_checkpoint,
     save_checkpoint,
 )
 from .data import BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset, normalization
@@ -557,7 +555,7 @@ def _members_of(meta: dict, run_dir: Path, data_dir: str | os.PathLike | None) -
     return out
 
 
-def evaluate_generalist(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
+def evaluate_generalist(ckpt_or_run: Any, *, data_dir: str | os.PathLike | None = None,
                         split: str = "test", out: str | os.PathLike | None = None, batch_size: int = 512,
                         precision: str = "auto") -> dict:
     """Per dataset, the official ACC/AUC of its own head on its own split; the routing accuracy over all images
@@ -567,13 +565,15 @@ def evaluate_generalist(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.Pa
 
     if split not in ("train", "val", "test"):
         raise ConfigError(f"unknown split {split!r}; use train, val or test")
-    path = resolve_checkpoint(ckpt_or_run)
-    state, meta, _ = load_checkpoint(path)
-    if not is_generalist(meta):
+    from .run import Run
+
+    run = Run.of(ckpt_or_run)
+    path, meta = run.path, run.meta
+    if not run.is_generalist:
         raise ConfigError(f"{path} is not a generalist checkpoint; use medmix.evaluate")
-    model = build_model(meta, state)
-    members = _members_of(meta, path.parent, data_dir)
-    tf = BatchTransform(meta["img_size"], meta["mean"], meta["std"])
+    model = run.build_model()
+    members = _members_of(meta, run.dir, data_dir)
+    tf = run.transform()
     m = evaluate_heads(model, members, split, tf, meta, batch_size=batch_size, precision=resolve_precision(precision))
     m.update(kind=KIND, split=split, model=meta["model"], checkpoint=str(path), dataset=meta["dataset"])
     if out is not None:

@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import build_model, is_generalist, load_checkpoint, resolve_checkpoint
-from .data import BatchTransform
+from .run import Run
 from .data.tasks import MULTI_CLASS, MULTI_LABEL, TaskInfo
 from .errors import ConfigError, check_top_k
 from .inference import extract
@@ -27,20 +26,20 @@ class GeneralistPredictor:
     data, by the threshold of the dataset it was routed to, or blank.
     """
 
-    def __init__(self, checkpoint: str | os.PathLike, *, threshold: float | None = None) -> None:
+    def __init__(self, checkpoint: str | os.PathLike | Run, *, threshold: float | None = None) -> None:
         from .ood import EXTRA_MEANS, EXTRA_PRECISION
 
-        self.path = resolve_checkpoint(checkpoint)
-        state, self.meta, _, extras = load_checkpoint(self.path, extras=True)
-        if not is_generalist(self.meta):
+        run = Run.of(checkpoint)
+        self.run, self.path, self.meta, extras = run, run.path, run.meta, run.extras
+        if not run.is_generalist:
             raise ConfigError(f"{self.path} is not a generalist checkpoint; use medmix.Predictor")
-        self.model = build_model(self.meta, state)
+        self.model = run.build_model()
         g = self.meta["generalist"]
         self.datasets = g["datasets"]
         self.names = [d["name"] for d in self.datasets]
         self.infos = [TaskInfo.from_dict(d["task"]) for d in self.datasets]
         self.channels, self.img_size = int(g["channels"]), int(g["img_size"])
-        self.transform = BatchTransform(self.img_size, self.meta["mean"], self.meta["std"])
+        self.transform = run.transform(img_size=self.img_size)
         self.threshold = threshold
         self.ood = self.meta.get("ood") if isinstance(self.meta.get("ood"), dict) else None
         self.stats = {k: extras[k] for k in (EXTRA_MEANS, EXTRA_PRECISION)} if self.ood and extras and \

@@ -21,19 +21,18 @@ from typing import Any, Iterable
 import torch
 
 from .calibrate import stored_temperature
-from .checkpoint import build_model, load_checkpoint, reject_generalist, resolve_checkpoint
-from .data import BatchTransform
 from .data.images import load_image
-from .data.tasks import MULTI_LABEL, TaskInfo
+from .data.tasks import MULTI_LABEL
 from .errors import ConfigError, check_top_k
 from .inference import predict_logits, probabilities
+from .run import Run
 from .inference import single_input as _single_input
 
 
 class Predictor:
     """Loads a checkpoint once and classifies images (paths, bytes, PIL images or arrays)."""
 
-    def __init__(self, checkpoint: str | os.PathLike, *, threshold: float | None = None,
+    def __init__(self, checkpoint: str | os.PathLike | Run, *, threshold: float | None = None,
                  ordinal_mode: str = "argmax", ood_method: str | None = None) -> None:
         """``threshold``: multi-label decision threshold (default: the checkpoint's, tuned on val, else 0.5).
         ``ordinal_mode``: for ordinal tasks, report the argmax grade or the rounded expected grade.
@@ -43,13 +42,12 @@ class Predictor:
         if ordinal_mode not in ("argmax", "expected"):
             raise ConfigError(f"unknown ordinal mode {ordinal_mode!r}; use argmax or expected")
         self.ordinal_mode = ordinal_mode
-        self.path = resolve_checkpoint(checkpoint)
-        state, self.meta, _, extras = load_checkpoint(self.path, extras=True)
-        reject_generalist(self.meta, self.path, "Predictor (and explain, serve)")
-        self.model = build_model(self.meta, state)
-        self.ood = Detector.from_checkpoint(self.meta, extras, ood_method)  # None: no OOD data in the checkpoint
-        self.info = TaskInfo.from_dict(self.meta["task"])
-        self.transform = BatchTransform(self.meta["img_size"], self.meta["mean"], self.meta["std"])
+        self.run = Run.of(checkpoint).require_single("Predictor (and explain, serve)")
+        self.path, self.meta = self.run.path, self.run.meta
+        self.model = self.run.build_model()
+        self.ood = Detector.from_checkpoint(self.meta, self.run.extras, ood_method)  # None: no OOD data
+        self.info = self.run.task
+        self.transform = self.run.transform()
         self.temperature = stored_temperature(self.meta)  # one number, or one per label (multi-label)
         if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
             raise ConfigError(f"--threshold must be in [0, 1], got {threshold!r}")
@@ -124,13 +122,12 @@ class Predictor:
 
 def load_predictor(checkpoint: str | os.PathLike, **kwargs: Any):
     """A :class:`Predictor`, or a :class:`medmix.generalist.GeneralistPredictor` for a generalist checkpoint."""
-    from .checkpoint import is_generalist
     from .generalist_predictor import GeneralistPredictor
 
-    path = resolve_checkpoint(checkpoint)
-    if is_generalist(load_checkpoint(path)[1]):  # reads the file twice; checkpoints here are small
-        return GeneralistPredictor(path, threshold=kwargs.get("threshold"))
-    return Predictor(path, **kwargs)
+    run = Run.of(checkpoint)  # read once, handed to the predictor
+    if run.is_generalist:
+        return GeneralistPredictor(run, threshold=kwargs.get("threshold"))
+    return Predictor(run, **kwargs)
 
 
 def format_prediction(r: dict) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .engine import TrainConfig, train
+from .engine import TrainConfig, check_recipe, train
 from .paths import check_writable_dir
 from .predict import Predictor, format_prediction
 from .report import OFFICIAL_BENCHMARK, format_metrics
@@ -13,10 +13,12 @@ from .report import OFFICIAL_BENCHMARK, format_metrics
 def quickstart(out: str = "runs/quickstart", epochs: int = 40, quiet: bool = False, seed: int = 0) -> dict:
     """Returns the test metrics; writes the run folder (checkpoint, log, curves, confusion matrix, a sample)."""
     check_writable_dir(out, "--out")
+    cfg = TrainConfig(dataset="breastmnist", model="hybrid_mixer_small", epochs=epochs, batch_size=64, lr=1e-3,
+                      patience=epochs, seed=seed, out=out, overwrite=True, quiet=quiet)
+    check_recipe(cfg)  # a bad --epochs fails before anything is printed
     print("medmix quickstart: HybridCNN + Global Token Mixer on BreastMNIST (embedded, 28 px, CC BY 4.0)",
           file=sys.stderr)
-    result = train(TrainConfig(dataset="breastmnist", model="hybrid_mixer_small", epochs=epochs, batch_size=64,
-                               lr=1e-3, patience=epochs, seed=seed, out=out, overwrite=True, quiet=quiet))
+    result = train(cfg)
     print(format_metrics(result.test, f"BreastMNIST test split ({result.test['n']} images), best epoch "
                                       f"{result.best_epoch}, {result.seconds:.0f} s of training:"))
     ref_acc, ref_auc = OFFICIAL_BENCHMARK["breastmnist"]["ResNet-18 (28)"]
