@@ -279,7 +279,7 @@ def test_cli_train_evaluate_predict(tmp_path, capsys, _keep_threads):
 
 @pytest.mark.parametrize("argv, message", [
     (["--loss", "ordinal"], "--loss cannot be used when training on several datasets"),
-    (["--resume"], "--resume cannot be used"),
+    (["--ddp"], "--ddp cannot be used"),
     (["--augment", "none"], "--augment cannot be used"),
 ])
 def test_cli_refuses_single_dataset_options_for_a_generalist(tmp_path, capsys, argv, message, _keep_threads):
@@ -340,3 +340,71 @@ def test_small_validation_splits_fall_back_per_dataset(gen_run):
     assert 18 < MIN_VAL_FOR_OOD_THRESHOLD <= 32 < MIN_VAL_FOR_TEMPERATURE
     assert sum("no confidence temperature" in w for w in meta["warnings"]) == 2
     assert sum("out-of-distribution threshold" in w for w in meta["warnings"]) == 1
+
+
+GEN_KILLER = r'''
+import os, signal, sys
+import torch
+import medmix.inference
+from medmix.data.mixture import MixedBatchSampler
+
+torch.set_num_threads(1)  # the same arithmetic as the in-process reference
+medmix.inference.set_threads = lambda: None
+kill_at, calls = int(sys.argv[1]), [0]
+original = MixedBatchSampler.next_batch
+
+
+def next_batch(self):
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self)
+
+
+MixedBatchSampler.next_batch = next_batch
+from medmix.cli import main
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+def test_generalist_killed_mid_epoch_resumes_bit_identically(tmp_path, capsys, _keep_threads):
+    """kill -9 in the middle of epoch 2, then `medmix train --resume RUN.partial`: the same weights and metrics as
+    the run that was never interrupted (the sampler's permutations and the generator are restored)."""
+    import signal
+    import subprocess
+    import sys
+
+    from medmix.checkpoint import load_checkpoint
+
+    root = _two_modalities(tmp_path / "data")
+    args = ["--dataset", f"pneumoniamnist,{root / 'stripes.npz'}", "--data-dir", str(root), "--epochs", "3",
+            "--steps-per-epoch", "6", "--batch-size", "32", "--lr", "3e-3", "--precision", "fp32", "--quiet"]
+    assert main(["train", *args, "--out", str(tmp_path / "ref")]) == 0
+    script = tmp_path / "killer.py"
+    script.write_text(GEN_KILLER)
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, str(script), "9", "train", *args, "--out", str(out)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    _, _, ts = load_checkpoint(out.with_name("run.partial") / "last.pth")
+    assert ts["epoch"] == 1 and "sampler" in ts["task"]  # killed at batch 3 of epoch 2
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out.with_name("run.partial")), "--quiet"]) == 0, capsys.readouterr().err
+    resumed = json.loads((out / "metrics.json").read_text())
+    expected = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    assert resumed["val"] == expected["val"] and resumed["test"] == expected["test"]
+    a, b = load_checkpoint(out / "best_model.pth")[0], load_checkpoint(tmp_path / "ref" / "best_model.pth")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+
+
+def test_generalist_continues_a_finished_run_for_more_epochs(gen_run, tmp_path, capsys, _keep_threads):
+    import shutil
+
+    r, _ = gen_run
+    run = tmp_path / "gen"
+    shutil.copytree(r.run_dir, run)
+    assert main(["train", "--resume", str(run), "--epochs", "4", "--quiet"]) == 0, capsys.readouterr().err
+    doc = json.loads((run / "metrics.json").read_text())
+    assert doc["epochs_run"] == 4 and doc["kind"] == "generalist"

@@ -95,8 +95,8 @@ GENERALIST_FIELDS = ("data_dir", "size", "img_size", "channels", "model", "epoch
                      "lr", "weight_decay", "optimizer", "schedule", "warmup_epochs", "normalize",
                      "sampling_temperature", "modality_weight",
                      "label_smoothing", "drop_rate", "drop_path_rate", "patience", "precision", "seed", "out",
-                     "overwrite", "download")
-SINGLE_ONLY = ("loss", "alpha", "margin", "ordinal_variant", "augment", "monitor", "tune_threshold", "resume", "ddp")
+                     "overwrite", "download", "resume")
+SINGLE_ONLY = ("loss", "alpha", "margin", "ordinal_variant", "augment", "monitor", "tune_threshold", "ddp")
 GENERALIST_ONLY = ("channels", "steps_per_epoch", "sampling_temperature", "modality_weight")
 
 
@@ -117,7 +117,8 @@ def generalist_kwargs(a: argparse.Namespace) -> dict:
                           f"per-dataset validation metrics picks the best epoch)")
     opts = vars(a)
     kw = {k: opts[k] for k in GENERALIST_FIELDS if not isinstance(opts[k], _Default)}
-    kw["datasets"] = parse_datasets(opts["dataset"])
+    if not isinstance(opts["dataset"], _Default):  # (a resumed run keeps its datasets)
+        kw["datasets"] = parse_datasets(opts["dataset"])
     for flag, field_name in (("no_bn_recalibrate", "bn_recalibrate"), ("no_calibrate", "calibrate"),
                              ("no_ood", "ood")):
         if opts[flag] is True:
@@ -136,6 +137,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     dataset = a.dataset if not isinstance(a.dataset, _Default) else None
     if dataset and "," in dataset:
         return _train_generalist(a)
+    if dataset is None and _resumes_a_generalist(a):
+        return _train_generalist(a)
     given = [n for n in GENERALIST_ONLY if _given(a, n)]
     if given:
         raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in given)} only apply when training on "
@@ -150,6 +153,19 @@ def cmd_train(a: argparse.Namespace) -> None:
     print(format_metrics(result.test, f"test split, best epoch {result.best_epoch} "
                                             f"({result.seconds:.0f} s of training):"))
     print(f"run directory: {result.run_dir}")
+
+
+def _resumes_a_generalist(a: argparse.Namespace) -> bool:
+    """`medmix train --resume RUN_DIR` (no --dataset): does RUN_DIR hold a generalist?"""
+    from .checkpoint import is_generalist
+    from .training import find_resume
+
+    resume = a.resume if not isinstance(a.resume, _Default) else None
+    out = a.out if not isinstance(a.out, _Default) else None
+    if not isinstance(resume, str):
+        return False
+    point = find_resume(out, resume)
+    return point is not None and is_generalist(point.meta)
 
 
 def _train_generalist(a: argparse.Namespace) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,7 +39,7 @@ from .data import (
     normalization,
 )
 from .data.tasks import BINARY, MULTI_LABEL
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 from .inference import autocast as _autocast
 
 # the inference helpers the loop uses; also importable from here, as before they moved to medmix.inference
@@ -58,6 +57,15 @@ from .losses import build_loss, default_loss_name
 from .metrics import compute_metrics
 from .models import create_model, model_info
 from .paths import check_writable_dir
+from .training import (ResumePoint, Step, Task, Validation, check_resume_left, epoch_seed, find_resume, fit,
+                       jsonable, write_history_csv)
+from .training import append_jsonl as _append_jsonl  # noqa: F401  (old names, kept for callers)
+from .training import finish_run_dir as _finish_run_dir  # noqa: F401
+from .training import jsonable as _jsonable  # noqa: F401
+from .training import prepare_run_dir as _prepare_run_dir  # noqa: F401
+from .training import progress as _progress  # noqa: F401
+from .training import schedule as _schedule  # noqa: F401
+from .training import write_history_csv as _write_history_csv  # noqa: F401
 from .small_data import (
     MIN_PER_SIDE_FOR_THRESHOLD,
     MIN_VAL_FOR_MODEL_SELECTION,
@@ -194,23 +202,6 @@ def evaluate_split(model: nn.Module, split: Split, transform: BatchTransform, ta
 
 
 # ----------------------------------------------------------------------------------------------- training
-def _schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int):
-    if kind == "none":
-        return None
-    if kind == "cosine":
-        def f(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / warmup_steps
-            t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    elif kind == "step":  # x0.1 at 50% and 75% of training, the MedMNIST benchmark's recipe
-        def f(step: int) -> float:
-            return 0.01 if step >= 0.75 * total_steps else 0.1 if step >= 0.5 * total_steps else 1.0
-    else:
-        raise ConfigError(f"unknown schedule {kind!r}; use cosine, step or none")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
-
-
 def _monitor(cfg_monitor: str, task: str) -> str:
     if cfg_monitor not in MONITORS:
         raise ConfigError(f"unknown monitor {cfg_monitor!r}; use one of {', '.join(MONITORS)}")
@@ -226,102 +217,27 @@ def _score(metrics: dict, monitor: str) -> float:
     return float(v) if np.isfinite(v) else -math.inf
 
 
-def _prepare_run_dir(out: str | None, cfg: TrainConfig) -> tuple[Path, Path]:
-    final = Path(out) if out else Path("runs") / f"{Path(cfg.dataset).stem}-{cfg.model}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if final.exists() and not final.is_dir():
-        raise ConfigError(f"{final} exists and is not a directory; choose another --out")
-    if final.exists() and any(final.iterdir()) and not cfg.overwrite:
-        raise ConfigError(f"{final} already exists and is not empty; pass --overwrite or choose another --out")
-    partial = final.with_name(final.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    return final, partial
-
-
 # ----------------------------------------------------------------------------------------------- resuming
 # settings a resumed run may change: they do not alter the epochs already trained
 RESUME_MAY_CHANGE = ("epochs", "patience", "eval_batch_size", "tune_threshold", "bn_recalibrate", "calibrate", "ood",
                      "data_dir",
                      "download", "overwrite", "quiet", "out", "resume", "ddp")
-TRAIN_STATE_KEYS = ("optimizer", "epoch", "best_score", "best_epoch", "bad_epochs", "history")
-
-
-def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
-    """The seed of one epoch's random stream (0: data order and augmentation; 1 + rank: the global RNG)."""
-    state = np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, epoch, stream]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])  # < 2**63
-
-
-@dataclass
-class _ResumePoint:
-    final: Path  # where the run ends up
-    source: Path  # the directory holding last.pth: ``<final>.partial`` (a killed run) or ``final`` (a finished one)
-    checkpoint: Path
-    meta: dict
-    state: dict
-    train_state: dict
-
-    @property
-    def in_place(self) -> bool:
-        return self.source != self.final
-
-
-def _non_default_fields(cfg: TrainConfig) -> set[str]:
+def _non_default_fields(cfg: RecipeConfig) -> set[str]:
     from dataclasses import fields
 
-    default = TrainConfig()
-    return {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != getattr(default, f.name)}
+    default = type(cfg)()
+    return {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
 
 
-def _find_resume(cfg: TrainConfig) -> _ResumePoint | None:
-    """The newest resumable state for ``cfg.resume``: the ``.partial`` build directory of a killed run first (it is
-    newer than the finished run it may continue), then the finished run."""
-    from .checkpoint import load_checkpoint
-
-    if cfg.resume is None or cfg.resume is False:
-        return None
-    if cfg.resume is True:
-        if not cfg.out:
-            raise ConfigError("--resume without a directory continues --out; pass --out DIR (or --resume RUN_DIR)")
-        target, required = Path(cfg.out), False
-    else:
-        target, required = Path(cfg.resume), True
-    final = target.with_name(target.name[:-len(".partial")]) if target.name.endswith(".partial") else target
-    if cfg.out and cfg.resume is not True and Path(cfg.out).resolve() != final.resolve():
-        raise ConfigError(f"--out {cfg.out} differs from the resumed run {final}; a run is continued where it is")
-    partial = final.with_name(final.name + ".partial")
-    first_error = None
-    for source in (partial, final):
-        ckpt = source / "last.pth"
-        if not ckpt.is_file():
-            continue
-        try:
-            state, meta, ts = load_checkpoint(ckpt)
-        except CheckpointError as e:  # e.g. a copy interrupted mid-file: fall back to the finished run
-            first_error = first_error or e
-            continue
-        missing = [k for k in TRAIN_STATE_KEYS if not isinstance(ts, dict) or k not in ts]
-        if missing:
-            raise CheckpointError(f"{ckpt}: no resumable training state (lacks {', '.join(missing)}; written by an "
-                                  f"older medmix?)")
-        if not isinstance(meta.get("train_config"), dict):
-            raise CheckpointError(f"{ckpt}: the checkpoint does not record its training configuration")
-        return _ResumePoint(final, source, ckpt, meta, state, ts)
-    if first_error is not None:
-        raise first_error
-    if required:
-        raise ConfigError(f"nothing to resume in {target}: no last.pth in {final} or {partial.name} (a run killed "
-                          f"before its first epoch ended has nothing saved; start it again without --resume)")
-    return None
-
-
-def _resumed_config(cfg: TrainConfig, resume: _ResumePoint, given: set[str]) -> TrainConfig:
+def _resumed_config(cfg: RecipeConfig, resume: ResumePoint, given: set[str]) -> RecipeConfig:
+    """``cfg`` as the resumed run stored it, with the settings a resumed run may change taken from ``cfg``; a
+    different value for any other setting given explicitly is refused."""
     from dataclasses import fields
 
-    names = {f.name for f in fields(TrainConfig)}
+    kind = type(cfg)
+    names = {f.name for f in fields(kind)}
     stored = {k: v for k, v in resume.meta["train_config"].items() if k in names}
-    default = TrainConfig()
+    default = kind()
     for k in sorted(given & names - set(RESUME_MAY_CHANGE)):
         mine, theirs = _as_json(getattr(cfg, k)), _as_json(stored.get(k, getattr(default, k)))
         if mine != theirs:
@@ -330,28 +246,11 @@ def _resumed_config(cfg: TrainConfig, resume: _ResumePoint, given: set[str]) -> 
                               f"--epochs, --patience, --eval-batch-size, --data-dir and the final steps may change)")
     merged = {**stored, **{k: getattr(cfg, k) for k in given & set(RESUME_MAY_CHANGE) if k in names}}
     merged.update(out=str(resume.final), resume=cfg.resume, ddp=cfg.ddp, quiet=cfg.quiet, overwrite=False)
-    return TrainConfig(**merged)
+    return kind(**merged)
 
 
 def _as_json(v: Any) -> Any:
     return json.loads(json.dumps(v))
-
-
-def _resume_run_dir(resume: _ResumePoint) -> tuple[Path, Path]:
-    """Continue in the ``.partial`` directory of a killed run, or in a copy of a finished run (the finished run
-    stays untouched until the continued one replaces it)."""
-    partial = resume.final.with_name(resume.final.name + ".partial")
-    if resume.in_place:
-        for stray in partial.glob(".*.tmp*"):  # temporary files of writes the kill interrupted
-            stray.unlink()
-        return resume.final, partial
-    copy = partial.with_name(partial.name + ".copying")
-    for d in (partial, copy):
-        if d.exists():
-            shutil.rmtree(d)
-    shutil.copytree(resume.final, copy)
-    copy.rename(partial)
-    return resume.final, partial
 
 
 def _result_of_finished_run(run_dir: Path, rank: int = 0) -> TrainResult:
@@ -360,27 +259,6 @@ def _result_of_finished_run(run_dir: Path, rank: int = 0) -> TrainResult:
     history = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     return TrainResult(run_dir, int(doc["best_epoch"]), doc["val"], doc["test"], history,
                        float(doc.get("train_seconds") or 0.0), rank)
-
-
-def _finish_run_dir(final: Path, partial: Path) -> None:
-    trash = final.with_name(final.name + ".old")
-    if final.exists():
-        if trash.exists():
-            shutil.rmtree(trash)
-        final.rename(trash)
-        partial.rename(final)
-    else:
-        partial.rename(final)
-    if trash.exists():  # also the leftover of a run killed between the two renames, then resumed
-        shutil.rmtree(trash)
-
-
-def _progress(total: int, desc: str, quiet: bool):
-    if quiet:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, disable=None)
 
 
 def build_meta(cfg: TrainConfig, bundle: DataBundle, model_kwargs: dict, img_size: int, mean, std, loss_name: str,
@@ -416,7 +294,7 @@ def train(cfg: TrainConfig | None = None, *, log: Callable[[str], None] | None =
 
 def _train(cfg: TrainConfig, given: set[str], ctx: distributed.Context, log: Callable[[str], None] | None
            ) -> TrainResult:
-    resume = _find_resume(cfg)
+    resume = find_resume(cfg.out, cfg.resume)
     if resume is not None:
         cfg = _resumed_config(cfg, resume, given)
     quiet = cfg.quiet or not ctx.is_main
@@ -425,189 +303,126 @@ def _train(cfg: TrainConfig, given: set[str], ctx: distributed.Context, log: Cal
     if cfg.batch_size < ctx.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the {ctx.world_size} processes: the batch "
                           f"is the global batch, split across processes")
-    ts = resume.train_state if resume is not None else None
-    if resume is not None and not resume.in_place:  # a finished run: is there anything left to do?
-        if ts["epoch"] >= cfg.epochs:
-            raise ConfigError(f"{resume.final} has already trained {ts['epoch']} epochs; pass --epochs greater than "
-                              f"{ts['epoch']} to continue it")
-        if ts["bad_epochs"] >= cfg.patience:
-            raise ConfigError(f"{resume.final} stopped early after {ts['bad_epochs']} epochs without improvement; "
-                              f"pass --patience greater than {ts['bad_epochs']} to continue it")
-    precision = resolve_precision(cfg.precision)
+    if resume is not None:
+        check_resume_left(resume, cfg.epochs, cfg.patience)
     model_info(cfg.model)  # fail fast on an unknown model name, before reading data
     if resume is None and ctx.is_main:  # a bad --out must fail before any training, not after the first epoch
         check_writable_dir(cfg.out or "runs", "--out")
-    torch.manual_seed(cfg.seed)
-    split_file = resume.source / "split.json" if resume is not None else None
-    bundle = load_dataset(cfg.dataset, data_dir=cfg.data_dir, size=cfg.size, seed=cfg.seed, download=cfg.download,
-                          split_file=split_file if split_file is not None and split_file.is_file() else None)
-    info = bundle.info
-    img_size = cfg.img_size or bundle.image_size
-    augment = cfg.augment or (dataset_spec(bundle.name).augment if _known(bundle.name) else "rotate_flip_zoom")
-    mean, std = normalization(cfg.normalize, [bundle.splits["train"].images])
-    train_tf = BatchTransform(img_size, mean, std, get_policy(augment))
-    eval_tf = BatchTransform(img_size, mean, std)
-    loss_name = cfg.loss or default_loss_name(info.task)
-    loss_fn = build_loss(loss_name, info.task, info.num_classes, alpha=cfg.alpha, margin=cfg.margin,
-                         label_smoothing=cfg.label_smoothing, ordinal_variant=cfg.ordinal_variant)
-    eval_loss = build_loss(default_loss_name(info.task), info.task, info.num_classes)
-    model_kwargs = dict(num_classes=info.num_classes, in_chans=info.n_channels, img_size=img_size,
-                        drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, **cfg.model_kwargs)
-    model = create_model(cfg.model, **model_kwargs).to(memory_format=torch.channels_last)
-    if ctx.world_size > 1:
-        model = distributed.convert_sync_batchnorm(model, ctx.device)
-    model = model.to(ctx.device)
-    monitor = _monitor(cfg.monitor, info.task)
-    meta = build_meta(cfg, bundle, model_kwargs, img_size, mean, std, loss_name, augment)
-    meta["monitor"], meta["precision"] = monitor, precision
-    small_val = len(bundle.splits["val"]) < MIN_VAL_FOR_MODEL_SELECTION
-    if small_val:
-        warn(f"the validation split has {len(bundle.splits['val'])} images (fewer than "
-             f"{MIN_VAL_FOR_MODEL_SELECTION}): too few to pick a best epoch or stop early; all {cfg.epochs} epochs "
-             f"are trained and the last one is kept", meta, show=ctx.is_main)
+    return fit(SingleTask(cfg, ctx, resume), ctx, resume, say, quiet)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    tr = bundle.splits["train"]
-    drop_last = len(tr) > 2 * cfg.batch_size
-    steps_per_epoch = len(tr) // cfg.batch_size if drop_last else math.ceil(len(tr) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    sched = _schedule(opt, cfg.schedule, total, int(cfg.warmup_epochs * steps_per_epoch))
-    history: list[dict] = []
-    best_score, best_epoch, bad_epochs, start_epoch, seconds_before = -math.inf, 0, 0, 1, 0.0
-    if ts is not None:
-        try:
-            model.load_state_dict(resume.state)
-            opt.load_state_dict(ts["optimizer"])
-            if sched is not None and ts.get("scheduler") is not None:
-                sched.load_state_dict(ts["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{resume.checkpoint}: does not fit this run's model/optimiser "
-                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        history = [dict(r) for r in ts["history"]]
-        best_score, best_epoch, bad_epochs = float(ts["best_score"]), int(ts["best_epoch"]), int(ts["bad_epochs"])
-        start_epoch, seconds_before = int(ts["epoch"]) + 1, float(ts.get("seconds", 0.0))
-        if isinstance(ts.get("rng_state"), torch.Tensor):
-            torch.set_rng_state(ts["rng_state"])
 
-    def open_run_dir() -> tuple[Path, Path]:
-        final, run = _resume_run_dir(resume) if resume is not None else _prepare_run_dir(cfg.out, cfg)
-        if bundle.split_indices is not None:
+class SingleTask(Task):
+    """One dataset, one classifier: the task :func:`train` gives the loop."""
+
+    def __init__(self, cfg: TrainConfig, ctx: distributed.Context, resume: ResumePoint | None = None) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.precision = resolve_precision(cfg.precision)
+        torch.manual_seed(cfg.seed)
+        split_file = resume.source / "split.json" if resume is not None else None
+        bundle = load_dataset(cfg.dataset, data_dir=cfg.data_dir, size=cfg.size, seed=cfg.seed,
+                              download=cfg.download,
+                              split_file=split_file if split_file is not None and split_file.is_file() else None)
+        self.bundle, info = bundle, bundle.info
+        self.info = info
+        self.img_size = cfg.img_size or bundle.image_size
+        self.augment = cfg.augment or (dataset_spec(bundle.name).augment if _known(bundle.name) else
+                                       "rotate_flip_zoom")
+        mean, std = normalization(cfg.normalize, [bundle.splits["train"].images])
+        self.train_tf = BatchTransform(self.img_size, mean, std, get_policy(self.augment))
+        self.eval_tf = BatchTransform(self.img_size, mean, std)
+        loss_name = cfg.loss or default_loss_name(info.task)
+        self.loss_fn = build_loss(loss_name, info.task, info.num_classes, alpha=cfg.alpha, margin=cfg.margin,
+                                  label_smoothing=cfg.label_smoothing, ordinal_variant=cfg.ordinal_variant)
+        self.eval_loss = build_loss(default_loss_name(info.task), info.task, info.num_classes)
+        self.model_kwargs = dict(num_classes=info.num_classes, in_chans=info.n_channels, img_size=self.img_size,
+                                 drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, **cfg.model_kwargs)
+        model = create_model(cfg.model, **self.model_kwargs).to(memory_format=torch.channels_last)
+        if ctx.world_size > 1:
+            model = distributed.convert_sync_batchnorm(model, ctx.device)
+        self.model = model.to(ctx.device)
+        self.monitor = _monitor(cfg.monitor, info.task)
+        self.meta = build_meta(cfg, bundle, self.model_kwargs, self.img_size, mean, std, loss_name, self.augment)
+        self.meta["monitor"], self.meta["precision"] = self.monitor, self.precision
+        self.small_val = len(bundle.splits["val"]) < MIN_VAL_FOR_MODEL_SELECTION
+        if self.small_val:
+            warn(f"the validation split has {len(bundle.splits['val'])} images (fewer than "
+                 f"{MIN_VAL_FOR_MODEL_SELECTION}): too few to pick a best epoch or stop early; all {cfg.epochs} "
+                 f"epochs are trained and the last one is kept", self.meta, show=ctx.is_main)
+        tr = self.train = bundle.splits["train"]
+        self.drop_last = len(tr) > 2 * cfg.batch_size
+        self.steps_per_epoch = len(tr) // cfg.batch_size if self.drop_last else math.ceil(len(tr) / cfg.batch_size)
+        self.gen = torch.Generator()
+        self._epoch = 0
+
+    def default_out(self) -> str:
+        cfg = self.cfg
+        return str(Path("runs") / f"{Path(cfg.dataset).stem}-{cfg.model}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def describe(self, world: str) -> str:
+        b, info = self.bundle, self.info
+        n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return (f"{self.cfg.model} ({n_params / 1e6:.2f} M params) on {b.name} [{info.task}, {info.num_classes} "
+                f"classes, {len(self.train)}/{len(b.splits['val'])}/{len(b.splits['test'])} images, "
+                f"{self.img_size} px, {self.precision}{world}]")
+
+    def write_files(self, run: Path) -> None:
+        if self.bundle.split_indices is not None:
             from .data.folders import save_split
 
-            save_split(run / "split.json", bundle.split_indices, cfg.seed, _all_labels(bundle),
-                       bundle.source["path"])
-        atomic_write_text(run / "config.json", json.dumps(meta["train_config"], indent=2))
-        # the log is rebuilt from the restored history: lines appended after last.pth was written are dropped
-        atomic_write_text(run / "log.jsonl", "".join(json.dumps(_jsonable(r)) + "\n" for r in history))
-        return final, run
+            save_split(run / "split.json", self.bundle.split_indices, self.cfg.seed, _all_labels(self.bundle),
+                       self.bundle.source["path"])
 
-    final, run = ctx.on_main(open_run_dir) or (None, None)
-    final = Path(ctx.broadcast_object(str(final) if final is not None else None))
+    def begin_epoch(self, epoch: int) -> None:
+        self.gen.manual_seed(epoch_seed(self.cfg.seed, epoch))  # data order and augmentation, equal on every process
+        self._epoch = epoch
 
-    net: nn.Module = model
-    if ctx.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    def batches(self):
+        return iterate_batches(len(self.train), self.cfg.batch_size, self.gen, self.drop_last)
 
-        net = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-    gen = torch.Generator()
-    world = f", {ctx.world_size} processes" if ctx.world_size > 1 else ""
-    say(f"{'resuming at epoch ' + str(start_epoch) + ': ' if resume is not None else ''}training {cfg.model} "
-        f"({sum(p.numel() for p in params) / 1e6:.2f} M params) on {bundle.name} "
-        f"[{info.task}, {info.num_classes} classes, {len(tr)}/{len(bundle.splits['val'])}/"
-        f"{len(bundle.splits['test'])} images, {img_size} px, {precision}{world}] -> {final}")
-    stopped = bad_epochs >= cfg.patience  # a killed run that had already stopped early only needs finishing
-    t_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if stopped:
-            break
-        # all randomness of an epoch derives from (seed, epoch): resuming at an epoch boundary repeats it exactly.
-        # `gen` (data order, augmentation) is the same on every process; the global RNG (dropout) differs per rank.
-        gen.manual_seed(epoch_seed(cfg.seed, epoch))
-        torch.manual_seed(epoch_seed(cfg.seed, epoch, 1 + ctx.rank))
-        model.train()
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", quiet)
-        for idx in iterate_batches(len(tr), cfg.batch_size, gen, drop_last):
-            rows, weight = None, 1.0
-            if ctx.world_size > 1:
-                if len(idx) < ctx.world_size:  # a last batch too small to give every process an image
-                    continue
-                rows = distributed.shard(len(idx), ctx.rank, ctx.world_size)
-                weight = (rows.stop - rows.start) * ctx.world_size / len(idx)  # DDP averages; this makes it a sum
-            x = train_tf(tr.images[idx], train=True, generator=gen, rows=rows)
-            y = tr.labels[idx] if rows is None else tr.labels[idx[rows]]
-            if ctx.device.type != "cpu":
-                x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-            with _autocast(precision):
-                logits = net(x)
-            loss = loss_fn(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            (loss * weight if rows is not None else loss).backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            seen += len(y)
-            loss_sum += float(loss.detach()) * len(y)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        if bar is not None:
-            bar.close()
+    def step(self, net: nn.Module, idx: torch.Tensor) -> Step | None:
+        ctx, tr = self.ctx, self.train
+        rows, weight = None, 1.0
         if ctx.world_size > 1:
-            loss_sum, seen = ctx.all_sum([loss_sum, float(seen)])
-        train_time = time.perf_counter() - t0
+            if len(idx) < ctx.world_size:  # a last batch too small to give every process an image
+                return None
+            rows = distributed.shard(len(idx), ctx.rank, ctx.world_size)
+            weight = (rows.stop - rows.start) * ctx.world_size / len(idx)  # DDP averages; this makes it a sum
+        x = self.train_tf(tr.images[idx], train=True, generator=self.gen, rows=rows)
+        y = tr.labels[idx] if rows is None else tr.labels[idx[rows]]
+        if ctx.device.type != "cpu":
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        with _autocast(self.precision):
+            logits = net(x)
+        loss = self.loss_fn(logits.float(), y)
+        return Step(loss * weight if rows is not None else loss, loss, len(y))
 
-        def end_epoch(epoch: int, loss_sum: float, seen: float, train_time: float, t0: float) -> int:
-            nonlocal best_score, best_epoch, bad_epochs
-            val = evaluate_split(model, bundle.splits["val"], eval_tf, info.task, info.class_names, eval_loss,
-                                 cfg.eval_batch_size, precision)
-            row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "val_loss": val["loss"],
-                   "val_acc": val["acc"], "val_auc": val["auc"], "lr": opt.param_groups[0]["lr"],
-                   "train_img_s": seen / train_time, "epoch_seconds": time.perf_counter() - t0}
-            history.append(row)
-            _append_jsonl(run / "log.jsonl", row)
-            # too few val images to choose an epoch: every epoch "improves", so the last one is kept, none stops early
-            score = float(epoch) if small_val else _score(val, monitor)
-            improved = score > best_score
-            if improved:
-                best_score, best_epoch, bad_epochs = score, epoch, 0
-                save_checkpoint(run / "best_model.pth", model, {**meta, "epoch": epoch, "val_metrics": _slim(val)})
-            else:
-                bad_epochs += 1
-            # written after best_model.pth: a kill in between repeats this epoch, which improves again identically
-            save_checkpoint(run / "last.pth", model, {**meta, "epoch": epoch, "val_metrics": _slim(val)},
-                            train_state={"optimizer": opt.state_dict(),
-                                         "scheduler": sched.state_dict() if sched is not None else None,
-                                         "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
-                                         "bad_epochs": bad_epochs, "history": history,
-                                         "rng_state": torch.get_rng_state(),
-                                         "seconds": seconds_before + time.perf_counter() - t_start,
-                                         "world_size": ctx.world_size})
-            say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  val loss {val['loss']:.4f}  acc {val['acc']:.4f}  "
-                f"auc {val['auc']:.4f}  {row['train_img_s']:.0f} img/s{'  *' if improved else ''}")
-            if bad_epochs >= cfg.patience:
-                say(f"early stop: no {monitor} improvement on val for {cfg.patience} epochs")
-                return 1
-            return 0
+    def validate(self) -> Validation:
+        info = self.info
+        val = evaluate_split(self.model, self.bundle.splits["val"], self.eval_tf, info.task, info.class_names,
+                             self.eval_loss, self.cfg.eval_batch_size, self.precision)
+        # too few val images to choose an epoch: every epoch "improves", so the last one is kept, none stops early
+        score = float(self._epoch) if self.small_val else _score(val, self.monitor)
+        return Validation({"val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"]}, score,
+                          _slim(val), f"val loss {val['loss']:.4f}  acc {val['acc']:.4f}  auc {val['auc']:.4f}")
 
-        if ctx.broadcast_int(ctx.on_main(lambda e=epoch, ls=loss_sum, n=seen, tt=train_time, t=t0:
-                                         end_epoch(e, ls, n, tt, t)) or 0):
-            break
-    seconds = seconds_before + time.perf_counter() - t_start
+    def stop_text(self) -> str:
+        return f"early stop: no {self.monitor} improvement on val for {self.cfg.patience} epochs"
 
-    def finish() -> TrainResult:
+    def finish(self, run: Path, final: Path, best_epoch: int, history: list[dict], seconds: float,
+               say: Callable[[str], None]) -> TrainResult:
         # the test split is read once, with the weights chosen on val
         from .checkpoint import load_checkpoint
 
-        final_model = model
+        cfg, ctx, info, bundle, meta, precision = self.cfg, self.ctx, self.info, self.bundle, self.meta, \
+            self.precision
+        eval_tf, eval_loss = self.eval_tf, self.eval_loss
+        final_model = self.model
         if ctx.world_size > 1 or ctx.device.type != "cpu":  # plain BatchNorm, on the CPU, for the last passes
-            final_model = create_model(cfg.model, **model_kwargs).to(memory_format=torch.channels_last)
+            final_model = create_model(cfg.model, **self.model_kwargs).to(memory_format=torch.channels_last)
         state, _, _ = load_checkpoint(run / "best_model.pth")
         final_model.load_state_dict(state)
-        if cfg.bn_recalibrate and not get_policy(augment).identity and \
-                recalibrate_batchnorm(final_model, tr.images, eval_tf):
+        if cfg.bn_recalibrate and not get_policy(self.augment).identity and \
+                recalibrate_batchnorm(final_model, self.train.images, eval_tf):
             meta["bn_recalibrated"] = True
         extras = fit_confidence(final_model, bundle, eval_tf, info.task, meta, calibrate=cfg.calibrate, ood=cfg.ood,
                                 batch_size=cfg.eval_batch_size, seed=cfg.seed, say=say)
@@ -623,24 +438,23 @@ def _train(cfg: TrainConfig, given: set[str], ctx: distributed.Context, log: Cal
         test = evaluate_split(final_model, bundle.splits["test"], eval_tf, info.task, info.class_names, eval_loss,
                               cfg.eval_batch_size, precision, threshold=threshold)
         meta.update(threshold=threshold, epoch=best_epoch, epochs_run=len(history), val_metrics=_slim(val),
-                    test_metrics=_slim(test),
-                    train_seconds=seconds, machine=machine_description())
+                    test_metrics=_slim(test), train_seconds=seconds, machine=machine_description())
         save_checkpoint(run / "best_model.pth", final_model, meta, extras=extras)
         metrics_doc = {"dataset": bundle.name, "model": cfg.model, "seed": cfg.seed, "best_epoch": best_epoch,
-                       "epochs_run": len(history), "monitor": monitor, "float_precision": precision,
+                       "epochs_run": len(history), "monitor": self.monitor, "float_precision": precision,
                        "train_seconds": seconds, "machine": machine_description(), "native_bf16": bf16_supported(),
                        "medmix_version": __version__, "warnings": meta.get("warnings", []), "val": val, "test": test}
-        atomic_write_text(run / "metrics.json", json.dumps(_jsonable(metrics_doc), indent=2))
-        _write_history_csv(run / "log.csv", history)
+        atomic_write_text(run / "metrics.json", json.dumps(jsonable(metrics_doc), indent=2))
+        write_history_csv(run / "log.csv", history)
         from .report import plot_curves, write_confusion
 
         plot_curves(history, run / "curves.png", best_epoch)
         write_confusion(test, info, run / "confusion_test.png", f"{bundle.name} test - {cfg.model}")
-        _finish_run_dir(final, run)
         return TrainResult(final, best_epoch, val, test, history, seconds)
 
-    result = ctx.on_main(finish)  # the other processes wait here until the run directory is complete
-    return result if ctx.is_main else _result_of_finished_run(final, ctx.rank)
+    def result_of_finished_run(self, final: Path, rank: int) -> TrainResult:
+        return _result_of_finished_run(final, rank)
+
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, transform: BatchTransform, batch_size: int = 256
@@ -755,31 +569,5 @@ def _all_labels(bundle: DataBundle) -> np.ndarray:
 def _slim(m: dict) -> dict:
     keep = ("acc", "auc", "precision", "recall", "f1", "loss", "n", "mae", "qwk", "auc_defined_mean")
     return {k: (float(m[k]) if isinstance(m[k], (float, np.floating)) else m[k]) for k in keep if k in m}
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, dict):
-        return {k: _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, (np.floating, float)):
-        return None if not np.isfinite(o) else float(o)
-    if isinstance(o, np.integer):
-        return int(o)
-    return o
-
-
-def _append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(_jsonable(row)) + "\n")
-
-
-def _write_history_csv(path: Path, history: list[dict]) -> None:
-    if not history:
-        return
-    cols = list(history[0])
-    lines = [",".join(cols)] + [",".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in cols)
-                                for r in history]
-    atomic_write_text(path, "\n".join(lines) + "\n")
 
 

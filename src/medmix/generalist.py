@@ -35,7 +35,6 @@ and ``medmix calibrate``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -48,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from ._version import __version__
 from .checkpoint import (
     GENERALIST,
@@ -63,11 +63,12 @@ from .data.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, TaskInfo
 from .engine import RecipeConfig, _known
 from .errors import ConfigError
 from .generalist_predictor import GeneralistPredictor, format_routed  # noqa: F401  (medmix.generalist API)
-from .inference import extract
+from .inference import autocast, extract
 from .losses import build_loss, default_loss_name
 from .metrics import compute_metrics, predict_labels, save_figure
 from .paths import check_writable_dir, ensure_dir
 from .small_data import MIN_VAL_FOR_OOD_THRESHOLD, MIN_VAL_FOR_TEMPERATURE, warn
+from .training import Step, Task, Validation, epoch_seed, jsonable
 
 __all__ = [
     "GeneralistConfig",
@@ -103,6 +104,8 @@ class GeneralistConfig(RecipeConfig):
     steps_per_epoch: int | None = None  # default: one pass over the pooled training images
     sampling_temperature: float = 2.0  # p_d ∝ n_d^(1/T); inf = equal
     modality_weight: float = 1.0
+    resume: str | bool | None = None  # a run directory to continue; True: continue `out` if it holds a run
+    ddp: bool | None = None  # not available for several datasets yet (refused when requested)
 
 
 @dataclass
@@ -239,24 +242,22 @@ def summarize(m: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- training
 def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str], None] | None = None,
                      **kwargs: Any) -> GeneralistResult:
-    """Train one model on several datasets (see the module docstring); arguments as :class:`GeneralistConfig`."""
-    from .engine import (
-        _finish_run_dir,
-        _jsonable,
-        _prepare_run_dir,
-        _progress,
-        _schedule,
-        _write_history_csv,
-        check_recipe,
-        epoch_seed,
-        recalibrate_batchnorm,
-    )
-    from .inference import autocast as _autocast
-    from .inference import machine_description, resolve_precision
-    from .models import model_info
-    from .models.multihead import MultiHeadClassifier
+    """Train one model on several datasets (see the module docstring); arguments as :class:`GeneralistConfig`.
 
+    ``resume`` continues a killed (or finished, for more ``epochs``) run exactly as :func:`medmix.train` does: the
+    shared loop (:mod:`medmix.training`) restores weights, optimiser, schedule, early stopping, history, the RNG and
+    the mixed-batch sampler, so the result is bit-identical to an uninterrupted run."""
+    from .engine import _non_default_fields, _resumed_config, check_recipe
+    from .models import model_info
+    from .training import check_resume_left, find_resume, fit
+
+    given = set(kwargs) if cfg is None else _non_default_fields(cfg)
     cfg = cfg or GeneralistConfig(**kwargs)
+    resume = find_resume(cfg.out, cfg.resume)
+    if resume is not None:
+        if not is_generalist(resume.meta):
+            raise ConfigError(f"{resume.final} is a single-dataset run; resume it without several --dataset names")
+        cfg = _resumed_config(cfg, resume, given)
     cfg.datasets = parse_datasets(cfg.datasets)
     say = log or (lambda s: None if cfg.quiet else print(s, file=sys.stderr))
     check_recipe(cfg)
@@ -266,163 +267,197 @@ def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str]
         raise ConfigError(f"--modality-weight must be >= 0, got {cfg.modality_weight}")
     if cfg.channels not in (None, 1, 3):
         raise ConfigError(f"--channels must be 1 or 3, got {cfg.channels}")
-    precision = resolve_precision(cfg.precision)
+    if cfg.ddp or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("data-parallel training (torchrun, --ddp) is not available for several datasets yet; "
+                          "train the generalist in one process")
+    if resume is not None:
+        check_resume_left(resume, cfg.epochs, cfg.patience)
     model_info(cfg.model)
-    check_writable_dir(cfg.out or "runs", "--out")  # before any data is read or epoch trained
-    torch.manual_seed(cfg.seed)
-    members, side, channels = _load_members(cfg)
-    if side < model_info(cfg.model).min_img_size:
-        raise ConfigError(f"model {cfg.model!r} needs img_size >= {model_info(cfg.model).min_img_size}, got {side}")
-    sizes = [len(m.splits["train"]) for m in members]
-    weights = sampling_weights(sizes, cfg.sampling_temperature)
-    mean, std = normalization(cfg.normalize, [m.splits["train"].images for m in members])
-    train_tfs = [BatchTransform(side, mean, std, get_policy(m.augment)) for m in members]
-    eval_tf = BatchTransform(side, mean, std)
-    losses = [build_loss(default_loss_name(m.info.task), m.info.task, m.info.num_classes,
-                         label_smoothing=cfg.label_smoothing if m.info.task != MULTI_LABEL else 0.0)
-              for m in members]
-    model_kwargs = dict(in_chans=channels, img_size=side, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
-                        **cfg.model_kwargs)
-    try:
-        model = MultiHeadClassifier(cfg.model, [m.info.num_classes for m in members], **model_kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model {cfg.model!r}: {e}") from None
-    model = model.to(memory_format=torch.channels_last)
-    datasets_meta, start = [], len(members)
-    for m in members:
-        datasets_meta.append({"name": m.name, "task": m.info.to_dict(), "columns": [start, start + m.info.num_classes],
-                              "data_source": m.source, "data_size": m.data_size, "augment": m.augment,
-                              "temperature": 1.0, "threshold": 0.5, "n_train": len(m.splits["train"])})
-        start += m.info.num_classes
-    # the checkpoint's "task" is the router's (one class per dataset); a one-dataset run (a specialist trained by the
-    # same pipeline, as benchmarks/generalist.py does) has no routing question, so it records its dataset's task
-    modality_info = TaskInfo(MULTI_CLASS, tuple(m.name for m in members), channels) if len(members) > 1 else \
-        members[0].info
-    meta: dict[str, Any] = {
-        "kind": KIND, "model": cfg.model, "model_kwargs": model_kwargs, "task": modality_info.to_dict(),
-        "dataset": ",".join(m.name for m in members), "img_size": side, "data_size": side, "mean": mean, "std": std,
-        "temperature": 1.0, "seed": cfg.seed, "precision": precision,
-        "generalist": {"datasets": datasets_meta, "modality_columns": [0, len(members)], "modality_temperature": 1.0,
-                       "sampling": {"temperature": cfg.sampling_temperature, "weights": weights.tolist()},
-                       "channels": channels, "img_size": side,
-                       "channel_rule": "grayscale replicated to 3 channels" if channels == 3 else
-                       "colour -> BT.601 luma"},
-        "train_config": _as_json(asdict(cfg)),
-    }
-    steps = cfg.steps_per_epoch or max(1, sum(sizes) // cfg.batch_size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW)(params, lr=cfg.lr,
-                                                                               weight_decay=cfg.weight_decay)
-    sched = _schedule(opt, cfg.schedule, steps * cfg.epochs, int(cfg.warmup_epochs * steps))
-    final, run = _prepare_run_dir(cfg.out or _default_out(cfg), cfg)
-    from .data.folders import save_split
+    if resume is None:
+        check_writable_dir(cfg.out or "runs", "--out")  # before any data is read or epoch trained
+    ctx = distributed.Context()
+    return fit(MixtureTask(cfg, resume), ctx, resume, say, cfg.quiet)
 
-    for m in members:
-        if m.split_indices is not None:
-            labels = np.empty(sum(len(v) for v in m.split_indices.values()), dtype=np.int64)
-            for k, idx in m.split_indices.items():
-                labels[idx] = m.splits[k].labels.numpy()
-            save_split(run / f"split_{m.name}.json", m.split_indices, cfg.seed, labels, m.source["path"])
-    atomic_write_text(run / "config.json", json.dumps(meta["train_config"], indent=2))
-    say(f"training a generalist {cfg.model} ({sum(p.numel() for p in params) / 1e6:.2f} M params) on "
-        f"{', '.join(f'{m.name} ({n}, p={w:.2f})' for m, n, w in zip(members, sizes, weights))} "
-        f"[{side} px, {channels} channels, {steps} steps/epoch, {precision}] -> {final}")
 
-    gen = torch.Generator()
-    gen.manual_seed(epoch_seed(cfg.seed, 0))
-    sampler = MixedBatchSampler(sizes, cfg.batch_size, weights, gen)
-    history: list[dict] = []
-    best_score, best_epoch, bad = -math.inf, 0, 0
-    t_start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        torch.manual_seed(epoch_seed(cfg.seed, epoch, 1))
-        model.train()
-        t0, seen, loss_sum, mod_sum = time.perf_counter(), 0, 0.0, 0.0
-        bar = _progress(steps, f"epoch {epoch}/{cfg.epochs}", cfg.quiet)
-        for batch in sampler.batches(steps):
-            xs, targets = [], []
-            for d, idx in batch:
-                xs.append(train_tfs[d](members[d].splits["train"].images[idx], train=True, generator=gen))
-                targets.append(torch.full((len(idx),), d, dtype=torch.long))
-            x = torch.cat(xs).contiguous(memory_format=torch.channels_last)
-            with _autocast(precision):
-                logits = model(x)
-            logits = logits.float()
-            n = x.shape[0]
-            mod_loss = F.cross_entropy(logits[:, :len(members)], torch.cat(targets))
-            loss = cfg.modality_weight * mod_loss
-            row = 0
-            for d, idx in batch:
-                a, b = datasets_meta[d]["columns"]
-                part = logits[row:row + len(idx), a:b]
-                loss = loss + losses[d](part, members[d].splits["train"].labels[idx]) * (len(idx) / n)
-                row += len(idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            seen += n
-            loss_sum += float(loss.detach()) * n
-            mod_sum += float(mod_loss.detach()) * n
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        if bar is not None:
-            bar.close()
-        train_time = time.perf_counter() - t0
-        val = evaluate_heads(model, members, "val", eval_tf, meta, batch_size=cfg.eval_batch_size,
-                             precision=precision, temperatures=False, with_loss=True)
-        row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_modality_loss": mod_sum / max(seen, 1),
-               "val_loss": val["loss"], "val_score": val["score"], "val_routing_acc": val["routing_acc"],
-               **{f"val_{k}/{n}": v[k] for n, v in val["datasets"].items() for k in ("acc", "auc")},
-               "lr": opt.param_groups[0]["lr"], "train_img_s": seen / train_time,
-               "epoch_seconds": time.perf_counter() - t0}
-        history.append(row)
-        with open(run / "log.jsonl", "a") as f:
-            f.write(json.dumps(_jsonable(row)) + "\n")
-        improved = val["score"] > best_score
-        if improved:
-            best_score, best_epoch, bad = val["score"], epoch, 0
-            save_checkpoint(run / "best_model.pth", model, {**meta, "epoch": epoch, "val_metrics": summarize(val)})
-        else:
-            bad += 1
+class MixtureTask(Task):
+    """Several datasets, one backbone: a head per dataset plus the modality router, trained on mixed batches."""
+
+    def __init__(self, cfg: GeneralistConfig, resume: Any = None) -> None:
+        from .inference import resolve_precision
+        from .models import model_info
+        from .models.multihead import MultiHeadClassifier
+
+        self.cfg = cfg
+        self.precision = resolve_precision(cfg.precision)
+        torch.manual_seed(cfg.seed)
+        members, side, channels = _load_members(cfg)
+        if resume is not None:
+            _check_saved_splits(members, resume.source)
+        if side < model_info(cfg.model).min_img_size:
+            raise ConfigError(f"model {cfg.model!r} needs img_size >= {model_info(cfg.model).min_img_size}, "
+                              f"got {side}")
+        self.members, self.side, self.channels = members, side, channels
+        self.sizes = [len(m.splits["train"]) for m in members]
+        self.weights = sampling_weights(self.sizes, cfg.sampling_temperature)
+        mean, std = normalization(cfg.normalize, [m.splits["train"].images for m in members])
+        self.train_tfs = [BatchTransform(side, mean, std, get_policy(m.augment)) for m in members]
+        self.eval_tf = BatchTransform(side, mean, std)
+        self.losses = [build_loss(default_loss_name(m.info.task), m.info.task, m.info.num_classes,
+                                  label_smoothing=cfg.label_smoothing if m.info.task != MULTI_LABEL else 0.0)
+                       for m in members]
+        model_kwargs = dict(in_chans=channels, img_size=side, drop_rate=cfg.drop_rate,
+                            drop_path_rate=cfg.drop_path_rate, **cfg.model_kwargs)
+        try:
+            model = MultiHeadClassifier(cfg.model, [m.info.num_classes for m in members], **model_kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model {cfg.model!r}: {e}") from None
+        self.model = model.to(memory_format=torch.channels_last)
+        datasets_meta, start = [], len(members)
+        for m in members:
+            datasets_meta.append({"name": m.name, "task": m.info.to_dict(),
+                                  "columns": [start, start + m.info.num_classes], "data_source": m.source,
+                                  "data_size": m.data_size, "augment": m.augment, "temperature": 1.0,
+                                  "threshold": 0.5, "n_train": len(m.splits["train"])})
+            start += m.info.num_classes
+        self.datasets_meta = datasets_meta
+        # the checkpoint's "task" is the router's (one class per dataset); a one-dataset run (a specialist trained by
+        # the same pipeline, as benchmarks/generalist.py does) has no routing question, so it records its dataset's
+        modality_info = TaskInfo(MULTI_CLASS, tuple(m.name for m in members), channels) if len(members) > 1 else \
+            members[0].info
+        self.meta: dict[str, Any] = {
+            "kind": KIND, "model": cfg.model, "model_kwargs": model_kwargs, "task": modality_info.to_dict(),
+            "dataset": ",".join(m.name for m in members), "img_size": side, "data_size": side, "mean": mean,
+            "std": std, "temperature": 1.0, "seed": cfg.seed, "precision": self.precision,
+            "generalist": {"datasets": datasets_meta, "modality_columns": [0, len(members)],
+                           "modality_temperature": 1.0,
+                           "sampling": {"temperature": cfg.sampling_temperature, "weights": self.weights.tolist()},
+                           "channels": channels, "img_size": side,
+                           "channel_rule": "grayscale replicated to 3 channels" if channels == 3 else
+                           "colour -> BT.601 luma"},
+            "train_config": _as_json({k: v for k, v in asdict(cfg).items() if k not in ("quiet", "resume", "ddp")}),
+        }
+        self.steps_per_epoch = cfg.steps_per_epoch or max(1, sum(self.sizes) // cfg.batch_size)
+        # one generator for the whole run (data order across epochs, augmentation); its state and the sampler's
+        # running permutations are part of the resumable state
+        self.gen = torch.Generator()
+        self.gen.manual_seed(epoch_seed(cfg.seed, 0))
+        self.sampler = MixedBatchSampler(self.sizes, cfg.batch_size, self.weights, self.gen)
+
+    def default_out(self) -> str:
+        return _default_out(self.cfg)
+
+    def describe(self, world: str) -> str:
+        n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        parts = ", ".join(f"{m.name} ({n}, p={w:.2f})" for m, n, w in zip(self.members, self.sizes, self.weights))
+        return (f"a generalist {self.cfg.model} ({n_params / 1e6:.2f} M params) on {parts} [{self.side} px, "
+                f"{self.channels} channels, {self.steps_per_epoch} steps/epoch, {self.precision}{world}]")
+
+    def write_files(self, run: Path) -> None:
+        from .data.folders import save_split
+
+        for m in self.members:
+            if m.split_indices is not None:
+                labels = np.empty(sum(len(v) for v in m.split_indices.values()), dtype=np.int64)
+                for k, idx in m.split_indices.items():
+                    labels[idx] = m.splits[k].labels.numpy()
+                save_split(run / f"split_{m.name}.json", m.split_indices, self.cfg.seed, labels, m.source["path"])
+
+    def batches(self):
+        return self.sampler.batches(self.steps_per_epoch)
+
+    def step(self, net: nn.Module, batch: list) -> Step:
+        members, n_d = self.members, len(self.members)
+        xs, targets = [], []
+        for d, idx in batch:
+            xs.append(self.train_tfs[d](members[d].splits["train"].images[idx], train=True, generator=self.gen))
+            targets.append(torch.full((len(idx),), d, dtype=torch.long))
+        x = torch.cat(xs).contiguous(memory_format=torch.channels_last)
+        with autocast(self.precision):
+            logits = net(x)
+        logits = logits.float()
+        n = x.shape[0]
+        mod_loss = F.cross_entropy(logits[:, :n_d], torch.cat(targets))
+        loss = self.cfg.modality_weight * mod_loss
+        row = 0
+        for d, idx in batch:
+            a, b = self.datasets_meta[d]["columns"]
+            part = logits[row:row + len(idx), a:b]
+            loss = loss + self.losses[d](part, members[d].splits["train"].labels[idx]) * (len(idx) / n)
+            row += len(idx)
+        return Step(loss, loss, n, {"modality_loss": mod_loss})
+
+    def validate(self) -> Validation:
+        val = evaluate_heads(self.model, self.members, "val", self.eval_tf, self.meta,
+                             batch_size=self.cfg.eval_batch_size, precision=self.precision, temperatures=False,
+                             with_loss=True)
+        fields = {"val_loss": val["loss"], "val_score": val["score"], "val_routing_acc": val["routing_acc"],
+                  **{f"val_{k}/{n}": v[k] for n, v in val["datasets"].items() for k in ("acc", "auc")}}
         per = "  ".join(f"{n} {v['monitor']} {v['score']:.4f}" for n, v in val["datasets"].items())
-        say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  val score {val['score']:.4f}  routing "
-            f"{val['routing_acc']:.4f}  {per}  {row['train_img_s']:.0f} img/s{'  *' if improved else ''}")
-        if bad >= cfg.patience:
-            say(f"early stop: no improvement of the mean validation score for {cfg.patience} epochs")
-            break
-    seconds = time.perf_counter() - t_start
+        return Validation(fields, val["score"], summarize(val),
+                          f"val score {val['score']:.4f}  routing {val['routing_acc']:.4f}  {per}")
 
-    # the best weights, their trust data, then the test splits, read once
-    state, _, _ = load_checkpoint(run / "best_model.pth")
-    model.load_state_dict(state)
-    if cfg.bn_recalibrate and any(not get_policy(m.augment).identity for m in members):
-        pool = _mixture_sample(members, "train", weights, MAX_RECALIBRATE_IMAGES, cfg.seed)
-        if recalibrate_batchnorm(model, pool, eval_tf):
-            meta["bn_recalibrated"] = True
-    extras = _fit_trust(model, members, eval_tf, meta, cfg, precision, say)
-    val = evaluate_heads(model, members, "val", eval_tf, meta, batch_size=cfg.eval_batch_size, precision=precision)
-    test = evaluate_heads(model, members, "test", eval_tf, meta, batch_size=cfg.eval_batch_size, precision=precision)
-    for m_, split in ((val, "val"), (test, "test")):
-        m_.update(kind=KIND, split=split, model=cfg.model)
-    meta.update(epoch=best_epoch, epochs_run=len(history), val_metrics=summarize(val), test_metrics=summarize(test),
-                train_seconds=seconds, machine=machine_description())
-    save_checkpoint(run / "best_model.pth", model, meta, extras=extras)
-    doc = {"kind": KIND, "datasets": [m.name for m in members], "model": cfg.model, "seed": cfg.seed,
-           "best_epoch": best_epoch, "train_seconds": seconds, "machine": machine_description(),
-           "medmix_version": __version__, "img_size": side, "channels": channels,
-           "sampling_weights": dict(zip([m.name for m in members], weights.tolist())), "val": val, "test": test}
-    atomic_write_text(run / "metrics.json", json.dumps(_jsonable(doc), indent=2))
-    _write_history_csv(run / "log.csv", history)
-    _plot_history(history, run / "curves.png", best_epoch, [m.name for m in members])
-    from .metrics import plot_confusion
+    def stop_text(self) -> str:
+        return f"early stop: no improvement of the mean validation score for {self.cfg.patience} epochs"
 
-    plot_confusion(test["routing_confusion"], [m.name for m in members], run / "routing_confusion_test.png",
-                   f"modality routing, test - {cfg.model}")
-    _finish_run_dir(final, run)
-    return GeneralistResult(final, best_epoch, val, test, history, seconds)
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state(), "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.gen.set_state(state["generator"])
+            self.sampler.load_state_dict(state["sampler"])
+
+    def finish(self, run: Path, final: Path, best_epoch: int, history: list[dict], seconds: float,
+               say: Callable[[str], None]) -> GeneralistResult:
+        from .engine import recalibrate_batchnorm
+        from .inference import machine_description
+        from .training import write_history_csv
+
+        cfg, model, members, meta, eval_tf, precision = self.cfg, self.model, self.members, self.meta, \
+            self.eval_tf, self.precision
+        # the best weights, their trust data, then the test splits, read once
+        state, _, _ = load_checkpoint(run / "best_model.pth")
+        model.load_state_dict(state)
+        if cfg.bn_recalibrate and any(not get_policy(m.augment).identity for m in members):
+            pool = _mixture_sample(members, "train", self.weights, MAX_RECALIBRATE_IMAGES, cfg.seed)
+            if recalibrate_batchnorm(model, pool, eval_tf):
+                meta["bn_recalibrated"] = True
+        extras = _fit_trust(model, members, eval_tf, meta, cfg, precision, say)
+        val = evaluate_heads(model, members, "val", eval_tf, meta, batch_size=cfg.eval_batch_size,
+                             precision=precision)
+        test = evaluate_heads(model, members, "test", eval_tf, meta, batch_size=cfg.eval_batch_size,
+                              precision=precision)
+        for m_, split in ((val, "val"), (test, "test")):
+            m_.update(kind=KIND, split=split, model=cfg.model)
+        meta.update(epoch=best_epoch, epochs_run=len(history), val_metrics=summarize(val),
+                    test_metrics=summarize(test), train_seconds=seconds, machine=machine_description())
+        save_checkpoint(run / "best_model.pth", model, meta, extras=extras)
+        doc = {"kind": KIND, "datasets": [m.name for m in members], "model": cfg.model, "seed": cfg.seed,
+               "best_epoch": best_epoch, "epochs_run": len(history), "train_seconds": seconds,
+               "machine": machine_description(), "medmix_version": __version__, "img_size": self.side,
+               "channels": self.channels, "float_precision": precision, "warnings": meta.get("warnings", []),
+               "sampling_weights": dict(zip([m.name for m in members], self.weights.tolist())), "val": val,
+               "test": test}
+        atomic_write_text(run / "metrics.json", json.dumps(jsonable(doc), indent=2))
+        write_history_csv(run / "log.csv", history)
+        _plot_history(history, run / "curves.png", best_epoch, [m.name for m in members])
+        from .metrics import plot_confusion
+
+        plot_confusion(test["routing_confusion"], [m.name for m in members], run / "routing_confusion_test.png",
+                       f"modality routing, test - {cfg.model}")
+        return GeneralistResult(final, best_epoch, val, test, history, seconds)
+
+
+def _check_saved_splits(members: Sequence[_Member], run_dir: Path) -> None:
+    """A resumed run must see the splits it was trained on (the data may have changed since)."""
+    for m in members:
+        f = run_dir / f"split_{m.name}.json"
+        if m.split_indices is None or not f.is_file():
+            continue
+        saved = json.loads(f.read_text())
+        if any(sorted(saved.get(k, [])) != sorted(np.asarray(v).tolist()) for k, v in m.split_indices.items()):
+            raise ConfigError(f"{m.name}: the data found now give another split than {f}; resume with the data the "
+                              f"run was trained on")
 
 
 def _as_json(v: Any) -> Any:

@@ -115,6 +115,16 @@ class MixedBatchSampler:
         """``[(dataset, image indices), ...]`` for the datasets present in the next batch, in dataset order."""
         return [(d, self._take(d, int(k))) for d, k in enumerate(self.counts().tolist()) if k > 0]
 
+    def state_dict(self) -> dict:
+        """The running permutations and positions (the generator's state is its owner's to save)."""
+        return {"perm": [p.clone() if p is not None else None for p in self._perm], "pos": list(self._pos)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["perm"]) != len(self.sizes) or len(state["pos"]) != len(self.sizes):
+            raise ValueError(f"sampler state for {len(state['perm'])} datasets, this sampler has {len(self.sizes)}")
+        self._perm = [p.clone() if p is not None else None for p in state["perm"]]
+        self._pos = [int(v) for v in state["pos"]]
+
     def batches(self, steps: int) -> Iterator[list[tuple[int, torch.Tensor]]]:
         for _ in range(steps):
             yield self.next_batch()
