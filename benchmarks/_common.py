@@ -34,8 +34,10 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
 
 
 def fmt(values: Iterable[float], digits: int = 3) -> str:
-    m, s = mean_std(values)
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    """``mean ± std`` over seeds; a single run is shown without a spread it does not have."""
+    v = list(values)
+    m, s = mean_std(v)
+    return f"{m:.{digits}f}" if len(v) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def write_results(name: str, doc: dict, markdown: str) -> None:

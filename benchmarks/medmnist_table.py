@@ -146,7 +146,8 @@ def _plot(present: list[str], summary: list[dict]) -> None:
         ax.set_xlabel("test ACC")
         ax.set_ylabel("test AUC")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="lower right")
+        if ss:
+            ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     fig.savefig(RESULTS / "medmnist_table.png")
 

@@ -294,8 +294,7 @@ def test_cli_refuses_generalist_options_for_one_dataset(tmp_path, capsys, _keep_
 
 def test_single_dataset_commands_refuse_a_generalist(gen_run, tmp_path, capsys, _keep_threads):
     r, _ = gen_run
-    for argv in (["export", r.run_dir, "--onnx", tmp_path / "m.onnx"], ["calibrate", r.run_dir],
-                 ["explain", r.run_dir, tmp_path / "none.png", "--out", tmp_path / "cam"]):
+    for argv in (["export", r.run_dir, "--onnx", tmp_path / "m.onnx"],):
         rc, _, e = run(argv, capsys)
         assert rc == 2 and "is a generalist checkpoint" in e, (argv, e)
     assert not (tmp_path / "m.onnx").exists()
@@ -408,3 +407,89 @@ def test_generalist_continues_a_finished_run_for_more_epochs(gen_run, tmp_path, 
     assert main(["train", "--resume", str(run), "--epochs", "4", "--quiet"]) == 0, capsys.readouterr().err
     doc = json.loads((run / "metrics.json").read_text())
     assert doc["epochs_run"] == 4 and doc["kind"] == "generalist"
+
+
+def test_calibrate_a_generalist_refits_every_head_and_the_router(gen_run, tmp_path, capsys, _keep_threads):
+    """`medmix calibrate` on a generalist: the router's temperature and each head's with enough val images are
+    refitted on val and stored (same weights); the head with too few val images keeps T = 1 and says why."""
+    import shutil
+
+    from medmix.checkpoint import load_checkpoint
+
+    r, root = gen_run
+    run_dir = tmp_path / "gen"
+    shutil.copytree(r.run_dir, run_dir)
+    state0, meta0, _ = load_checkpoint(run_dir / "best_model.pth")
+    g0 = meta0["generalist"]
+    g0["modality_temperature"] = 7.0  # as if never fitted: calibrate must replace it
+    from medmix.checkpoint import save_checkpoint
+    from medmix.calibrate import _Weights
+
+    save_checkpoint(run_dir / "best_model.pth", _Weights(state0), meta0,
+                    extras=load_checkpoint(run_dir / "best_model.pth", extras=True)[3])
+    rc, out, err = run(["calibrate", run_dir, "--data-dir", root, "--json"], capsys)
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["kind"] == "generalist" and doc["previous_router_temperature"] == 7.0
+    assert doc["router_temperature"] != 7.0 and doc["router_calibration"]["nll_after"] <= \
+        doc["router_calibration"]["nll_before"] + 1e-9
+    state, meta, _ = load_checkpoint(run_dir / "best_model.pth")
+    assert meta["generalist"]["modality_temperature"] == doc["router_temperature"]
+    assert all(torch.equal(state[k], state0[k]) for k in state0)
+    assert all(h["temperature"] == 1.0 for h in doc["heads"].values())  # 32 and 18 val images: below 50
+    rc, out, _ = run(["calibrate", run_dir, "--data-dir", root], capsys)
+    assert rc == 0 and "router temperature" in out and "not fitted (too few val images)" in out
+
+
+def test_explain_a_generalist_explains_the_routed_head(gen_run, tmp_path, capsys, _keep_threads):
+    """Grad-CAM of a generalist: each image goes to the dataset the router picks, and the heatmap explains that
+    head's class (its own column of the output); the panel, the text and the JSON name the dataset."""
+    from PIL import Image
+
+    r, root = gen_run
+    data = np.load(root / "pneumoniamnist.npz")
+    stripes = np.load(root / "stripes.npz")
+    Image.fromarray(data["test_images"][0]).save(tmp_path / "bars.png")
+    Image.fromarray(stripes["images"][0]).save(tmp_path / "stripes.png")
+    rc, out, err = run(["explain", r.run_dir, tmp_path / "bars.png", tmp_path / "stripes.png", "--out",
+                        tmp_path / "cam", "--json"], capsys)
+    assert rc == 0, err
+    res = json.loads(out)
+    assert [x["dataset"] for x in res] == ["pneumoniamnist", "stripes"]  # the router tells them apart
+    for x in res:
+        assert Path(x["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert x["explained_class"] == x["label"] and 0 < x["dataset_confidence"] <= 1
+    assert res[0]["label"] in ("normal", "pneumonia") and res[1]["label"] in ("a", "b", "c")
+    rc, out, _ = run(["explain", r.run_dir, tmp_path / "bars.png", "--out", tmp_path / "cam2"], capsys)
+    assert rc == 0 and "routed to pneumoniamnist" in out
+
+
+def test_serve_a_generalist_answers_with_the_routed_dataset(gen_run, tmp_path, _keep_threads):
+    """`medmix serve` on a generalist: /v1/predict gives the routed dataset, its confidence, the label and the OOD
+    verdict (as GeneralistPredictor), /v1/model lists the datasets, /v1/explain draws the routed head's class."""
+    import io
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from medmix.generalist_predictor import GeneralistPredictor
+    from medmix.serve.app import create_app
+
+    r, root = gen_run
+    buf = io.BytesIO()
+    Image.fromarray(np.load(root / "stripes.npz")["images"][3]).save(buf, format="PNG")
+    data = buf.getvalue()
+    want = GeneralistPredictor(r.run_dir).predict([data])[0]
+    with TestClient(create_app(r.run_dir)) as c:
+        info = c.get("/v1/model").json()
+        assert [d["dataset"] for d in info["generalist"]] == ["pneumoniamnist", "stripes"]
+        (p,) = c.post("/v1/predict", files={"files": ("s.png", data, "image/png")}).json()["predictions"]
+        assert p["dataset"] == want["dataset"] == "stripes" and p["label"] == want["label"]
+        assert p["dataset_confidence"] == pytest.approx(want["dataset_confidence"], abs=1e-6)
+        assert p["in_distribution"] == want["in_distribution"]
+        e = c.post("/v1/explain", files={"files": ("s.png", data, "image/png")})
+        assert e.status_code == 200 and e.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert e.headers["X-Medmix-Dataset"] == "stripes" and e.headers["X-Medmix-Label"] == want["label"]
+        page = c.get("/").text
+        assert "routed to" in page  # the page shows the routed dataset

@@ -172,7 +172,8 @@ def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None
     run = Run.of(run_or_ckpt)
     path, meta = run.path, run.meta
     check_writable_file(path, "checkpoint")  # rewritten in place at the end, with the reliability PNGs beside it
-    run.require_single("`medmix calibrate` (a generalist fits its temperatures at the end of training)")
+    run.require_single("medmix.calibrate.calibrate (for a generalist: medmix.generalist.calibrate_generalist, "
+                       "which `medmix calibrate` calls)")
     model = run.build_model()
     info = run.task
     bundle = run.training_data(data_dir)

@@ -237,8 +237,10 @@ def cmd_explain(a: argparse.Namespace) -> None:
     if a.json:
         return _print_json([{k: v for k, v in r.items() if k != "cam"} for r in results])
     for r in results:
-        print(f"{r['file']}: {r['label']} (confidence {r['confidence']:.2%}); {r['method']} for "
-              f"{r['explained_class']!r} -> {r['png']}")
+        routed = f"routed to {r['dataset']} ({r['dataset_confidence']:.2%}) -> " if "dataset" in r else ""
+        ood = "; WARNING: out of distribution" if r.get("in_distribution") is False else ""
+        print(f"{r['file']}: {routed}{r['label']} (confidence {r['confidence']:.2%}); {r['method']} for "
+              f"{r['explained_class']!r} -> {r['png']}{ood}")
 
 
 def cmd_calibrate(a: argparse.Namespace) -> None:
@@ -246,9 +248,30 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     from .inference import set_threads
 
     set_threads()
-    r = calibrate(a.checkpoint, data_dir=a.data_dir)
+    from .run import Run
+
+    run = Run.load(a.checkpoint)
+    if run.is_generalist:  # a temperature per head and one for the router
+        from .generalist import calibrate_generalist
+        from .paths import check_writable_file
+
+        check_writable_file(run.path, "checkpoint")
+        r = calibrate_generalist(run, a.data_dir)
+    else:
+        r = calibrate(run, data_dir=a.data_dir)
     if a.json:
         return _print_json(r)
+    if r.get("kind") == "generalist":
+        print(f"{r['dataset']} (generalist, {r['model']}), val splits: router temperature "
+              f"{r['previous_router_temperature']:.4f} -> {r['router_temperature']:.4f}")
+        for name, h in r["heads"].items():
+            t = h["temperature"]
+            shown = f"{t:.4f}" if isinstance(t, float) else "per label"
+            fitted = f"NLL {h['nll_before']:.4f} -> {h['nll_after']:.4f}, ECE {h['ece_before']:.4f} -> " \
+                     f"{h['ece_after']:.4f}" if "nll_before" in h else "not fitted (too few val images)"
+            print(f"  {name} ({h['n']} images): temperature {shown}; {fitted}")
+        print(f"stored in {r['checkpoint']}")
+        return
     t = r["temperature"]
     shown = f"{t:.4f}" if isinstance(t, float) else "[" + ", ".join(f"{v:.3f}" for v in t) + "]"
     print(f"{r['dataset']} {r['split']} split ({r['n']} images), {r['model']}: temperature {shown}")

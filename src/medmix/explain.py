@@ -47,6 +47,8 @@ def target_layer(model: nn.Module, x: torch.Tensor | None = None) -> nn.Module:
     layer = getattr(model, "gradcam_layer", None)
     if isinstance(layer, nn.Module):
         return layer
+    if isinstance(getattr(model, "backbone", None), nn.Module):  # a generalist: its shared backbone's layer
+        return target_layer(model.backbone, x)
     feats = getattr(model, "features", None)
     if not isinstance(feats, nn.Sequential) or len(feats) == 0:
         raise ConfigError(f"{type(model).__name__} has no gradcam_layer: cannot choose a Grad-CAM target layer")
@@ -251,13 +253,21 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     check_writable_dir(out_dir, "--out")
-    pred = checkpoint if isinstance(checkpoint, Predictor) else Predictor(checkpoint)
-    names_cls = pred.class_names
-    fixed = resolve_class(target_class, names_cls)
+    from .generalist_predictor import GeneralistPredictor
+    from .run import Run
+
+    if not isinstance(checkpoint, (Predictor, GeneralistPredictor)):
+        run = Run.of(checkpoint)
+        checkpoint = GeneralistPredictor(run) if run.is_generalist else Predictor(run)
     items = [images] if _single_input(images) else list(images)  # one path/bytes/image, not its characters
     if not items:
         raise ConfigError("no images given")
     names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image[{i}]" for i, x in enumerate(items)]
+    if isinstance(checkpoint, GeneralistPredictor):
+        return _explain_routed(checkpoint, items, names, Path(out_dir), method, target_class, top_k)
+    pred = checkpoint
+    names_cls = pred.class_names
+    fixed = resolve_class(target_class, names_cls)
     batch = torch.stack([pred.load(x, n) for x, n in zip(items, names)])
     probs = pred.probabilities(batch)
     targets = [fixed if fixed is not None else int(torch.argmax(p)) for p in probs]
@@ -288,4 +298,58 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
                         "explained_class": names_cls[k], "explained_index": k,
                         "explained_probability": float(p[k]), "method": method,
                         "probabilities": {n: round(v, 6) for n, v in top}, "cam": cam})
+    return results
+
+
+def routed_cams(gp: Any, batch: torch.Tensor, target_class: int | str | None, method: str
+                ) -> tuple[dict, list[tuple[int, int, torch.Tensor]], np.ndarray]:
+    """A generalist's Grad-CAMs of uint8 images ``batch``: each image is routed (``gp.analyse``), its head's
+    probabilities computed, and the heatmap taken for that head's class (``target_class`` by name or index within
+    the routed head, default its most probable) at the class's column of the model output. Returns the analysis,
+    ``(dataset index, class index, head probabilities)`` per image, and the maps."""
+    from .inference import probabilities
+
+    a = gp.analyse(batch)
+    picks = []
+    for i in range(len(batch)):
+        k = int(a["dataset_index"][i])
+        d, info = gp.datasets[k], gp.infos[k]
+        lo, hi = d["columns"]
+        p = probabilities(a["logits"][i:i + 1, lo:hi], info.task, d.get("temperature", 1.0) or 1.0)[0]
+        j = resolve_class(target_class, info.class_names) if target_class is not None else int(torch.argmax(p))
+        picks.append((k, j, p))
+    columns = [gp.datasets[k]["columns"][0] + j for k, j, _ in picks]
+    return a, picks, cam_array(gp.model, gp.transform(batch), columns, method=method)
+
+
+def _explain_routed(gp: Any, items: list, names: list[str], out: Path, method: str, target_class: int | str | None,
+                    top_k: int) -> list[dict]:
+    """Grad-CAM of a generalist: each image is routed to a dataset and the heatmap explains that head's class (its
+    column of the model's output); the panel and the result say which dataset the router chose."""
+    batch = torch.stack([gp.load(x, n) for x, n in zip(items, names)])
+    a, picks, cams = routed_cams(gp, batch, target_class, method)
+    out.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    results = []
+    for i, (name, img, (k, j, p), cam) in enumerate(zip(names, batch, picks, cams)):
+        d, info = gp.datasets[k], gp.infos[k]
+        classes = info.class_names
+        order = torch.argsort(p, descending=True).tolist()[:top_k]
+        top = [(classes[c], float(p[c])) for c in order]
+        if j not in order:
+            top.append((classes[j], float(p[j])))
+        best = int(torch.argmax(p))
+        route = float(a["router"][i, k])
+        cam = _resize_map(cam, tuple(img.shape[-2:]))
+        png = out / f"{_stem(name, i, used)}_{_slug(method)}.png"
+        title = (f"{Path(name).name}: routed to {d['name']} ({route:.1%}) -> {classes[best]} ({float(p[best]):.1%})"
+                 f"  -  {gp.meta['model']}, explaining {classes[j]!r}")
+        atomic_write_bytes(png, _panel_png(img, cam, top, classes[j], title, method))
+        r = {"file": name, "png": str(png), "dataset": d["name"], "dataset_confidence": round(route, 6),
+             "label": classes[best], "confidence": float(p[best]), "explained_class": classes[j],
+             "explained_index": j, "explained_probability": float(p[j]), "method": method,
+             "probabilities": {n: round(v, 6) for n, v in top}, "cam": cam}
+        if a["in_distribution"] is not None:
+            r["in_distribution"] = bool(a["in_distribution"][i])
+        results.append(r)
     return results

@@ -483,30 +483,63 @@ def _mixture_sample(members: Sequence[_Member], split: str, weights: np.ndarray,
     return pool[torch.randperm(len(pool), generator=g)]
 
 
-def _fit_trust(model: nn.Module, members: Sequence[_Member], tf: BatchTransform, meta: dict, cfg: GeneralistConfig,
-               precision: str, say: Callable[[str], None]) -> dict[str, torch.Tensor]:
-    """Temperatures (per head and for the router) on val; OOD statistics on train with per-dataset thresholds."""
-    from . import ood as ood_mod
+def fit_temperatures(members: Sequence[_Member], val_logits: Sequence[torch.Tensor], meta: dict) -> None:
+    """A temperature per head (on its dataset's val images) and one for the router (on all of them), written into
+    ``meta["generalist"]``; a head with too few val images keeps T = 1 (one warning)."""
     from .calibrate import fit_calibration
 
     g = meta["generalist"]
     n_d = len(members)
+    for m, d, logits in zip(members, g["datasets"], val_logits):
+        a, b = d["columns"]
+        if len(m.splits["val"]) < MIN_VAL_FOR_TEMPERATURE:
+            warn(f"{m.name}: the validation split has {len(m.splits['val'])} images (fewer than "
+                 f"{MIN_VAL_FOR_TEMPERATURE}): no confidence temperature fitted for its head (T = 1)", meta)
+            continue
+        d["temperature"], d["calibration"] = fit_calibration(logits[:, a:b], m.splits["val"].labels, m.info.task)
+    if n_d > 1:
+        mod_logits = torch.cat([lo[:, :n_d] for lo in val_logits])
+        mod_labels = torch.cat([torch.full((len(m.splits["val"]),), k, dtype=torch.long)
+                                for k, m in enumerate(members)])
+        g["modality_temperature"], g["modality_calibration"] = fit_calibration(mod_logits, mod_labels, MULTI_CLASS)
+
+
+def calibrate_generalist(run: Any, data_dir: str | os.PathLike | None = None, batch_size: int = 512) -> dict:
+    """`medmix calibrate` for a generalist: refit every head's temperature and the router's on the validation splits
+    and store them in the checkpoint (same weights, rewritten atomically)."""
+    from .calibrate import _Weights
+    from .inference import resolve_precision
+
+    meta = run.meta
+    members = _members_of(meta, run.dir, data_dir)
+    model, tf = run.build_model(), run.transform()
+    precision = resolve_precision(meta.get("precision") or "auto")
+    g = meta["generalist"]
+    previous = {d["name"]: d.get("temperature", 1.0) for d in g["datasets"]}
+    previous_router = g.get("modality_temperature", 1.0)
+    val_logits = [_forward(model, m.splits["val"].images, tf, batch_size, precision)[0] for m in members]
+    n_warned = len(meta.get("warnings", []))
+    fit_temperatures(members, val_logits, meta)
+    save_checkpoint(run.path, _Weights(run.state), meta, run.train_state, run.extras)  # keeps the OOD statistics
+    heads = {d["name"]: {"n": len(m.splits["val"]), "task": m.info.task, "temperature": d.get("temperature", 1.0),
+                         "previous_temperature": previous[d["name"]], **(d.get("calibration") or {})}
+             for m, d in zip(members, g["datasets"])}
+    return {"checkpoint": str(run.path), "kind": KIND, "dataset": meta["dataset"], "model": meta["model"],
+            "split": "val", "router_temperature": g.get("modality_temperature", 1.0),
+            "previous_router_temperature": previous_router, "router_calibration": g.get("modality_calibration"),
+            "heads": heads, "warnings": meta.get("warnings", [])[n_warned:]}
+
+
+def _fit_trust(model: nn.Module, members: Sequence[_Member], tf: BatchTransform, meta: dict, cfg: GeneralistConfig,
+               precision: str, say: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    """Temperatures (per head and for the router) on val; OOD statistics on train with per-dataset thresholds."""
+    from . import ood as ood_mod
+
+    g = meta["generalist"]
     val_out = [_forward(model, m.splits["val"].images, tf, cfg.eval_batch_size, precision, features=True)
                for m in members]
     if cfg.calibrate:
-        for m, d, (logits, _) in zip(members, g["datasets"], val_out):
-            a, b = d["columns"]
-            if len(m.splits["val"]) < MIN_VAL_FOR_TEMPERATURE:
-                warn(f"{m.name}: the validation split has {len(m.splits['val'])} images (fewer than "
-                     f"{MIN_VAL_FOR_TEMPERATURE}): no confidence temperature fitted for its head (T = 1)", meta)
-                continue
-            d["temperature"], d["calibration"] = fit_calibration(logits[:, a:b], m.splits["val"].labels, m.info.task)
-        if n_d > 1:
-            mod_logits = torch.cat([lo[:, :n_d] for lo, _ in val_out])
-            mod_labels = torch.cat([torch.full((len(m.splits["val"]),), k, dtype=torch.long)
-                                    for k, m in enumerate(members)])
-            g["modality_temperature"], g["modality_calibration"] = fit_calibration(mod_logits, mod_labels,
-                                                                                   MULTI_CLASS)
+        fit_temperatures(members, [lo for lo, _ in val_out], meta)
         say("calibration on val: router T = {:.3f}; heads {}".format(
             g["modality_temperature"], ", ".join(f"{d['name']} T = {_fmt_t(d['temperature'])}" for d in g["datasets"])))
     if not cfg.ood:

@@ -21,7 +21,7 @@ MIN_PER_SIDE_FOR_THRESHOLD = 10
 def warn(message: str, meta: dict | None = None, *, show: bool = True) -> None:
     """One ``medmix: warning: ...`` line on stderr (even under --quiet: it changes what the run contains), recorded
     in ``meta["warnings"]`` (checkpoint and metrics.json) when given."""
-    if meta is not None:
-        meta.setdefault("warnings", []).append(message)
+    if meta is not None and message not in meta.setdefault("warnings", []):
+        meta["warnings"].append(message)
     if show:
         print(f"medmix: warning: {message}", file=sys.stderr, flush=True)

@@ -86,18 +86,22 @@ class TorchBackend:
     def __init__(self, checkpoint: str | os.PathLike, threads: int | None = None) -> None:
         import torch
 
+        from ..generalist_predictor import GeneralistPredictor
         from ..predict import Predictor
+        from ..run import Run
 
         if threads:
             torch.set_num_threads(int(threads))
-        self.pred = Predictor(checkpoint)
+        run = Run.load(checkpoint)
+        self.generalist = run.is_generalist  # routed: every answer names the dataset the router chose
+        self.pred = GeneralistPredictor(run) if self.generalist else Predictor(run)
         self.meta = self.pred.meta
         self.source = str(self.pred.path)
         self.lock = threading.Lock()
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return self.pred.class_names
+        return tuple(self.pred.names) if self.generalist else self.pred.class_names
 
     def decode(self, data: bytes, name: str) -> Any:
         return self.pred.load(data, name)
@@ -112,8 +116,17 @@ class TorchBackend:
     def explain(self, image: Any, name: str, method: str, target_class: str | None) -> tuple[bytes, dict]:
         import torch
 
-        from ..explain import cam_array, resolve_class
+        from ..explain import cam_array, resolve_class, routed_cams
 
+        if self.generalist:
+            with self.lock:
+                a, [(k, j, p)], cams = routed_cams(self.pred, image[None], target_class, method)
+            d, classes = self.pred.datasets[k], self.pred.infos[k].class_names
+            best = int(torch.argmax(p))
+            info = {"file": name, "dataset": d["name"], "dataset_confidence": round(float(a["router"][0, k]), 6),
+                    "label": classes[best], "confidence": round(float(p[best]), 6), "explained_class": classes[j],
+                    "explained_index": j, "explained_probability": round(float(p[j]), 6), "method": method}
+            return overlay_png(image.numpy(), cams[0]), info
         fixed = resolve_class(target_class, self.class_names)
         with self.lock:
             batch = image[None]
@@ -368,6 +381,8 @@ def _meta_doc(backend, settings: dict) -> dict:
         "ood": ood if isinstance(ood, dict) else None, "explain": backend.explain_available,
         "max_upload_bytes": settings["max_upload_bytes"], "max_pixels": settings["max_pixels"],
         "max_files": settings["max_files"], "checkpoint": Path(backend.source.split(" ")[0]).name,
+        "generalist": [{"dataset": d["name"], "task": d["task"]["task"], "classes": list(d["task"]["class_names"])}
+                       for d in meta["generalist"]["datasets"]] if meta.get("kind") == "generalist" else None,
         "medmix_version": __version__,
     }
 
@@ -513,6 +528,9 @@ def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload
                    "X-Medmix-Explained-Class": quote(str(info["explained_class"])),
                    "X-Medmix-Method": method, "X-Medmix-Latency-Ms": f"{(time.perf_counter() - t0) * 1000:.1f}",
                    "Cache-Control": "no-store"}
+        if "dataset" in info:  # a generalist: the dataset the router chose, and its confidence
+            headers.update({"X-Medmix-Dataset": quote(str(info["dataset"])),
+                            "X-Medmix-Dataset-Confidence": str(info["dataset_confidence"])})
         return Response(png, media_type="image/png", headers=headers)
 
     return app
