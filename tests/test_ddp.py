@@ -116,3 +116,38 @@ def test_ddp_without_torchrun_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "torchrun" in err
     assert not (tmp_path / "r").exists() and not (tmp_path / "r.partial").exists()
+
+
+def test_a_generalist_on_two_processes_matches_one(tmp_path):
+    """torchrun with a mixture of datasets: each process trains on its slice of every mixed global batch (every
+    augmentation drawn everywhere, the loss summed per image), so two processes give the one-process run up to
+    float rounding, and only process 0 writes."""
+    from conftest import write_official_npz
+
+    from medmix.generalist import train_generalist
+
+    write_official_npz(tmp_path / "pneumoniamnist.npz", 2, sizes=(48, 20, 20))
+    write_packed_npz(tmp_path / "tiny.npz")
+    common = {"epochs": 2, "steps_per_epoch": 3, "batch_size": 16, "lr": 3e-3, "seed": 1, "precision": "fp32"}
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "medmix", "train", "--dataset",
+           f"pneumoniamnist,{tmp_path / 'tiny.npz'}", "--data-dir", str(tmp_path), "--out", str(out), "--json",
+           *[x for k, v in common.items() for x in (f"--{k.replace('_', '-')}", str(v))]]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["run_dir"] == str(out)  # process 0's report only
+    ref = train_generalist(datasets=("pneumoniamnist", str(tmp_path / "tiny.npz")), data_dir=str(tmp_path),
+                           out=str(tmp_path / "single"), quiet=True, **common)
+    assert not (tmp_path / "ddp.partial").exists()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    _, _, ts = load_checkpoint(out / "last.pth")
+    assert ts["world_size"] == 2
+    for mine, theirs in zip(log, ref.history):
+        for k in ("train_loss", "train_modality_loss", "val_loss"):
+            assert mine[k] == pytest.approx(theirs[k], rel=1e-4), k
+    a, b = load_checkpoint(out / "best_model.pth")[0], load_checkpoint(ref.run_dir / "best_model.pth")[0]
+    worst = max(float((a[k].float() - b[k].float()).abs().max() / (b[k].float().abs().max() + 1e-6))
+                for k in b if b[k].is_floating_point() and "mlp_tokens.fc2.bias" not in k)
+    assert worst < 1e-3, worst

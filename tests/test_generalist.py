@@ -279,7 +279,7 @@ def test_cli_train_evaluate_predict(tmp_path, capsys, _keep_threads):
 
 @pytest.mark.parametrize("argv, message", [
     (["--loss", "ordinal"], "--loss cannot be used when training on several datasets"),
-    (["--ddp"], "--ddp cannot be used"),
+    (["--tune-threshold"], "--tune-threshold cannot be used"),
     (["--augment", "none"], "--augment cannot be used"),
 ])
 def test_cli_refuses_single_dataset_options_for_a_generalist(tmp_path, capsys, argv, message, _keep_threads):

@@ -95,8 +95,8 @@ GENERALIST_FIELDS = ("data_dir", "size", "img_size", "channels", "model", "epoch
                      "lr", "weight_decay", "optimizer", "schedule", "warmup_epochs", "normalize",
                      "sampling_temperature", "modality_weight",
                      "label_smoothing", "drop_rate", "drop_path_rate", "patience", "precision", "seed", "out",
-                     "overwrite", "download", "resume")
-SINGLE_ONLY = ("loss", "alpha", "margin", "ordinal_variant", "augment", "monitor", "tune_threshold", "ddp")
+                     "overwrite", "download", "resume", "ddp")
+SINGLE_ONLY = ("loss", "alpha", "margin", "ordinal_variant", "augment", "monitor", "tune_threshold")
 GENERALIST_ONLY = ("channels", "steps_per_epoch", "sampling_temperature", "modality_weight")
 
 
@@ -172,6 +172,8 @@ def _train_generalist(a: argparse.Namespace) -> None:
     from .generalist import format_generalist, train_generalist
 
     r = train_generalist(**generalist_kwargs(a))
+    if r.rank != 0:  # data-parallel: process 0 reports
+        return
     if a.json:
         return _print_json(r.summary())
     print(format_generalist(r.test))

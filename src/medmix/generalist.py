@@ -105,7 +105,7 @@ class GeneralistConfig(RecipeConfig):
     sampling_temperature: float = 2.0  # p_d ∝ n_d^(1/T); inf = equal
     modality_weight: float = 1.0
     resume: str | bool | None = None  # a run directory to continue; True: continue `out` if it holds a run
-    ddp: bool | None = None  # not available for several datasets yet (refused when requested)
+    ddp: bool | None = None  # data-parallel: None = when launched by torchrun with several processes
 
 
 @dataclass
@@ -116,6 +116,7 @@ class GeneralistResult:
     test: dict
     history: list[dict]
     seconds: float
+    rank: int = 0  # the process that returned it (data-parallel runs: only rank 0 wrote the files)
 
     def summary(self) -> dict:
         return {"run_dir": str(self.run_dir), "best_epoch": self.best_epoch, "seconds": round(self.seconds, 2),
@@ -267,27 +268,33 @@ def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str]
         raise ConfigError(f"--modality-weight must be >= 0, got {cfg.modality_weight}")
     if cfg.channels not in (None, 1, 3):
         raise ConfigError(f"--channels must be 1 or 3, got {cfg.channels}")
-    if cfg.ddp or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("data-parallel training (torchrun, --ddp) is not available for several datasets yet; "
-                          "train the generalist in one process")
     if resume is not None:
         check_resume_left(resume, cfg.epochs, cfg.patience)
     model_info(cfg.model)
-    if resume is None:
-        check_writable_dir(cfg.out or "runs", "--out")  # before any data is read or epoch trained
-    ctx = distributed.Context()
-    return fit(MixtureTask(cfg, resume), ctx, resume, say, cfg.quiet)
+    ctx = distributed.setup(cfg.ddp)
+    try:
+        if cfg.batch_size < ctx.world_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the {ctx.world_size} processes: the "
+                              f"batch is the global batch, split across processes")
+        quiet = cfg.quiet or not ctx.is_main
+        if not ctx.is_main:
+            say = lambda s: None  # noqa: E731
+        if resume is None and ctx.is_main:
+            check_writable_dir(cfg.out or "runs", "--out")  # before any data is read or epoch trained
+        return fit(MixtureTask(cfg, resume, ctx), ctx, resume, say, quiet)
+    finally:
+        ctx.close()
 
 
 class MixtureTask(Task):
     """Several datasets, one backbone: a head per dataset plus the modality router, trained on mixed batches."""
 
-    def __init__(self, cfg: GeneralistConfig, resume: Any = None) -> None:
+    def __init__(self, cfg: GeneralistConfig, resume: Any = None, ctx: distributed.Context | None = None) -> None:
         from .inference import resolve_precision
         from .models import model_info
         from .models.multihead import MultiHeadClassifier
 
-        self.cfg = cfg
+        self.cfg, self.ctx = cfg, ctx or distributed.Context()
         self.precision = resolve_precision(cfg.precision)
         torch.manual_seed(cfg.seed)
         members, side, channels = _load_members(cfg)
@@ -311,7 +318,11 @@ class MixtureTask(Task):
             model = MultiHeadClassifier(cfg.model, [m.info.num_classes for m in members], **model_kwargs)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model {cfg.model!r}: {e}") from None
-        self.model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
+        if self.ctx.world_size > 1:
+            model = distributed.convert_sync_batchnorm(model, self.ctx.device)
+        self.model = model.to(self.ctx.device)
+        self.model_kwargs = model_kwargs
         datasets_meta, start = [], len(members)
         for m in members:
             datasets_meta.append({"name": m.name, "task": m.info.to_dict(),
@@ -365,7 +376,9 @@ class MixtureTask(Task):
     def batches(self):
         return self.sampler.batches(self.steps_per_epoch)
 
-    def step(self, net: nn.Module, batch: list) -> Step:
+    def step(self, net: nn.Module, batch: list) -> Step | None:
+        if self.ctx.world_size > 1:
+            return self._shard_step(net, batch)
         members, n_d = self.members, len(self.members)
         xs, targets = [], []
         for d, idx in batch:
@@ -386,6 +399,43 @@ class MixtureTask(Task):
             row += len(idx)
         return Step(loss, loss, n, {"modality_loss": mod_loss})
 
+    def _shard_step(self, net: nn.Module, batch: list) -> Step | None:
+        """Data-parallel: this process trains on its contiguous slice of the mixed global batch. Every process
+        draws every augmentation (the generator advances identically) and keeps its rows; the objective is the
+        global batch's per-image sum over this slice, scaled so that DDP's gradient average is the gradient of the
+        one-process loss, (1/n) sum_i (w ce_router_i + loss_i)."""
+        ctx, members, n_d = self.ctx, self.members, len(self.members)
+        n = sum(len(idx) for _, idx in batch)
+        if n < ctx.world_size:  # too small to give every process an image (the same on every process)
+            return None
+        mine = distributed.shard(n, ctx.rank, ctx.world_size)
+        xs, targets, parts, offset = [], [], [], 0
+        for d, idx in batch:
+            lo, hi = max(mine.start, offset) - offset, min(mine.stop, offset + len(idx)) - offset
+            tf, images = self.train_tfs[d], members[d].splits["train"].images[idx]
+            if hi > lo:
+                xs.append(tf(images, train=True, generator=self.gen, rows=slice(lo, hi)))
+                targets.append(torch.full((hi - lo,), d, dtype=torch.long))
+                parts.append((d, idx[lo:hi]))
+            elif not tf.augment.identity:  # none of these rows is ours: draw their augmentation all the same
+                tf._random_affine(len(idx), self.gen)
+            offset += len(idx)
+        x = torch.cat(xs).contiguous(memory_format=torch.channels_last).to(ctx.device)
+        with autocast(self.precision):
+            logits = net(x)
+        logits = logits.float()
+        m = x.shape[0]
+        y = torch.cat(targets).to(ctx.device)
+        mod_sum = F.cross_entropy(logits[:, :n_d], y, reduction="sum")
+        total = self.cfg.modality_weight * mod_sum
+        row = 0
+        for d, idx in parts:
+            a, b = self.datasets_meta[d]["columns"]
+            labels = members[d].splits["train"].labels[idx].to(ctx.device)
+            total = total + self.losses[d](logits[row:row + len(idx), a:b], labels) * len(idx)  # mean -> sum
+            row += len(idx)
+        return Step(total * (ctx.world_size / n), total / m, m, {"modality_loss": mod_sum / m})
+
     def validate(self) -> Validation:
         val = evaluate_heads(self.model, self.members, "val", self.eval_tf, self.meta,
                              batch_size=self.cfg.eval_batch_size, precision=self.precision, temperatures=False,
@@ -402,6 +452,12 @@ class MixtureTask(Task):
     def state_dict(self) -> dict:
         return {"generator": self.gen.get_state(), "sampler": self.sampler.state_dict()}
 
+    def result_of_finished_run(self, final: Path, rank: int) -> GeneralistResult:
+        doc = json.loads((final / "metrics.json").read_text())
+        history = [json.loads(ln) for ln in (final / "log.jsonl").read_text().splitlines() if ln.strip()]
+        return GeneralistResult(final, int(doc["best_epoch"]), doc["val"], doc["test"], history,
+                                float(doc.get("train_seconds") or 0.0), rank)
+
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.gen.set_state(state["generator"])
@@ -413,8 +469,13 @@ class MixtureTask(Task):
         from .inference import machine_description
         from .training import write_history_csv
 
+        from .models.multihead import MultiHeadClassifier
+
         cfg, model, members, meta, eval_tf, precision = self.cfg, self.model, self.members, self.meta, \
             self.eval_tf, self.precision
+        if self.ctx.world_size > 1 or self.ctx.device.type != "cpu":  # plain BatchNorm, on the CPU, for the end
+            model = MultiHeadClassifier(cfg.model, [m.info.num_classes for m in members], **self.model_kwargs)
+            model = model.to(memory_format=torch.channels_last)
         # the best weights, their trust data, then the test splits, read once
         state, _, _ = load_checkpoint(run / "best_model.pth")
         model.load_state_dict(state)
