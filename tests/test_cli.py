@@ -294,3 +294,31 @@ def test_help_shows_real_defaults(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "--lr LR peak learning rate (default: 0.001)" in out
     assert "(default: hybrid_mixer_small)" in out and "(default: 30)" in out
+
+
+def test_train_options_come_from_the_config_dataclasses():
+    """One place for defaults and help: every medmix.config field with an option has it, with the field's default,
+    and building the parser imports no torch (the CLI's --help stays fast)."""
+    import argparse
+    import subprocess
+    import sys
+    from dataclasses import fields
+
+    from medmix.cli import build_parser
+    from medmix.config import GeneralistConfig, TrainConfig
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    opts = {a.dest: a for a in sub.choices["train"]._actions}
+    for cls in (TrainConfig, GeneralistConfig):
+        for f in fields(cls):
+            if not f.metadata.get("cli", True):
+                continue
+            dest = f.metadata["flag"].replace("-", "_") if f.metadata.get("flag") else f.name
+            assert dest in opts, f.name
+            default = opts[dest].default.value
+            if not f.metadata.get("flag") and f.name not in ("resume", "ddp"):
+                assert default == f.default, (f.name, default, f.default)
+            assert opts[dest].help.startswith(f.metadata["help"][:20].replace("%%", "%")) or \
+                opts[dest].help.startswith(f.metadata["help"][:20]), f.name
+    code = "import sys, medmix.cli; medmix.cli.build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

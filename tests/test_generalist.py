@@ -292,14 +292,47 @@ def test_cli_refuses_generalist_options_for_one_dataset(tmp_path, capsys, _keep_
     assert rc == 2 and "--modality-weight only apply when training on several datasets" in e
 
 
-def test_single_dataset_commands_refuse_a_generalist(gen_run, tmp_path, capsys, _keep_threads):
+def test_report_is_refused_for_a_generalist(gen_run, tmp_path, capsys, _keep_threads):
     r, _ = gen_run
-    for argv in (["export", r.run_dir, "--onnx", tmp_path / "m.onnx"],):
-        rc, _, e = run(argv, capsys)
-        assert rc == 2 and "is a generalist checkpoint" in e, (argv, e)
-    assert not (tmp_path / "m.onnx").exists()
     rc, _, e = run(["evaluate", r.run_dir, "--report", tmp_path / "rep"], capsys)
     assert rc == 2 and "--report is not available for generalist checkpoints" in e
+
+
+def test_export_a_generalist_and_route_in_onnx_runtime(gen_run, tmp_path, capsys, _keep_threads):
+    """`medmix export` on a generalist: one graph with the router and every head (parity-checked against torch at
+    export), and the ONNX Runtime predictor routes as GeneralistPredictor does (dataset, label, confidence, OOD)."""
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    from medmix.generalist_predictor import GeneralistPredictor
+    from medmix.serve.onnx_backend import OnnxPredictor
+
+    r, root = gen_run
+    rc, out, err = run(["export", r.run_dir, "--onnx", tmp_path / "gen.onnx", "--json"], capsys)
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["max_abs_diff_probabilities"] <= 1e-4 and doc["outputs"][-1] == "ood_score"
+    images = [np.load(root / "pneumoniamnist.npz")["test_images"][i] for i in range(4)] + \
+        [np.load(root / "stripes.npz")["images"][i] for i in range(4)] + [np.zeros((28, 28), np.uint8)]
+    paths = []
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    want = GeneralistPredictor(r.run_dir).predict(paths)
+    got = OnnxPredictor(tmp_path / "gen.onnx").predict(paths)
+    for w, g in zip(want, got):
+        assert (g["dataset"], g["label"], g["in_distribution"]) == (w["dataset"], w["label"], w["in_distribution"])
+        assert g["confidence"] == pytest.approx(w["confidence"], abs=1e-4)
+        assert g["dataset_confidence"] == pytest.approx(w["dataset_confidence"], abs=1e-4)
+    assert {g["dataset"] for g in got[:8]} == {"pneumoniamnist", "stripes"} and got[-1]["in_distribution"] is False
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from medmix.serve.app import create_app
+
+    with TestClient(create_app(tmp_path / "gen.onnx", backend="onnx")) as c:  # `medmix serve --backend onnx`
+        (p,) = c.post("/v1/predict", files={"files": ("5.png", open(paths[5], "rb").read())}).json()["predictions"]
+    assert p["dataset"] == got[5]["dataset"] == "stripes" and p["label"] == got[5]["label"]
 
 
 def test_missing_dataset_file_is_named(tmp_path, capsys, _keep_threads):

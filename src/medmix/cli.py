@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from ._version import __version__
 from .cam_methods import DEFAULT_METHOD as DEFAULT_CAM_METHOD
 from .cam_methods import METHODS as CAM_METHODS
+from .config import GeneralistConfig, TrainConfig
 from .errors import MedmixError
 
 # explanation methods, kept here so `medmix --help` does not import pytorch_grad_cam
@@ -62,42 +63,53 @@ class _Default:
         return repr(self.value)
 
 
-# `medmix train` options that are TrainConfig fields of the same name
-TRAIN_FIELDS = ("dataset", "data_dir", "size", "img_size", "model", "epochs", "batch_size", "lr", "weight_decay",
-                "optimizer", "schedule", "warmup_epochs", "normalize", "loss", "alpha", "margin", "ordinal_variant",
-                "label_smoothing", "augment",
-                "patience", "monitor", "precision", "seed", "out", "overwrite", "download", "drop_rate",
-                "drop_path_rate", "tune_threshold", "resume", "ddp")
+def _cli_fields(cls) -> list:
+    from dataclasses import fields
+
+    return [f for f in fields(cls) if f.metadata.get("cli", True)]
 
 
-def train_kwargs(a: argparse.Namespace) -> dict:
-    """The TrainConfig fields given on the command line (the others keep TrainConfig's defaults, which are the
-    options' defaults, or a resumed run's stored values)."""
-    from .errors import ConfigError
+def _option_dest(f) -> str:
+    return f.metadata["flag"].replace("-", "_") if f.metadata.get("flag") else f.name
 
+
+# `medmix train` options that are config fields (medmix.config) of the same name, plus --dataset; the boolean
+# fields switched off by a --no-X flag are handled by _config_kwargs
+TRAIN_FIELDS = ("dataset",) + tuple(f.name for f in _cli_fields(TrainConfig) if not f.metadata.get("flag"))
+GENERALIST_FIELDS = tuple(f.name for f in _cli_fields(GeneralistConfig) if not f.metadata.get("flag"))
+SINGLE_ONLY = tuple(n for n in TRAIN_FIELDS if n not in GENERALIST_FIELDS and n != "dataset")
+GENERALIST_ONLY = tuple(n for n in GENERALIST_FIELDS if n not in TRAIN_FIELDS)
+
+
+def _config_kwargs(a: argparse.Namespace, cls) -> dict:
+    """The ``cls`` fields given on the command line (the others keep the dataclass defaults, which are the options'
+    defaults, or a resumed run's stored values)."""
     opts = vars(a)
-    kw = {k: opts[k] for k in TRAIN_FIELDS if not isinstance(opts[k], _Default)}
-    if opts["no_bn_recalibrate"] is True:
-        kw["bn_recalibrate"] = False
-    if opts["no_calibrate"] is True:
-        kw["calibrate"] = False
-    if opts["no_ood"] is True:
-        kw["ood"] = False
+    kw = {}
+    for f in _cli_fields(cls):
+        v = opts[_option_dest(f)]
+        if isinstance(v, _Default):
+            continue
+        if f.metadata.get("flag"):  # --no-X given: the field is switched off
+            if v is True:
+                kw[f.name] = False
+        elif f.name != "quiet":
+            kw[f.name] = v
     if opts["quiet"] is True or opts["json"]:
         kw["quiet"] = True
-    if "dataset" not in kw and not isinstance(kw.get("resume"), str):
-        raise ConfigError("--dataset is required (or --resume RUN_DIR to continue a run)")
     return kw
 
 
-# `medmix train` options of a generalist run (several datasets) that are GeneralistConfig fields of the same name
-GENERALIST_FIELDS = ("data_dir", "size", "img_size", "channels", "model", "epochs", "steps_per_epoch", "batch_size",
-                     "lr", "weight_decay", "optimizer", "schedule", "warmup_epochs", "normalize",
-                     "sampling_temperature", "modality_weight",
-                     "label_smoothing", "drop_rate", "drop_path_rate", "patience", "precision", "seed", "out",
-                     "overwrite", "download", "resume", "ddp")
-SINGLE_ONLY = ("loss", "alpha", "margin", "ordinal_variant", "augment", "monitor", "tune_threshold")
-GENERALIST_ONLY = ("channels", "steps_per_epoch", "sampling_temperature", "modality_weight")
+def train_kwargs(a: argparse.Namespace) -> dict:
+    """TrainConfig fields from `medmix train --dataset NAME ...`."""
+    from .errors import ConfigError
+
+    kw = _config_kwargs(a, TrainConfig)
+    if not isinstance(vars(a)["dataset"], _Default):
+        kw["dataset"] = a.dataset
+    if "dataset" not in kw and not isinstance(kw.get("resume"), str):
+        raise ConfigError("--dataset is required (or --resume RUN_DIR to continue a run)")
+    return kw
 
 
 def _given(a: argparse.Namespace, name: str) -> bool:
@@ -116,15 +128,9 @@ def generalist_kwargs(a: argparse.Namespace) -> dict:
                           f"several datasets (each dataset keeps its default loss and augmentation; the mean of the "
                           f"per-dataset validation metrics picks the best epoch)")
     opts = vars(a)
-    kw = {k: opts[k] for k in GENERALIST_FIELDS if not isinstance(opts[k], _Default)}
+    kw = _config_kwargs(a, GeneralistConfig)
     if not isinstance(opts["dataset"], _Default):  # (a resumed run keeps its datasets)
         kw["datasets"] = parse_datasets(opts["dataset"])
-    for flag, field_name in (("no_bn_recalibrate", "bn_recalibrate"), ("no_calibrate", "calibrate"),
-                             ("no_ood", "ood")):
-        if opts[flag] is True:
-            kw[field_name] = False
-    if opts["quiet"] is True or opts["json"]:
-        kw["quiet"] = True
     return kw
 
 
@@ -320,6 +326,23 @@ def cmd_quickstart(a: argparse.Namespace) -> None:
 JSON_HELP = "print machine-readable JSON on stdout instead of text"
 
 
+def add_config_options(parser, config_fields) -> None:
+    """One option per config field (medmix.config): its help, default, type and choices come from the field."""
+    for f in config_fields:
+        m = f.metadata
+        name = "--" + (m.get("flag") or f.name.replace("_", "-"))
+        if f.name == "resume":
+            parser.add_argument(name, nargs="?", const=True, default=None, metavar="RUN_DIR", help=m["help"])
+        elif f.name == "ddp":
+            parser.add_argument(name, action="store_true", default=None, help=m["help"])
+        elif m.get("flag") or f.default is False:
+            parser.add_argument(name, action="store_true", help=m["help"])
+        else:
+            kind = m.get("type") or type(f.default)
+            kw = {"choices": m["choices"]} if m.get("choices") else {}
+            parser.add_argument(name, type=kind, default=f.default, help=m["help"], **kw)
+
+
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """Append "(default: X)" to every option's help that does not state its default itself."""
     for action in parser._actions:
@@ -362,79 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("train", help="train a model and evaluate it on the test split")
-    s.add_argument("--dataset", help="a dataset name (see `medmix datasets`), a class-folder directory or an npz "
-                                     "file; several, comma-separated, train one generalist model with a head per "
-                                     "dataset and a modality router (medmix.generalist); required unless "
-                                     "--resume RUN_DIR")
-    data_dir(s)
-    s.add_argument("--size", type=int, default=28, choices=(28, 64, 128, 224),
-                   help="which MedMNIST file to read ({flag}.npz for 28, {flag}_{size}.npz otherwise)")
-    s.add_argument("--img-size", type=int, default=None, help="model input side (default: stored image size)")
-    s.add_argument("--model", default="hybrid_mixer_small", help="model name (see `medmix models`)")
-    s.add_argument("--epochs", type=int, default=30, help="training epochs (passes over the training split)")
-    s.add_argument("--batch-size", type=int, default=128, help="images per step (the global batch under torchrun)")
-    s.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    s.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the optimiser")
-    s.add_argument("--optimizer", choices=("adam", "adamw"), default="adam",
-                   help="adam or adamw (decoupled weight decay)")
-    s.add_argument("--schedule", choices=("cosine", "step", "none"), default="cosine",
-                   help="learning-rate schedule per step: cosine (after --warmup-epochs), step (x0.1 at 50 %% and "
-                        "75 %% of training, the official MedMNIST recipe) or none")
-    s.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up of the cosine schedule, in epochs")
-    s.add_argument("--loss", choices=("ce", "nll", "bce", "ordinal"), default=None,
-                   help="training loss (default: ce for single-label tasks, bce for multi-label)")
-    s.add_argument("--alpha", type=float, default=0.2, help="ordinal loss: weight of the rank loss, 0..1")
-    s.add_argument("--margin", type=float, default=0.1, help="ordinal loss: ranking margin")
-    s.add_argument("--ordinal-variant", choices=("peaked", "printed"), default="peaked",
-                   help="ordinal loss: peaked (the rank loss points at the true grade) or printed (the formula exactly "
-                        "as printed in the Ordinal Loss paper, for comparison)")
-    s.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy, 0..1")
-    s.add_argument("--normalize", choices=("dataset", "half"), default="dataset",
-                   help="input normalisation: dataset (mean/std of the training images) or half (mean .5, std .5, "
-                        "as the official MedMNIST experiments)")
-    s.add_argument("--augment", default=None, help="augmentation policy: none, radiology, ultrasound, rotation_free, "
-                                                   "rotate_flip_zoom or medvit_paper (default: chosen by dataset)")
-    s.add_argument("--tune-threshold", action="store_true",
-                   help="multi-label: choose each label's decision threshold on the validation split")
-    s.add_argument("--no-bn-recalibrate", action="store_true",
-                   help="keep the BatchNorm statistics gathered on augmented images (default: re-estimate them on "
-                        "clean training images at the end)")
-    s.add_argument("--no-calibrate", action="store_true",
-                   help="do not fit the confidence temperature on the validation split at the end (default: fit it; "
-                        "`medmix calibrate RUN` can do it later)")
-    s.add_argument("--no-ood", action="store_true",
-                   help="do not fit the out-of-distribution statistics and threshold at the end (default: fit them, "
-                        "so predictions carry in_distribution and ood_score)")
-    s.add_argument("--drop-rate", type=float, default=0.0, help="dropout before the classifier, 0..1")
-    s.add_argument("--drop-path-rate", type=float, default=None,
-                   help="stochastic depth (default: the model's own: 0 for the CNNs, 0.1/0.2 for MedViT S/B/L)")
+    s.add_argument("--dataset", help=TrainConfig.__dataclass_fields__["dataset"].metadata["help"])
+    add_config_options(s, _cli_fields(TrainConfig))
     g = s.add_argument_group("several datasets (--dataset a,b,...)")
-    g.add_argument("--sampling-temperature", type=float, default=2.0,
-                   help="batches draw dataset d with probability proportional to n_d^(1/T): 1 = by size, "
-                        "inf = equally (default 2)")
-    g.add_argument("--modality-weight", type=float, default=1.0, help="weight of the modality router's loss")
-    g.add_argument("--steps-per-epoch", type=int, default=None,
-                   help="batches between validations (default: one pass over the pooled training images)")
-    g.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                   help="common channel count (default: 3, grayscale replicated, when any dataset is in colour)")
-    s.add_argument("--patience", type=int, default=10, help="early stopping: epochs without val improvement")
-    s.add_argument("--monitor", choices=("auto", "acc", "auc", "loss", "f1"), default="auto",
-                   help="validation metric that picks the best epoch (auto: AUC for binary/multi-label, else ACC)")
-    s.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 autocast where the CPU has native bf16, else fp32")
-    s.add_argument("--seed", type=int, default=0,
-                   help="random seed of the split, initialisation, data order and augmentation")
-    s.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<model>-s<seed>-<time>)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    s.add_argument("--download", action="store_true", help="download a missing MedMNIST file (needs internet)")
-    s.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-    s.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
-                   help="continue a run killed mid-way (its directory or <dir>.partial) or a finished one with more "
-                        "--epochs; without RUN_DIR: continue --out if it holds a run, else start it (default: a "
-                        "new run)")
-    s.add_argument("--ddp", action="store_true", default=None,
-                   help="data-parallel training in processes started by torchrun (automatic when torchrun starts "
-                        "more than one): torchrun --nproc_per_node=N -m medmix train ...")
+    add_config_options(g, [f for f in _cli_fields(GeneralistConfig) if f.name in GENERALIST_ONLY])
     s.add_argument("--json", action="store_true", help=JSON_HELP)
     for action in s._actions:  # mark the defaults, so that given options can be told apart (see train_kwargs)
         if action.dest not in ("help", "json"):

@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +39,7 @@ from .data import (
     normalization,
 )
 from .data.tasks import BINARY, MULTI_LABEL
+from .config import RecipeConfig, TrainConfig  # noqa: F401  (medmix.engine.TrainConfig, as before)
 from .errors import ConfigError
 from .inference import autocast as _autocast
 
@@ -75,39 +76,6 @@ from .small_data import (
 )
 
 MONITORS = ("auto", "acc", "auc", "loss", "f1")
-
-
-@dataclass
-class RecipeConfig:
-    """The training recipe shared by single-dataset runs (:class:`TrainConfig`) and generalists
-    (:class:`medmix.generalist.GeneralistConfig`)."""
-    data_dir: str | None = None
-    size: int = 28  # which MedMNIST file (28/64/128/224); other datasets are read at their stored size
-    img_size: int | None = None  # model input side; default: the stored image size (generalist: the smallest)
-    model: str = "hybrid_mixer_small"
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    optimizer: str = "adam"
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
-    drop_rate: float = 0.0
-    drop_path_rate: float | None = None  # None: the model's own default (MedViT's official 0.1/0.2)
-    patience: int = 10
-    precision: str = "auto"
-    seed: int = 0
-    out: str | None = None
-    overwrite: bool = False
-    download: bool = False
-    eval_batch_size: int = 512
-    normalize: str = "dataset"  # "dataset": per-channel train mean/std; "half": mean .5 / std .5 (official MedMNIST)
-    bn_recalibrate: bool = True  # re-estimate BatchNorm statistics of the best weights on un-augmented train images
-    calibrate: bool = True  # fit the confidence temperature on the val logits at the end (medmix.calibrate)
-    ood: bool = True  # fit the out-of-distribution statistics and threshold at the end (medmix.ood)
-    quiet: bool = False
-    model_kwargs: dict = field(default_factory=dict)
 
 
 def _range(name: str, value: float | None, lo: float, hi: float = math.inf, *, lo_open: bool = False,
@@ -153,20 +121,6 @@ def check_recipe(cfg: RecipeConfig) -> None:
         _range("alpha", cfg.alpha, 0.0, 1.0)
         _range("margin", cfg.margin, 0.0)
         _monitor(cfg.monitor, "binary-class")
-
-
-@dataclass
-class TrainConfig(RecipeConfig):
-    dataset: str = "breastmnist"
-    loss: str | None = None  # default by task: ce (single label), bce (multi-label)
-    alpha: float = 0.2  # ordinal loss mix
-    margin: float = 0.1  # ordinal loss margin
-    ordinal_variant: str = "peaked"
-    augment: str | None = None  # policy name; default by dataset
-    monitor: str = "auto"
-    tune_threshold: bool = False  # multi-label: per-label thresholds chosen on val (else 0.5)
-    resume: str | bool | None = None  # a run directory to continue; True: continue `out` if it holds a run
-    ddp: bool | None = None  # data-parallel: None = when launched by torchrun with several processes
 
 
 @dataclass

@@ -93,6 +93,43 @@ class _Exported(nn.Module):
         return logits, probs, score
 
 
+class _ExportedGeneralist(nn.Module):
+    """A generalist -> (logits, probabilities[, OOD score]): ``probabilities`` holds the router's calibrated
+    probabilities in its columns and each head's in its own (softmax, or sigmoid for multi-label heads, each with its
+    temperature), so the ONNX Runtime backend routes with one graph; the OOD score is the smallest squared
+    Mahalanobis distance to any (dataset, class) mean, as :class:`medmix.generalist_predictor.GeneralistPredictor`
+    computes it."""
+
+    def __init__(self, model: nn.Module, g: dict, stats: dict | None) -> None:
+        super().__init__()
+        self.model = model
+        n_d = len(g["datasets"])
+        self.spans = [(0, n_d, False, float(g.get("modality_temperature", 1.0) or 1.0))]
+        for d in g["datasets"]:
+            t = d.get("temperature", 1.0) or 1.0
+            self.spans.append((*d["columns"], d["task"]["task"] == MULTI_LABEL, t))
+        self.has_ood = stats is not None
+        if stats is not None:
+            from .ood import EXTRA_MEANS, EXTRA_PRECISION
+
+            self.register_buffer("means", stats[EXTRA_MEANS].float().clone())
+            self.register_buffer("precision", stats[EXTRA_PRECISION].float().clone())
+
+    def forward(self, x: torch.Tensor):
+        f = self.model.forward_features(x)
+        logits = self.model.forward_head(f).float()
+        parts = []
+        for a, b, multi, t in self.spans:
+            z = logits[:, a:b] / torch.as_tensor(t, dtype=torch.float32).reshape(1, -1)
+            parts.append(torch.sigmoid(z) if multi else torch.softmax(z, dim=1))
+        probs = torch.cat(parts, dim=1)
+        if not self.has_ood:
+            return logits, probs
+        feats = self.model.forward_head(f, pre_logits=True).float().reshape(x.shape[0], -1)
+        diff = feats[:, None, :] - self.means[None]
+        return logits, probs, ((diff @ self.precision) * diff).sum(-1).min(dim=1).values.clamp_min(0.0)
+
+
 def onnx_metadata(meta: dict, opset: int, detector=None) -> dict:
     """The JSON object embedded as ``metadata_props["medmix"]``."""
     task = meta["task"]
@@ -107,6 +144,14 @@ def onnx_metadata(meta: dict, opset: int, detector=None) -> dict:
     if detector is not None:
         out["ood"] = {"method": detector.method, "threshold": detector.threshold, "output": OOD_OUTPUT,
                       "tpr": meta["ood"].get("tpr"), "split": meta["ood"].get("split")}
+    if meta.get("kind") == "generalist":  # what the ONNX Runtime backend needs to route
+        g, ood = meta["generalist"], meta.get("ood") if isinstance(meta.get("ood"), dict) else {}
+        out["generalist"] = {
+            "datasets": [{k: d[k] for k in ("name", "task", "columns", "threshold") if k in d} for d in g["datasets"]],
+            "modality_columns": g["modality_columns"],
+            "ood": {"output": OOD_OUTPUT, "thresholds_by_dataset": ood.get("thresholds_by_dataset"),
+                    "min_pixel_std_by_dataset": ood.get("min_pixel_std_by_dataset")} if ood else None}
+        out["output_names"] = list(OUTPUT_NAMES) + ([OOD_OUTPUT] if ood else [])
     return out
 
 
@@ -124,14 +169,25 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
     t0 = time.perf_counter()
     from .ood import Detector
 
-    run = Run.of(checkpoint).require_single("ONNX export")
+    run = Run.of(checkpoint)
     src, meta = run.path, run.meta
     model = run.build_model().to(memory_format=torch.contiguous_format).eval()
-    detector = Detector.from_checkpoint(meta, run.extras)
     task = meta["task"]
     c, s, d = int(task["n_channels"]), int(meta["img_size"]), int(meta["data_size"])
-    wrapped = _Exported(model, task["task"], meta.get("temperature", 1.0), detector).eval()
-    outputs = list(OUTPUT_NAMES) + ([OOD_OUTPUT] if detector is not None else [])
+    if run.is_generalist:
+        detector = None
+        stats = None
+        if isinstance(meta.get("ood"), dict) and meta["ood"].get("thresholds_by_dataset"):
+            from .ood import EXTRA_MEANS, EXTRA_PRECISION
+
+            stats = {k: run.extras[k] for k in (EXTRA_MEANS, EXTRA_PRECISION)}
+        wrapped = _ExportedGeneralist(model, meta["generalist"], stats).eval()
+        outputs = list(OUTPUT_NAMES) + ([OOD_OUTPUT] if stats is not None else [])
+    else:
+        detector = Detector.from_checkpoint(meta, run.extras)
+        stats = None
+        wrapped = _Exported(model, task["task"], meta.get("temperature", 1.0), detector).eval()
+        outputs = list(OUTPUT_NAMES) + ([OOD_OUTPUT] if detector is not None else [])
     transform = run.transform(channels_last=False)
 
     g = torch.Generator().manual_seed(seed)
@@ -174,14 +230,16 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
         raise MedmixError(f"{src}: the ONNX export disagrees with torch: max |probability difference| "
                           f"{diff_p:.3g} > {tolerance:g} (logits {diff_l:.3g}); the file was not written")
     diff_ood = None
-    if detector is not None:  # against the detector itself (float64), as Predictor applies it
+    if detector is not None or stats is not None:  # against the detector itself (float64), as predictors apply it
         from .inference import extract
+        from .ood import mahalanobis_score
 
         ref_logits, ref_feats = extract(model, x.contiguous(), lambda v: v)
-        ref = detector.scores(ref_logits, ref_feats)
+        ref = detector.scores(ref_logits, ref_feats) if detector is not None else mahalanobis_score(ref_feats, stats)
         diff_ood = float((np.abs(o_out[2] - ref) / np.maximum(1.0, np.abs(ref))).max())
         if not diff_ood <= OOD_RTOL:
-            raise MedmixError(f"{src}: the ONNX OOD score ({detector.method}) disagrees with torch: relative "
+            raise MedmixError(f"{src}: the ONNX OOD score ({detector.method if detector else 'mahalanobis'}) "
+                              f"disagrees with torch: relative "
                               f"difference {diff_ood:.3g} > {OOD_RTOL:g}; the file was not written")
 
     out = Path(out_path)

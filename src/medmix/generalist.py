@@ -60,7 +60,8 @@ from .checkpoint import (
 from .data import BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset, normalization
 from .data.mixture import MixedBatchSampler, common_channels, sampling_weights, to_common_format
 from .data.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, TaskInfo
-from .engine import RecipeConfig, _known
+from .config import GeneralistConfig
+from .engine import _known
 from .errors import ConfigError
 from .generalist_predictor import GeneralistPredictor, format_routed  # noqa: F401  (medmix.generalist API)
 from .inference import autocast, extract
@@ -94,18 +95,6 @@ def parse_datasets(value: str | Sequence[str]) -> tuple[str, ...]:
     if dup:
         raise ConfigError(f"--dataset lists {', '.join(dup)} more than once")
     return tuple(names)
-
-
-@dataclass
-class GeneralistConfig(RecipeConfig):
-    """The shared recipe (:class:`medmix.engine.RecipeConfig`) plus what a mixture of datasets needs."""
-    datasets: tuple[str, ...] = ("pneumoniamnist", "breastmnist")
-    channels: int | None = None  # the common channel count; default: 3 when any dataset is in colour, else 1
-    steps_per_epoch: int | None = None  # default: one pass over the pooled training images
-    sampling_temperature: float = 2.0  # p_d ∝ n_d^(1/T); inf = equal
-    modality_weight: float = 1.0
-    resume: str | bool | None = None  # a run directory to continue; True: continue `out` if it holds a run
-    ddp: bool | None = None  # data-parallel: None = when launched by torchrun with several processes
 
 
 @dataclass

@@ -208,9 +208,43 @@ class OnnxPredictor:
 
     def predict_arrays(self, images: Sequence[np.ndarray], names: Sequence[str], top_k: int | None = None
                        ) -> list[dict]:
-        outs = self.run(np.stack(list(images)))
+        batch = np.stack(list(images))
+        outs = self.run(batch)
+        if self.meta.get("generalist"):
+            return self._routed(batch, outs, names, top_k)
         return [{**describe(n, p, self.class_names, self.task, self.thresholds, top_k, self.ordinal_mode), **o}
                 for n, p, o in zip(names, outs["probabilities"], self.ood(outs))]
+
+    def _routed(self, batch: np.ndarray, outs: dict[str, np.ndarray], names: Sequence[str], top_k: int | None
+                ) -> list[dict]:
+        """A generalist: each image answered by the head of the dataset its router picks, as
+        :meth:`medmix.generalist_predictor.GeneralistPredictor.predict` reports it."""
+        g = self.meta["generalist"]
+        datasets = g["datasets"]
+        lo, hi = g["modality_columns"]
+        probs = outs["probabilities"]
+        router = probs[:, lo:hi]
+        ood = g.get("ood") or {}
+        scores = outs.get(ood.get("output", "ood_score")) if ood.get("thresholds_by_dataset") else None
+        stds = batch.reshape(len(batch), batch.shape[1], -1).astype(np.float64).std(2).mean(1)
+        out = []
+        for i, name in enumerate(names):
+            k = int(np.argmax(router[i]))
+            d = datasets[k]
+            a, b = d["columns"]
+            task = d["task"]
+            t = d.get("threshold", 0.5)
+            ts = [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * (b - a)
+            r = describe(name, probs[i, a:b], task["class_names"], task["task"], ts, top_k, self.ordinal_mode)
+            r.update(dataset=d["name"], dataset_confidence=round(float(router[i, k]), 6), routed=True,
+                     dataset_probabilities={e["name"]: round(float(router[i, j]), 6) for j, e in enumerate(datasets)})
+            if scores is not None:
+                floor = float((ood.get("min_pixel_std_by_dataset") or {}).get(d["name"], 0.0))
+                r["in_distribution"] = bool(float(scores[i]) <= float(ood["thresholds_by_dataset"][d["name"]])
+                                            and stds[i] >= floor)
+                r["ood_score"] = round(float(scores[i]), 6)
+            out.append(r)
+        return out
 
     def predict(self, inputs: Iterable[Any], top_k: int | None = None) -> list[dict]:
         items = list(inputs)
