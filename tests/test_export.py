@@ -146,6 +146,9 @@ def test_onnx_backend_matches_torch_predictor_on_png_inputs(exported, trained_ru
     po = op.probabilities(np.stack([op.load(x) for x in inputs]))
     assert np.abs(pt - po).max() <= 1e-4
     assert set(got[0]) == set(want[0])
+    blank = [png_bytes(np.full((28, 28), v, np.uint8)) for v in (0, 128)]  # the blank guard, as Predictor's
+    assert [g["in_distribution"] for g in op.predict(blank)] == [w["in_distribution"] for w in tp.predict(blank)]
+    assert all(g["in_distribution"] is False for g in op.predict(blank))
 
 
 @pytest.mark.parametrize("task,classes,channels,data_size,img_size,temperature", [

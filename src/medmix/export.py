@@ -143,7 +143,8 @@ def onnx_metadata(meta: dict, opset: int, detector=None) -> dict:
     }
     if detector is not None:
         out["ood"] = {"method": detector.method, "threshold": detector.threshold, "output": OOD_OUTPUT,
-                      "tpr": meta["ood"].get("tpr"), "split": meta["ood"].get("split")}
+                      "tpr": meta["ood"].get("tpr"), "split": meta["ood"].get("split"),
+                      "min_pixel_std": detector.min_pixel_std}  # the blank-image guard
     if meta.get("kind") == "generalist":  # what the ONNX Runtime backend needs to route
         g, ood = meta["generalist"], meta.get("ood") if isinstance(meta.get("ood"), dict) else {}
         out["generalist"] = {

@@ -33,9 +33,9 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError, require_extra
 from ..imaging import MAX_PIXELS, ImageTooLarge, image_size, load_image_np  # noqa: F401  (re-exported for the app)
+from ..task_kinds import MULTI_LABEL, ORDINAL
 
 META_KEY = "medmix"
-from ..task_kinds import MULTI_LABEL, ORDINAL
 
 
 # ----------------------------------------------------------------------------------------------- resize + normalise
@@ -92,6 +92,13 @@ class NumpyTransform:
 
 
 # ----------------------------------------------------------------------------------------------- describing
+def pixel_std_np(images: np.ndarray) -> np.ndarray:
+    """Per uint8 image ``(C, H, W)``: the pixel standard deviation within each channel, averaged over channels (as
+    :func:`medmix.ood.pixel_std`; 0 for a blank image)."""
+    x = np.asarray(images)
+    return x.reshape(len(x), x.shape[1], -1).astype(np.float64).std(2).mean(1) if len(x) else np.zeros(0)
+
+
 def describe(name: str, p: np.ndarray, class_names: Sequence[str], task: str, thresholds: Sequence[float],
              top_k: int | None = None, ordinal_mode: str = "argmax") -> dict:
     """One prediction as :meth:`medmix.predict.Predictor.predict` reports it (same keys and rounding)."""
@@ -197,14 +204,17 @@ class OnnxPredictor:
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return self.run(images)["probabilities"]
 
-    def ood(self, outputs: dict[str, np.ndarray]) -> list[dict]:
-        """Per image ``{"in_distribution", "ood_score"}`` as :class:`medmix.ood.Detector` reports them, or ``{}``
-        when the model has no OOD detector."""
+    def ood(self, outputs: dict[str, np.ndarray], images: np.ndarray | None = None) -> list[dict]:
+        """Per image ``{"in_distribution", "ood_score"}`` as :class:`medmix.ood.Detector` reports them (the score
+        threshold and, given the uint8 ``images``, the blank-image guard), or ``{}`` without an OOD detector."""
         n = len(outputs["probabilities"])
         if self.ood_threshold is None:
             return [{} for _ in range(n)]
-        return [{"in_distribution": bool(float(v) <= self.ood_threshold), "ood_score": round(float(v), 6)}
-                for v in outputs[self.meta["ood"].get("output", "ood_score")]]
+        floor = float(self.meta["ood"].get("min_pixel_std") or 0.0)
+        stds = pixel_std_np(images) if images is not None else np.full(n, np.inf)
+        scores = outputs[self.meta["ood"].get("output", "ood_score")]
+        return [{"in_distribution": bool(float(v) <= self.ood_threshold and s >= floor),
+                 "ood_score": round(float(v), 6)} for v, s in zip(scores, stds)]
 
     def predict_arrays(self, images: Sequence[np.ndarray], names: Sequence[str], top_k: int | None = None
                        ) -> list[dict]:
@@ -212,8 +222,9 @@ class OnnxPredictor:
         outs = self.run(batch)
         if self.meta.get("generalist"):
             return self._routed(batch, outs, names, top_k)
+        oods = self.ood(outs, batch)
         return [{**describe(n, p, self.class_names, self.task, self.thresholds, top_k, self.ordinal_mode), **o}
-                for n, p, o in zip(names, outs["probabilities"], self.ood(outs))]
+                for n, p, o in zip(names, outs["probabilities"], oods)]
 
     def _routed(self, batch: np.ndarray, outs: dict[str, np.ndarray], names: Sequence[str], top_k: int | None
                 ) -> list[dict]:
@@ -226,7 +237,7 @@ class OnnxPredictor:
         router = probs[:, lo:hi]
         ood = g.get("ood") or {}
         scores = outs.get(ood.get("output", "ood_score")) if ood.get("thresholds_by_dataset") else None
-        stds = batch.reshape(len(batch), batch.shape[1], -1).astype(np.float64).std(2).mean(1)
+        stds = pixel_std_np(batch)
         out = []
         for i, name in enumerate(names):
             k = int(np.argmax(router[i]))

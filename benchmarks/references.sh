@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The reference models measured here, in order of value (MedViT with the paper's recipe, ResNet-18 (28) with the
+# official MedMNIST recipe, the Ordinal Loss on MedViT, then more seeds and sets). Every step uses --reuse: finished
+# runs are read back and an interrupted one resumes from its last epoch, so running this again continues it.
+# Run it from a worktree of a fixed commit (DEVELOPERS.md), then tabulate everything that finished:
+#   MEDMIX_DATA=~/medmnist nohup benchmarks/references.sh > runs/references.out 2>&1 &
+#   python benchmarks/medmnist_table.py --table-only --runs hybrid_mixer_small medvit_small:medvit_paper \
+#       resnet18_28:medmnist_official resnet18_28:medmnist_official_aug
+#   python benchmarks/ordinal_sweep.py --table-only --runs hybrid_mixer_small medvit_small:medvit_paper
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=src
+T="python benchmarks/medmnist_table.py --reuse"
+$T --datasets breastmnist --runs medvit_small:medvit_paper
+$T --datasets breastmnist --runs resnet18_28:medmnist_official
+$T --runs hybrid_mixer_small
+python benchmarks/ordinal_sweep.py --reuse --runs medvit_small:medvit_paper --alphas 0 0.2 --no-printed
+$T --datasets retinamnist --runs medvit_small:medvit_paper
+$T --datasets pneumoniamnist --runs medvit_small:medvit_paper --seeds 0
+$T --datasets breastmnist --runs resnet18_28:medmnist_official_aug
+$T --datasets pneumoniamnist --runs medvit_small:medvit_paper --seeds 1 2
+$T --datasets retinamnist --runs resnet18_28:medmnist_official
+echo "references: done"
