@@ -129,7 +129,8 @@ async def load(url: str, pngs: list[bytes], clients: int, seconds: float, warmup
     n = len(lat)
     return {"requests": n, "seconds": seconds, "requests_per_s": n / seconds, "errors": sum(errors.values()),
             "error_kinds": errors, "p50_ms": float(np.percentile(ms, 50)) if n else None,
-            "p95_ms": float(np.percentile(ms, 95)) if n else None, "p99_ms": float(np.percentile(ms, 99)) if n else None,
+            "p95_ms": float(np.percentile(ms, 95)) if n else None,
+            "p99_ms": float(np.percentile(ms, 99)) if n else None,
             "mean_ms": float(ms.mean()) if n else None}
 
 

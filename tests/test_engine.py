@@ -254,3 +254,15 @@ def test_evaluate_uses_the_precision_the_run_used(tmp_path):
     assert doc["float_precision"] == m["float_precision"] == "bf16"
     _same_printed_digits(m, doc["test"])
     assert evaluate(r.run_dir, split="test", precision="fp32")["float_precision"] == "fp32"
+
+
+def test_cpu_kind_reads_the_flags():
+    from medmix.inference import cpu_kind, machine_description
+
+    line = "flags\t\t: fpu sse2 avx fma avx2"
+    assert cpu_kind(line) == "AVX2"
+    assert cpu_kind(line + " avx512f") == "AVX-512"
+    assert cpu_kind(line + " avx512f avx512_bf16") == "AVX-512 BF16"
+    assert cpu_kind(line + " avx512f avx512_bf16 amx_bf16 amx_tile") == "AMX"
+    assert cpu_kind("processor : 0") == "other"
+    assert f"({cpu_kind()})" in machine_description()

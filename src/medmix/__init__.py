@@ -34,5 +34,5 @@ def __getattr__(name: str):  # lazy: `import medmix` stays cheap for the CLI's -
     raise AttributeError(f"module 'medmix' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "MedmixError", "train", "TrainConfig", "TrainResult", "evaluate", "Predictor", "load_predictor",
-           "train_generalist", "GeneralistConfig", "GeneralistPredictor", "evaluate_generalist"]
+__all__ = ["__version__", "MedmixError", "train", "TrainConfig", "TrainResult", "evaluate", "Predictor",
+           "load_predictor", "train_generalist", "GeneralistConfig", "GeneralistPredictor", "evaluate_generalist"]

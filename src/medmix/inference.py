@@ -100,7 +100,22 @@ def single_input(x: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- the machine
+def cpu_kind(cpuinfo: str | None = None) -> str:
+    """What the CPU offers for training, from ``/proc/cpuinfo``: "AMX" (amx_bf16), "AVX-512 BF16" (avx512_bf16),
+    "AVX-512" (avx512f, bf16 emulated), "AVX2" (bf16 emulated) or "other"; timings are only comparable within a kind."""
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    except OSError:
+        text = ""
+    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    for flag, kind in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2")):
+        if flag in flags:
+            return kind
+    return "other"
+
+
 def machine_description() -> str:
+    """CPU model and kind (its bf16 support), threads, torch and OS: the line stored beside every timing."""
     import platform
 
     cpu = "unknown CPU"
@@ -111,7 +126,8 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.system()}"
+    return (f"{cpu} ({cpu_kind()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"{platform.system()}")
 
 
 def set_threads() -> None:

@@ -149,7 +149,8 @@ def rank_loss(
     variant: Variant = "peaked",
     pair_reduction: PairReduction = "sum",
 ) -> Tensor:
-    """RankLoss of :class:`OrdinalLoss` on probabilities: per-sample sum (or mean over all C(C-1)/2 pairs), batch mean."""
+    """RankLoss of :class:`OrdinalLoss` on probabilities: per-sample sum (or mean over all C(C-1)/2 pairs), batch
+    mean."""
     if pair_reduction not in ("sum", "mean"):
         raise ConfigError(f"pair_reduction must be 'sum' or 'mean'; got {pair_reduction!r}")
     terms = rank_loss_terms(probs, target, margin, variant)

@@ -160,7 +160,8 @@ def _threshold_array(threshold: Any, n_cols: int | None) -> float | NDArray[np.f
 
 # --------------------------------------------------------------------------- predictions
 def expected_grade(probs: ArrayLike) -> NDArray[np.int64]:
-    """Expected-grade prediction for ordinal tasks: ``floor(sum_k p_k * k + 0.5)`` (round half up), clipped to [0, C-1]."""
+    """Expected-grade prediction for ordinal tasks: ``floor(sum_k p_k * k + 0.5)`` (round half up), clipped to
+    [0, C-1]."""
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] < 1:
         raise ConfigError(f"probs must have shape (N, C); got {p.shape}")

@@ -136,7 +136,8 @@ class ConvBNReLU(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Downsample / re-width: 2x2 avg-pool + 1x1 conv + BN on stride 2, 1x1 conv + BN if widths differ, else identity."""
+    """Downsample / re-width: 2x2 avg-pool + 1x1 conv + BN on stride 2, 1x1 conv + BN if widths differ, else
+    identity."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
         super().__init__()
