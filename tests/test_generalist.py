@@ -292,10 +292,17 @@ def test_cli_refuses_generalist_options_for_one_dataset(tmp_path, capsys, _keep_
     assert rc == 2 and "--modality-weight only apply when training on several datasets" in e
 
 
-def test_report_is_refused_for_a_generalist(gen_run, tmp_path, capsys, _keep_threads):
-    r, _ = gen_run
-    rc, _, e = run(["evaluate", r.run_dir, "--report", tmp_path / "rep"], capsys)
-    assert rc == 2 and "--report is not available for generalist checkpoints" in e
+def test_report_of_a_generalist_has_one_report_per_head(gen_run, tmp_path, capsys, _keep_threads):
+    r, root = gen_run
+    rc, out, e = run(["evaluate", r.run_dir, "--data-dir", root, "--report", tmp_path / "rep", "--json"], capsys)
+    assert rc == 0, e
+    m = json.loads(out)
+    index = (tmp_path / "rep" / "report.md").read_text()
+    assert m["report"] == str(tmp_path / "rep" / "report.md") and "Routing accuracy" in index
+    for name in ("pneumoniamnist", "stripes"):
+        head = (tmp_path / "rep" / name / "report.md").read_text()
+        assert f"({name}/report.md)" in index and name in head
+        assert f"{m['datasets'][name]['acc']:.4f}" in head  # the head's own official ACC, as evaluate reports it
 
 
 def test_export_a_generalist_and_route_in_onnx_runtime(gen_run, tmp_path, capsys, _keep_threads):

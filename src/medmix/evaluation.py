@@ -55,11 +55,8 @@ def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | No
         precision = meta.get("precision") or "auto"
     precision = resolve_precision(precision)
     if run.is_generalist:
-        if report is not None:
-            raise ConfigError("--report is not available for generalist checkpoints; use --out for the routing "
-                              "confusion matrix and --json for every number")
         return evaluate_generalist(run, data_dir=data_dir, split=split, out=out, batch_size=batch_size,
-                                   precision=precision)
+                                   precision=precision, report=report)
     model = run.build_model()
     info = run.task
     out_dir = ensure_dir(out, "--out") if out is not None else None

@@ -675,10 +675,11 @@ def _members_of(meta: dict, run_dir: Path, data_dir: str | os.PathLike | None) -
 
 def evaluate_generalist(ckpt_or_run: Any, *, data_dir: str | os.PathLike | None = None,
                         split: str = "test", out: str | os.PathLike | None = None, batch_size: int = 512,
-                        precision: str = "auto") -> dict:
+                        precision: str = "auto", report: str | os.PathLike | None = None) -> dict:
     """Per dataset, the official ACC/AUC of its own head on its own split; the routing accuracy over all images
     (with its confusion matrix); the end-to-end accuracy when the router picks the head. ``out`` receives
-    ``routing_confusion_<split>.png``."""
+    ``routing_confusion_<split>.png``; ``report`` receives ``report.md`` (routing, and a link per dataset) and one
+    ``<dataset>/report.md`` per head, as :func:`medmix.evaluate` writes for a single-dataset run."""
     from .inference import resolve_precision
 
     if split not in ("train", "val", "test"):
@@ -700,7 +701,47 @@ def evaluate_generalist(ckpt_or_run: Any, *, data_dir: str | os.PathLike | None 
         png = ensure_dir(out, "--out") / f"routing_confusion_{split}.png"
         m["routing_confusion_png"] = str(plot_confusion(m["routing_confusion"], m["dataset_names"], png,
                                                         f"modality routing, {split} - {meta['model']}"))
+    if report is not None:
+        m["report"] = str(_write_generalist_report(ensure_dir(report, "--report"), run, model, members, tf, m, split,
+                                                   batch_size, resolve_precision(precision)))
     return m
+
+
+def _write_generalist_report(out: Path, run: Any, model: nn.Module, members: Sequence[_Member], tf: BatchTransform,
+                             m: dict, split: str, batch_size: int, precision: str) -> Path:
+    """One single-dataset report per head (its own images, its own temperature) and an index with the routing."""
+    from .calibrate import N_BINS, calibration_metrics
+    from .inference import probabilities
+    from .report import write_evaluation_report
+
+    meta = run.meta
+    layout = {d["name"]: d for d in meta["generalist"]["datasets"]}
+    rows = []
+    for mem in members:
+        d, data = layout[mem.name], mem.splits[split]
+        logits, _ = _forward(model, data.images, tf, batch_size, precision)
+        a, b = d["columns"]
+        head, t = logits[:, a:b], d.get("temperature", 1.0) or 1.0
+        before = calibration_metrics(head, data.labels, mem.info.task, 1.0)
+        after = calibration_metrics(head, data.labels, mem.info.task, t)
+        md = dict(m["datasets"][mem.name])
+        md.update(split=split, dataset=mem.name, model=meta["model"], checkpoint=str(run.path),
+                  float_precision=precision, n_bins=N_BINS, ece_before=before["ece"], ece_after=after["ece"],
+                  nll_before=before["nll"], nll_after=after["nll"])
+        head_meta = {**meta, "temperature": t, "threshold": d.get("threshold", 0.5)}
+        path = write_evaluation_report(out / mem.name, md, probabilities(head, mem.info.task, t).numpy(),
+                                       data.labels.numpy(), data.images, mem.info, head_meta)
+        rows.append(f"| [{mem.name}]({path.relative_to(out).as_posix()}) | {md['acc']:.4f} | {md['auc']:.4f} | "
+                    f"{md['routing_acc']:.2%} | {md['end_to_end_acc']:.4f} |")
+    lines = [f"# Evaluation report: generalist {meta['model']} on {meta['dataset']} ({split} split)", "",
+             f"Checkpoint: `{run.path}`; evaluated in {precision}.", "",
+             f"Routing accuracy over all {m['n']} images: {m['routing_acc']:.2%}; end-to-end accuracy (the router "
+             f"picks the head): {m['end_to_end_acc']:.4f}.", "",
+             "| dataset (its own head, its own images) | ACC | AUC | routed to it | end-to-end ACC |",
+             "|---|---|---|---|---|", *rows, ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
 
 
 def format_generalist(m: dict) -> str:
