@@ -42,7 +42,7 @@ def fmt(values: Iterable[float], digits: int = 3) -> str:
 
 def write_results(name: str, doc: dict, markdown: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    from medmix.engine import _jsonable
+    from medmix.training import jsonable as _jsonable
 
     (RESULTS / f"{name}.json").write_text(json.dumps(_jsonable(doc), indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")

@@ -20,7 +20,7 @@ from .errors import MedmixError
 
 
 def _print_json(obj: Any) -> None:
-    from .engine import _jsonable
+    from .training import jsonable as _jsonable
 
     print(json.dumps(_jsonable(obj), indent=2))
 

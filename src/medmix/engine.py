@@ -43,8 +43,7 @@ from .config import RecipeConfig, TrainConfig  # noqa: F401  (medmix.engine.Trai
 from .errors import ConfigError
 from .inference import autocast as _autocast
 
-# the inference helpers the loop uses; also importable from here, as before they moved to medmix.inference
-from .inference import (  # noqa: F401
+from .inference import (
     bf16_supported,
     extract,
     iterate_batches,
@@ -52,7 +51,6 @@ from .inference import (  # noqa: F401
     predict_logits,
     probabilities,
     resolve_precision,
-    set_threads,
 )
 from .losses import build_loss, default_loss_name
 from .metrics import compute_metrics
@@ -60,13 +58,6 @@ from .models import create_model, model_info
 from .paths import check_writable_dir
 from .training import (ResumePoint, Step, Task, Validation, check_resume_left, epoch_seed, find_resume, fit,
                        jsonable, write_history_csv)
-from .training import append_jsonl as _append_jsonl  # noqa: F401  (old names, kept for callers)
-from .training import finish_run_dir as _finish_run_dir  # noqa: F401
-from .training import jsonable as _jsonable  # noqa: F401
-from .training import prepare_run_dir as _prepare_run_dir  # noqa: F401
-from .training import progress as _progress  # noqa: F401
-from .training import schedule as _schedule  # noqa: F401
-from .training import write_history_csv as _write_history_csv  # noqa: F401
 from .small_data import (
     MIN_PER_SIDE_FOR_THRESHOLD,
     MIN_VAL_FOR_MODEL_SELECTION,

@@ -19,6 +19,7 @@ import math
 import shutil
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,7 @@ class Step:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class Task:
+class Task(ABC):
     """The hooks :func:`fit` calls. Subclasses set ``cfg``, ``model`` (the bare model on the device), ``meta`` (the
     checkpoint metadata), ``steps_per_epoch`` and ``precision`` before training starts."""
 
@@ -65,12 +66,13 @@ class Task:
     steps_per_epoch: int
     precision: str
 
+    @abstractmethod
     def describe(self, world: str) -> str:
         """The start line's middle: what is trained on what (``world``: ", N processes" or "")."""
-        raise NotImplementedError
 
+    @abstractmethod
     def default_out(self) -> str:
-        raise NotImplementedError
+        """The run directory when the config names none."""
 
     def write_files(self, run: Path) -> None:
         """Files written once into the run directory before training (e.g. saved splits)."""
@@ -78,15 +80,17 @@ class Task:
     def begin_epoch(self, epoch: int) -> None:
         """Seed the task's own randomness (data order, augmentation) for ``epoch``."""
 
+    @abstractmethod
     def batches(self) -> Iterable[Any]:
-        raise NotImplementedError
+        """This epoch's batches, in the order the task's generator gives (one per optimiser step)."""
 
+    @abstractmethod
     def step(self, net: nn.Module, batch: Any) -> Step | None:
         """Forward one batch through ``net`` (the model, DDP-wrapped when data-parallel); None skips it."""
-        raise NotImplementedError
 
+    @abstractmethod
     def validate(self) -> Validation:
-        raise NotImplementedError
+        """Score the current weights on the validation split (main process only)."""
 
     def stop_text(self) -> str:
         return f"early stop: no improvement on val for {self.cfg.patience} epochs"
@@ -98,15 +102,15 @@ class Task:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    @abstractmethod
     def finish(self, run: Path, final: Path, best_epoch: int, history: list[dict], seconds: float,
                say: Callable[[str], None]) -> Any:
         """On the main process, after the last epoch: final fitting, the test split, the result files. Returns
         the run's result object; the loop then renames ``run`` to ``final``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def result_of_finished_run(self, final: Path, rank: int) -> Any:
         """What the other processes of a data-parallel run return (they wrote nothing)."""
-        raise NotImplementedError
 
 
 # ----------------------------------------------------------------------------------------------- helpers
