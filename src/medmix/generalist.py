@@ -143,13 +143,6 @@ def _load_members(cfg: GeneralistConfig) -> tuple[list[_Member], int, int]:
     return members, side, channels
 
 
-# ----------------------------------------------------------------------------------------------- model
-@torch.inference_mode()
-def _forward(model: nn.Module, images: torch.Tensor, transform: BatchTransform, batch_size: int, precision: str,
-             features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """uint8 images -> concatenated logits (and the pre-logit features)."""
-    return extract(model, images, transform, batch_size, precision=precision, features=features)
-
 
 # ----------------------------------------------------------------------------------------------- metrics
 def _image_correct(labels: np.ndarray, probs: np.ndarray, task: str, threshold: Any = 0.5) -> np.ndarray:
@@ -186,7 +179,7 @@ def evaluate_heads(model: nn.Module, members: Sequence[Any], split: str, transfo
         d = layout[mem.name]
         k = names.index(mem.name)
         data = mem.splits[split]
-        logits, _ = _forward(model, data.images, transform, batch_size, precision)
+        logits, _ = extract(model, data.images, transform, batch_size, precision=precision, features=False)
         a, b = d["columns"]
         head = logits[:, a:b]
         t = (d.get("temperature", 1.0) if temperatures else 1.0) or 1.0
@@ -567,7 +560,8 @@ def calibrate_generalist(run: Any, data_dir: str | os.PathLike | None = None, ba
     g = meta["generalist"]
     previous = {d["name"]: d.get("temperature", 1.0) for d in g["datasets"]}
     previous_router = g.get("modality_temperature", 1.0)
-    val_logits = [_forward(model, m.splits["val"].images, tf, batch_size, precision)[0] for m in members]
+    val_logits = [extract(model, m.splits["val"].images, tf, batch_size, precision=precision, features=False)[0]
+                  for m in members]
     n_warned = len(meta.get("warnings", []))
     fit_temperatures(members, val_logits, meta)
     save_checkpoint(run.path, _Weights(run.state), meta, run.train_state, run.extras)  # keeps the OOD statistics
@@ -586,7 +580,7 @@ def _fit_trust(model: nn.Module, members: Sequence[_Member], tf: BatchTransform,
     from . import ood as ood_mod
 
     g = meta["generalist"]
-    val_out = [_forward(model, m.splits["val"].images, tf, cfg.eval_batch_size, precision, features=True)
+    val_out = [extract(model, m.splits["val"].images, tf, cfg.eval_batch_size, precision=precision)
                for m in members]
     if cfg.calibrate:
         fit_temperatures(members, [lo for lo, _ in val_out], meta)
@@ -599,7 +593,7 @@ def _fit_trust(model: nn.Module, members: Sequence[_Member], tf: BatchTransform,
     for m in members:
         tr = m.splits["train"]
         idx = torch.randperm(len(tr), generator=gen)[:MAX_OOD_IMAGES_PER_DATASET]
-        _, f = _forward(model, tr.images[idx], tf, cfg.eval_batch_size, precision, features=True)
+        _, f = extract(model, tr.images[idx], tf, cfg.eval_batch_size, precision=precision)
         feats.append(f)
         y = tr.labels[idx]
         # classes of the Mahalanobis model: the (dataset, class) pairs; multi-label datasets get one Gaussian
@@ -719,7 +713,7 @@ def _write_generalist_report(out: Path, run: Any, model: nn.Module, members: Seq
     rows = []
     for mem in members:
         d, data = layout[mem.name], mem.splits[split]
-        logits, _ = _forward(model, data.images, tf, batch_size, precision)
+        logits, _ = extract(model, data.images, tf, batch_size, precision=precision, features=False)
         a, b = d["columns"]
         head, t = logits[:, a:b], d.get("temperature", 1.0) or 1.0
         before = calibration_metrics(head, data.labels, mem.info.task, 1.0)
