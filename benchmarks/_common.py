@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
@@ -110,6 +110,17 @@ def train_or_reuse(out: str | Path, reuse: bool, *, reuse_only: bool = False, **
                            epochs_run=d.get("epochs_run"),
                            precision=d.get("float_precision", d.get("precision")),
                            machine={"description": d.get("machine"), "native_bf16": d.get("native_bf16")})
+
+
+def committed_runs(name: str, key: Callable[[dict], tuple], wanted: Callable[[dict], bool], have: list[dict]
+                   ) -> list[dict]:
+    """Rows of the committed ``results/<name>.json`` that ``wanted`` selects and ``have`` lacks (by ``key``): runs
+    measured before whose run directories are not on this machine (``--keep-committed``)."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return []
+    seen = {key(r) for r in have}
+    return [r for r in json.loads(path.read_text()).get("runs", []) if wanted(r) and key(r) not in seen]
 
 
 def machine_label(m: dict | None) -> str:

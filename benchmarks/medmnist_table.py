@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (DEFAULT_DATA, RESULTS, command_line, fmt, machine, machine_label, mean_std, recipe, table,
-                     train_or_reuse, write_results)
+from _common import (DEFAULT_DATA, RESULTS, command_line, committed_runs, fmt, machine, machine_label, mean_std,
+                     recipe, table, train_or_reuse, write_results)
 
 # "Medical Image Classification Based on Transformer Model and Ordinal Loss" (Liu), Table 1, MedViT, test ACC / AUC
 LIU_MEDVIT = {"pneumoniamnist": (0.939, 0.978), "breastmnist": (0.891, 0.856)}
@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--reuse", action="store_true", help="read finished runs, resume interrupted ones")
     ap.add_argument("--table-only", action="store_true", help="train nothing; tabulate the finished runs")
+    ap.add_argument("--keep-committed", action="store_true",
+                    help="also tabulate the runs of the committed results JSON whose run directories are not here")
     a = ap.parse_args()
 
     from medmix.data.medmnist import file_name, medmnist_flags
@@ -76,6 +78,10 @@ def main() -> None:
                              "val_acc": r.val["acc"], "val_auc": r.val["auc"]})
                 print(f"{ds} {model}:{rec} seed {seed}: test ACC {r.test['acc']:.3f} AUC {r.test['auc']:.3f} "
                       f"(val {r.val['acc']:.3f}/{r.val['auc']:.3f}), {r.seconds:.0f} s", file=sys.stderr, flush=True)
+    if a.keep_committed:
+        runs += committed_runs("medmnist_table", lambda r: (r["dataset"], r["model"], r["recipe"], r["seed"]),
+                               lambda r: r["dataset"] in present and (r["model"], r["recipe"]) in specs
+                               and r["seed"] in a.seeds, runs)
     total = time.perf_counter() - t0
     md = ["# MedMNIST (28 px): medmix and the reference models measured here, beside the published rows", "",
           f"Command: `{command_line()}`  ",

@@ -15,8 +15,8 @@ import argparse
 import sys
 import time
 
-from _common import (DEFAULT_DATA, RESULTS, command_line, fmt, machine, machine_label, mean_std, recipe, table,
-                     train_or_reuse, write_results)
+from _common import (DEFAULT_DATA, RESULTS, command_line, committed_runs, fmt, machine, machine_label, mean_std,
+                     recipe, table, train_or_reuse, write_results)
 
 LIU_TABLE2 = {0.0: 0.552, 0.1: 0.570, 0.2: 0.594, 0.3: 0.581, 0.4: 0.557, 0.5: 0.546}  # MedViT, test ACC
 
@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--no-printed", action="store_true", help="skip the as-printed variant row")
     ap.add_argument("--reuse", action="store_true", help="read finished runs, resume interrupted ones")
     ap.add_argument("--table-only", action="store_true", help="train nothing; tabulate the finished runs")
+    ap.add_argument("--keep-committed", action="store_true",
+                    help="also tabulate the runs of the committed results JSON whose run directories are not here")
     a = ap.parse_args()
 
     from medmix.inference import set_threads
@@ -66,6 +68,15 @@ def main() -> None:
                 print(f"{model}:{rec} {variant:8s} alpha={alpha:.1f} seed={seed}: test ACC {row['test_acc']:.3f} "
                       f"AUC {row['test_auc']:.3f} MAE {row['test_mae']:.3f} QWK {row['test_qwk']:.3f} "
                       f"({r.seconds:.0f} s)", file=sys.stderr, flush=True)
+    if a.keep_committed:
+        # rows written before the sweep took --runs are hybrid_mixer_small with the package defaults
+        def spec(r: dict) -> tuple:
+            return r.get("model", "hybrid_mixer_small"), r.get("recipe", "medmix")
+
+        old = committed_runs("ordinal_sweep", lambda r: (*spec(r), r["variant"], r["alpha"], r["seed"]),
+                             lambda r: spec(r) in specs and (r["variant"], r["alpha"]) in variants
+                             and r["seed"] in a.seeds, runs)
+        runs += [{"model": "hybrid_mixer_small", "recipe": "medmix", **r} for r in old]
     total = time.perf_counter() - t0
 
     m = machine()
@@ -94,7 +105,7 @@ def main() -> None:
         if not rows:
             continue
         mine = [r for r in runs if (r["model"], r["recipe"]) == (model, rec)]
-        kinds = ", ".join(sorted({machine_label(r["machine"]) for r in mine}))
+        kinds = ", ".join(sorted({machine_label(r.get("machine")) for r in mine}))
         md += [f"## {model}, recipe `{rec}` (CPU: {kinds})", "",
                table(["alpha", "seeds", "test ACC", "test AUC", "test MAE", "test QWK", "Liu Table 2 ACC (MedViT)",
                       "s/run"], rows), ""]

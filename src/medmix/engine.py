@@ -27,44 +27,22 @@ import torch.nn as nn
 
 from . import distributed
 from ._version import __version__
-from .checkpoint import atomic_write_text, save_checkpoint
-from .data import (
-    NORMALIZATIONS,
-    BatchTransform,
-    DataBundle,
-    Split,
-    dataset_spec,
-    get_policy,
-    load_dataset,
-    normalization,
-)
-from .data.tasks import BINARY, MULTI_LABEL
+from .checkpoint import GENERALIST, atomic_write_text, is_generalist, load_checkpoint, save_checkpoint
 from .config import RecipeConfig, TrainConfig  # noqa: F401  (medmix.engine.TrainConfig, as before)
+from .data import (NORMALIZATIONS, BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset,
+                   normalization)
+from .data.tasks import BINARY, MULTI_LABEL
 from .errors import ConfigError
-from .inference import autocast as _autocast
-
-from .inference import (
-    bf16_supported,
-    extract,
-    iterate_batches,
-    machine_description,
-    predict_logits,
-    probabilities,
-    resolve_precision,
-)
+from .evaluation import score_logits
+from .inference import (autocast, bf16_supported, extract, iterate_batches, machine_description, predict_logits,
+                        resolve_precision)
 from .losses import build_loss, default_loss_name
-from .metrics import compute_metrics
 from .models import create_model, model_info
 from .paths import check_writable_dir
+from .small_data import (MIN_PER_SIDE_FOR_THRESHOLD, MIN_VAL_FOR_MODEL_SELECTION, MIN_VAL_FOR_OOD_THRESHOLD,
+                         MIN_VAL_FOR_TEMPERATURE, warn)
 from .training import (ResumePoint, Step, Task, Validation, check_resume_left, epoch_seed, find_resume, fit,
                        jsonable, write_history_csv)
-from .small_data import (
-    MIN_PER_SIDE_FOR_THRESHOLD,
-    MIN_VAL_FOR_MODEL_SELECTION,
-    MIN_VAL_FOR_OOD_THRESHOLD,
-    MIN_VAL_FOR_TEMPERATURE,
-    warn,
-)
 
 MONITORS = ("auto", "acc", "auc", "loss", "f1")
 
@@ -112,6 +90,13 @@ def check_recipe(cfg: RecipeConfig) -> None:
         _range("alpha", cfg.alpha, 0.0, 1.0)
         _range("margin", cfg.margin, 0.0)
         _monitor(cfg.monitor, "binary-class")
+        return
+    if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
+        raise ConfigError("--steps-per-epoch must be at least 1")
+    if cfg.modality_weight < 0:
+        raise ConfigError(f"--modality-weight must be >= 0, got {cfg.modality_weight}")
+    if cfg.channels not in (None, 1, 3):
+        raise ConfigError(f"--channels must be 1 or 3, got {cfg.channels}")
 
 
 @dataclass
@@ -130,19 +115,23 @@ class TrainResult:
                 "val": {k: self.val[k] for k in keys if k in self.val},
                 "test": {k: self.test[k] for k in keys if k in self.test}}
 
+    @classmethod
+    def read(cls, run_dir: Path, rank: int = 0):
+        """A finished run's result read back from its files (what processes other than 0 return)."""
+        doc = json.loads((run_dir / "metrics.json").read_text())
+        history = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+        return cls(run_dir, int(doc["best_epoch"]), doc["val"], doc["test"], history,
+                   float(doc.get("train_seconds") or 0.0), rank)
+
 
 # ----------------------------------------------------------------------------------------------- batches
 def evaluate_split(model: nn.Module, split: Split, transform: BatchTransform, task: str, class_names, loss_fn=None,
                    batch_size: int = 512, precision: str = "fp32", temperature: float = 1.0,
                    threshold: float | list[float] = 0.5, return_probs: bool = False) -> dict:
     logits = predict_logits(model, split.images, transform, batch_size, precision)
-    probs = probabilities(logits, task, temperature).numpy()
-    metrics = compute_metrics(split.labels.numpy(), probs, task, class_names, threshold=threshold)
+    metrics, probs = score_logits(logits, split.labels, task, class_names, temperature, threshold, loss_fn)
     if return_probs:
         metrics["_probs"] = probs
-    if loss_fn is not None:
-        with torch.no_grad():
-            metrics["loss"] = float(loss_fn(logits, split.labels))
     return metrics
 
 
@@ -195,15 +184,7 @@ def _resumed_config(cfg: RecipeConfig, resume: ResumePoint, given: set[str]) -> 
 
 
 def _as_json(v: Any) -> Any:
-    return json.loads(json.dumps(v))
-
-
-def _result_of_finished_run(run_dir: Path, rank: int = 0) -> TrainResult:
-    """A finished run's result read back from its files (what processes other than 0 return)."""
-    doc = json.loads((run_dir / "metrics.json").read_text())
-    history = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    return TrainResult(run_dir, int(doc["best_epoch"]), doc["val"], doc["test"], history,
-                       float(doc.get("train_seconds") or 0.0), rank)
+    return json.loads(json.dumps(v, default=str))
 
 
 def build_meta(cfg: TrainConfig, bundle: DataBundle, model_kwargs: dict, img_size: int, mean, std, loss_name: str,
@@ -229,35 +210,54 @@ def train(cfg: TrainConfig | None = None, *, log: Callable[[str], None] | None =
     :mod:`medmix.distributed`. Only process 0 writes; every process returns the result.
     """
     given = set(kwargs) if cfg is None else _non_default_fields(cfg)
-    cfg = cfg or TrainConfig(**kwargs)
+    return launch(cfg or TrainConfig(**kwargs), given, log, SingleTask)
+
+
+def launch(cfg: RecipeConfig, given: set[str], log: Callable[[str], None] | None, task_cls: type[Task]) -> Any:
+    """What :func:`train` and :func:`medmix.generalist.train_generalist` share before the loop: the resumed run's
+    settings, every check that needs no data (so a bad value fails before any is read), the processes, then
+    :func:`medmix.training.fit` on ``task_cls(cfg, ctx, resume)``."""
+    resume = find_resume(cfg.out, cfg.resume)
+    if resume is not None:
+        if is_generalist(resume.meta) != (task_cls.kind == GENERALIST):
+            raise ConfigError(f"{resume.final} is a " + ("single-dataset run; resume it without several --dataset "
+                              "names" if task_cls.kind == GENERALIST else "multi-dataset run; resume it with "
+                              "medmix.train_generalist"))
+        cfg = _resumed_config(cfg, resume, given)
+    task_cls.prepare(cfg)
+    check_recipe(cfg)
+    if resume is not None:
+        check_resume_left(resume, cfg.epochs, cfg.patience)
+    model_info(cfg.model)  # fail fast on an unknown model name, before reading data
     ctx = distributed.setup(cfg.ddp)
     try:
-        return _train(cfg, given, ctx, log)
+        if cfg.batch_size < ctx.world_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the {ctx.world_size} processes: the "
+                              f"batch is the global batch, split across processes")
+        quiet = cfg.quiet or not ctx.is_main
+        say = (log or (lambda s: None if quiet else print(s, file=sys.stderr))) if ctx.is_main else (lambda s: None)
+        if resume is None and ctx.is_main:  # a bad --out must fail before any training, not after the first epoch
+            check_writable_dir(cfg.out or "runs", "--out")
+        return fit(task_cls(cfg, ctx, resume), ctx, resume, say, quiet)
     finally:
         ctx.close()
 
 
-def _train(cfg: TrainConfig, given: set[str], ctx: distributed.Context, log: Callable[[str], None] | None
-           ) -> TrainResult:
-    resume = find_resume(cfg.out, cfg.resume)
-    if resume is not None:
-        cfg = _resumed_config(cfg, resume, given)
-    quiet = cfg.quiet or not ctx.is_main
-    say = (log or (lambda s: None if quiet else print(s, file=sys.stderr))) if ctx.is_main else (lambda s: None)
-    check_recipe(cfg)
-    if cfg.batch_size < ctx.world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the {ctx.world_size} processes: the batch "
-                          f"is the global batch, split across processes")
-    if resume is not None:
-        check_resume_left(resume, cfg.epochs, cfg.patience)
-    model_info(cfg.model)  # fail fast on an unknown model name, before reading data
-    if resume is None and ctx.is_main:  # a bad --out must fail before any training, not after the first epoch
-        check_writable_dir(cfg.out or "runs", "--out")
-    return fit(SingleTask(cfg, ctx, resume), ctx, resume, say, quiet)
+def best_model(model: nn.Module, ctx: distributed.Context, build: Callable[[], nn.Module], run: Path) -> nn.Module:
+    """The best weights, in a plain model on the CPU (no SyncBatchNorm) for the end-of-run passes."""
+    if ctx.world_size > 1 or ctx.device.type != "cpu":
+        model = build().to(memory_format=torch.channels_last)
+    model.load_state_dict(load_checkpoint(run / "best_model.pth")[0])
+    return model
 
 
 class SingleTask(Task):
     """One dataset, one classifier: the task :func:`train` gives the loop."""
+    kind = "single"
+
+    @staticmethod
+    def prepare(cfg: TrainConfig) -> None:
+        """Nothing to normalise in a single-dataset configuration (see MixtureTask.prepare)."""
 
     def __init__(self, cfg: TrainConfig, ctx: distributed.Context, resume: ResumePoint | None = None) -> None:
         self.cfg, self.ctx = cfg, ctx
@@ -270,8 +270,7 @@ class SingleTask(Task):
         self.bundle, info = bundle, bundle.info
         self.info = info
         self.img_size = cfg.img_size or bundle.image_size
-        self.augment = cfg.augment or (dataset_spec(bundle.name).augment if _known(bundle.name) else
-                                       "rotate_flip_zoom")
+        self.augment = cfg.augment or default_augment(bundle.name)
         mean, std = normalization(cfg.normalize, [bundle.splits["train"].images])
         self.train_tf = BatchTransform(self.img_size, mean, std, get_policy(self.augment))
         self.eval_tf = BatchTransform(self.img_size, mean, std)
@@ -314,8 +313,9 @@ class SingleTask(Task):
         if self.bundle.split_indices is not None:
             from .data.folders import save_split
 
-            save_split(run / "split.json", self.bundle.split_indices, self.cfg.seed, _all_labels(self.bundle),
-                       self.bundle.source["path"])
+            b = self.bundle
+            save_split(run / "split.json", b.split_indices, self.cfg.seed, all_labels(b.split_indices, b.splits),
+                       b.source["path"])
 
     def begin_epoch(self, epoch: int) -> None:
         self.gen.manual_seed(epoch_seed(self.cfg.seed, epoch))  # data order and augmentation, equal on every process
@@ -336,7 +336,7 @@ class SingleTask(Task):
         y = tr.labels[idx] if rows is None else tr.labels[idx[rows]]
         if ctx.device.type != "cpu":
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-        with _autocast(self.precision):
+        with autocast(self.precision):
             logits = net(x)
         loss = self.loss_fn(logits.float(), y)
         return Step(loss * weight if rows is not None else loss, loss, len(y))
@@ -356,16 +356,10 @@ class SingleTask(Task):
     def finish(self, run: Path, final: Path, best_epoch: int, history: list[dict], seconds: float,
                say: Callable[[str], None]) -> TrainResult:
         # the test split is read once, with the weights chosen on val
-        from .checkpoint import load_checkpoint
-
         cfg, ctx, info, bundle, meta, precision = self.cfg, self.ctx, self.info, self.bundle, self.meta, \
             self.precision
         eval_tf, eval_loss = self.eval_tf, self.eval_loss
-        final_model = self.model
-        if ctx.world_size > 1 or ctx.device.type != "cpu":  # plain BatchNorm, on the CPU, for the last passes
-            final_model = create_model(cfg.model, **self.model_kwargs).to(memory_format=torch.channels_last)
-        state, _, _ = load_checkpoint(run / "best_model.pth")
-        final_model.load_state_dict(state)
+        final_model = best_model(self.model, ctx, lambda: create_model(cfg.model, **self.model_kwargs), run)
         if cfg.bn_recalibrate and not get_policy(self.augment).identity and \
                 recalibrate_batchnorm(final_model, self.train.images, eval_tf):
             meta["bn_recalibrated"] = True
@@ -389,8 +383,7 @@ class SingleTask(Task):
                        "epochs_run": len(history), "monitor": self.monitor, "float_precision": precision,
                        "train_seconds": seconds, "machine": machine_description(), "native_bf16": bf16_supported(),
                        "medmix_version": __version__, "warnings": meta.get("warnings", []), "val": val, "test": test}
-        atomic_write_text(run / "metrics.json", json.dumps(jsonable(metrics_doc), indent=2))
-        write_history_csv(run / "log.csv", history)
+        write_run_files(run, metrics_doc, history)
         from .report import plot_curves, write_confusion
 
         plot_curves(history, run / "curves.png", best_epoch)
@@ -398,7 +391,12 @@ class SingleTask(Task):
         return TrainResult(final, best_epoch, val, test, history, seconds)
 
     def result_of_finished_run(self, final: Path, rank: int) -> TrainResult:
-        return _result_of_finished_run(final, rank)
+        return TrainResult.read(final, rank)
+
+
+def write_run_files(run: Path, metrics_doc: dict, history: list[dict]) -> None:
+    atomic_write_text(run / "metrics.json", json.dumps(jsonable(metrics_doc), indent=2))
+    write_history_csv(run / "log.csv", history)
 
 
 @torch.no_grad()
@@ -494,20 +492,19 @@ def tune_thresholds(probs: np.ndarray, labels: np.ndarray, class_names: list[str
     return out
 
 
-def _known(name: str) -> bool:
+def default_augment(name: str) -> str:
+    """The augmentation policy a dataset trains with by default (a user's own folder: rotate_flip_zoom)."""
     try:
-        dataset_spec(name)
-        return True
+        return dataset_spec(name).augment
     except Exception:
-        return False
+        return "rotate_flip_zoom"
 
 
-def _all_labels(bundle: DataBundle) -> np.ndarray:
+def all_labels(split_indices: dict, splits: dict[str, Split]) -> np.ndarray:
     """Labels of the whole packed/folder dataset in its original order (for the split fingerprint)."""
-    n = sum(len(v) for v in bundle.split_indices.values())
-    labels = np.empty(n, dtype=np.int64)
-    for k, idx in bundle.split_indices.items():
-        labels[idx] = bundle.splits[k].labels.numpy()
+    labels = np.empty(sum(len(v) for v in split_indices.values()), dtype=np.int64)
+    for k, idx in split_indices.items():
+        labels[idx] = splits[k].labels.numpy()
     return labels
 
 

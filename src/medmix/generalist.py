@@ -27,18 +27,14 @@ weights; every head gets its own temperature fitted on its dataset's validation 
 fitted on all validation images; the out-of-distribution check fits a Mahalanobis model whose classes are the
 (dataset, class) pairs, with one threshold per dataset (95% of that dataset's validation images pass), and a blank
 guard per dataset (half the 0.1% quantile of its training images' pixel std), both applied to the dataset the router
-chose.
-
-**Not supported for generalists** (clear error): resuming, data-parallel training, Grad-CAM, serving, ONNX export
-and ``medmix calibrate``.
+chose. Resume, data-parallel training, explain, serve, export, calibrate and evaluate work as for one dataset.
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -49,27 +45,25 @@ import torch.nn.functional as F
 
 from . import distributed
 from ._version import __version__
-from .checkpoint import (
-    GENERALIST,
-    atomic_write_text,
-    is_generalist,
-    load_checkpoint,
-    load_training_data,
-    save_checkpoint,
-)
-from .data import BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset, normalization
-from .data.mixture import MixedBatchSampler, common_channels, sampling_weights, to_common_format
-from .data.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, TaskInfo
+from .checkpoint import GENERALIST, is_generalist, save_checkpoint
 from .config import GeneralistConfig
-from .engine import _known
+from .data import BatchTransform, DataBundle, Split, get_policy, load_dataset, normalization
+from .data.mixture import MixedBatchSampler, common_channels, sampling_weights, to_common_format
+from .data.tasks import MULTI_CLASS, MULTI_LABEL, TaskInfo
+from .engine import (TrainResult, _as_json, _non_default_fields, all_labels, best_model, default_augment, launch,
+                     recalibrate_batchnorm, write_run_files)
 from .errors import ConfigError
+from .evaluation import (_Member, _members_of, evaluate_generalist, evaluate_heads,  # noqa: F401  (the API, as before)
+                         format_generalist, summarize)
 from .generalist_predictor import GeneralistPredictor, format_routed  # noqa: F401  (medmix.generalist API)
-from .inference import autocast, extract
+from .inference import autocast, extract, machine_description, resolve_precision
 from .losses import build_loss, default_loss_name
-from .metrics import compute_metrics, predict_labels, save_figure
-from .paths import check_writable_dir, ensure_dir
+from .metrics import plot_confusion
+from .models import model_info
+from .models.multihead import MultiHeadClassifier
+from .report import plot_curves
 from .small_data import MIN_VAL_FOR_OOD_THRESHOLD, MIN_VAL_FOR_TEMPERATURE, warn
-from .training import Step, Task, Validation, epoch_seed, jsonable
+from .training import Step, Task, Validation, epoch_seed
 
 __all__ = [
     "GeneralistConfig",
@@ -97,32 +91,12 @@ def parse_datasets(value: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-@dataclass
-class GeneralistResult:
-    run_dir: Path
-    best_epoch: int
-    val: dict  # per-dataset metrics, routing, end-to-end (see evaluate_heads)
-    test: dict
-    history: list[dict]
-    seconds: float
-    rank: int = 0  # the process that returned it (data-parallel runs: only rank 0 wrote the files)
+class GeneralistResult(TrainResult):
+    """:class:`medmix.engine.TrainResult` whose ``val``/``test`` are :func:`evaluate_heads` results."""
 
     def summary(self) -> dict:
         return {"run_dir": str(self.run_dir), "best_epoch": self.best_epoch, "seconds": round(self.seconds, 2),
                 "val": summarize(self.val), "test": summarize(self.test)}
-
-
-# ----------------------------------------------------------------------------------------------- data
-@dataclass
-class _Member:
-    """One dataset of the mixture, in the common format."""
-    name: str
-    info: TaskInfo
-    splits: dict[str, Split]
-    source: dict
-    data_size: int
-    augment: str
-    split_indices: dict | None
 
 
 def _load_members(cfg: GeneralistConfig) -> tuple[list[_Member], int, int]:
@@ -138,88 +112,9 @@ def _load_members(cfg: GeneralistConfig) -> tuple[list[_Member], int, int]:
     for b in bundles:
         splits = {k: Split(to_common_format(s.images, side, channels), s.labels) for k, s in b.splits.items()}
         info = TaskInfo(b.info.task, b.info.class_names, channels)
-        augment = dataset_spec(b.name).augment if _known(b.name) else "rotate_flip_zoom"
-        members.append(_Member(b.name, info, splits, b.source, b.image_size, augment, b.split_indices))
+        members.append(_Member(b.name, info, splits, b.source, b.image_size, default_augment(b.name),
+                               b.split_indices))
     return members, side, channels
-
-
-
-# ----------------------------------------------------------------------------------------------- metrics
-def _image_correct(labels: np.ndarray, probs: np.ndarray, task: str, threshold: Any = 0.5) -> np.ndarray:
-    """Per image, the share of its label decisions that are right (0/1 for single-label tasks; the fraction of
-    correct labels for multi-label tasks), with the official decision rules."""
-    pred = predict_labels(probs, task, threshold)
-    if task == MULTI_LABEL:
-        return (pred == (labels > 0.5)).mean(1)
-    return (pred.reshape(-1) == labels.reshape(-1)).astype(np.float64)
-
-
-def evaluate_heads(model: nn.Module, members: Sequence[Any], split: str, transform: BatchTransform, meta: dict, *,
-                   batch_size: int = 512, precision: str = "fp32", temperatures: bool = True,
-                   with_loss: bool = False) -> dict:
-    """Score a generalist on one split of each dataset.
-
-    ``members``: objects with ``name``, ``info`` and ``splits`` (already in the common format). Returns
-    ``{"datasets": {name: metrics of its own head on its own images (official ACC/AUC, P/R/F1, confusion, ...)
-    plus "routing_acc" and "end_to_end_acc"}, "routing_acc": over all images, "routing_confusion": rows = true
-    dataset, "end_to_end_acc": over all images, "end_to_end_acc_mean": mean over datasets, "score": mean of the
-    monitored metrics, "n"}``. End-to-end: the router picks the head; an image routed to the wrong dataset counts
-    as wrong.
-    """
-    from .inference import probabilities
-
-    g = meta["generalist"]
-    layout = {d["name"]: d for d in g["datasets"]}
-    names = [d["name"] for d in g["datasets"]]
-    n_d = len(names)
-    out: dict[str, Any] = {"datasets": {}}
-    confusion = np.zeros((n_d, n_d), dtype=np.int64)
-    correct_total, n_total, scores = 0.0, 0, []
-    for mem in members:
-        d = layout[mem.name]
-        k = names.index(mem.name)
-        data = mem.splits[split]
-        logits, _ = extract(model, data.images, transform, batch_size, precision=precision, features=False)
-        a, b = d["columns"]
-        head = logits[:, a:b]
-        t = (d.get("temperature", 1.0) if temperatures else 1.0) or 1.0
-        probs = probabilities(head, mem.info.task, t).numpy()
-        labels = data.labels.numpy()
-        m = compute_metrics(labels, probs, mem.info.task, mem.info.class_names, threshold=d.get("threshold", 0.5))
-        if with_loss:
-            loss = build_loss(default_loss_name(mem.info.task), mem.info.task, mem.info.num_classes)
-            m["loss"] = float(loss(head, data.labels))
-        routed = logits[:, :n_d].argmax(1).numpy()
-        confusion[k] += np.bincount(routed, minlength=n_d)
-        ok = routed == k
-        e2e = _image_correct(labels, probs, mem.info.task, d.get("threshold", 0.5)) * ok
-        m["routing_acc"] = float(ok.mean())
-        m["end_to_end_acc"] = float(e2e.mean())
-        monitor = "auc" if mem.info.task in (BINARY, MULTI_LABEL) else "acc"
-        v = m[monitor] if np.isfinite(m[monitor]) else m.get("auc_defined_mean", float("nan"))
-        m["monitor"], m["score"] = monitor, float(v)
-        scores.append(float(v) if np.isfinite(v) else 0.0)
-        out["datasets"][mem.name] = m
-        correct_total += float(e2e.sum())
-        n_total += len(data)
-    out["routing_confusion"] = confusion.tolist()
-    out["routing_acc"] = float(np.trace(confusion) / max(1, confusion.sum()))
-    out["end_to_end_acc"] = correct_total / max(1, n_total)
-    out["end_to_end_acc_mean"] = float(np.mean([out["datasets"][n]["end_to_end_acc"] for n in out["datasets"]]))
-    out["score"] = float(np.mean(scores)) if scores else float("nan")
-    out["n"] = n_total
-    out["dataset_names"] = names
-    if with_loss:
-        out["loss"] = float(np.mean([out["datasets"][n]["loss"] for n in out["datasets"]]))
-    return out
-
-
-def summarize(m: dict) -> dict:
-    """The headline numbers of :func:`evaluate_heads` (per dataset ACC/AUC/routing/end-to-end)."""
-    keep = ("acc", "auc", "f1", "n", "routing_acc", "end_to_end_acc", "mae", "qwk")
-    return {"routing_acc": m["routing_acc"], "end_to_end_acc": m["end_to_end_acc"],
-            "end_to_end_acc_mean": m["end_to_end_acc_mean"], "score": m["score"], "n": m["n"],
-            "datasets": {k: {x: v[x] for x in keep if x in v} for k, v in m["datasets"].items()}}
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -230,52 +125,19 @@ def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str]
     ``resume`` continues a killed (or finished, for more ``epochs``) run exactly as :func:`medmix.train` does: the
     shared loop (:mod:`medmix.training`) restores weights, optimiser, schedule, early stopping, history, the RNG and
     the mixed-batch sampler, so the result is bit-identical to an uninterrupted run."""
-    from .engine import _non_default_fields, _resumed_config, check_recipe
-    from .models import model_info
-    from .training import check_resume_left, find_resume, fit
-
     given = set(kwargs) if cfg is None else _non_default_fields(cfg)
-    cfg = cfg or GeneralistConfig(**kwargs)
-    resume = find_resume(cfg.out, cfg.resume)
-    if resume is not None:
-        if not is_generalist(resume.meta):
-            raise ConfigError(f"{resume.final} is a single-dataset run; resume it without several --dataset names")
-        cfg = _resumed_config(cfg, resume, given)
-    cfg.datasets = parse_datasets(cfg.datasets)
-    say = log or (lambda s: None if cfg.quiet else print(s, file=sys.stderr))
-    check_recipe(cfg)
-    if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
-        raise ConfigError("--steps-per-epoch must be at least 1")
-    if cfg.modality_weight < 0:
-        raise ConfigError(f"--modality-weight must be >= 0, got {cfg.modality_weight}")
-    if cfg.channels not in (None, 1, 3):
-        raise ConfigError(f"--channels must be 1 or 3, got {cfg.channels}")
-    if resume is not None:
-        check_resume_left(resume, cfg.epochs, cfg.patience)
-    model_info(cfg.model)
-    ctx = distributed.setup(cfg.ddp)
-    try:
-        if cfg.batch_size < ctx.world_size:
-            raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the {ctx.world_size} processes: the "
-                              f"batch is the global batch, split across processes")
-        quiet = cfg.quiet or not ctx.is_main
-        if not ctx.is_main:
-            say = lambda s: None  # noqa: E731
-        if resume is None and ctx.is_main:
-            check_writable_dir(cfg.out or "runs", "--out")  # before any data is read or epoch trained
-        return fit(MixtureTask(cfg, resume, ctx), ctx, resume, say, quiet)
-    finally:
-        ctx.close()
+    return launch(cfg or GeneralistConfig(**kwargs), given, log, MixtureTask)
 
 
 class MixtureTask(Task):
     """Several datasets, one backbone: a head per dataset plus the modality router, trained on mixed batches."""
+    kind = KIND
 
-    def __init__(self, cfg: GeneralistConfig, resume: Any = None, ctx: distributed.Context | None = None) -> None:
-        from .inference import resolve_precision
-        from .models import model_info
-        from .models.multihead import MultiHeadClassifier
+    @staticmethod
+    def prepare(cfg: GeneralistConfig) -> None:
+        cfg.datasets = parse_datasets(cfg.datasets)
 
+    def __init__(self, cfg: GeneralistConfig, ctx: distributed.Context | None = None, resume: Any = None) -> None:
         self.cfg, self.ctx = cfg, ctx or distributed.Context()
         self.precision = resolve_precision(cfg.precision)
         torch.manual_seed(cfg.seed)
@@ -350,10 +212,8 @@ class MixtureTask(Task):
 
         for m in self.members:
             if m.split_indices is not None:
-                labels = np.empty(sum(len(v) for v in m.split_indices.values()), dtype=np.int64)
-                for k, idx in m.split_indices.items():
-                    labels[idx] = m.splits[k].labels.numpy()
-                save_split(run / f"split_{m.name}.json", m.split_indices, self.cfg.seed, labels, m.source["path"])
+                save_split(run / f"split_{m.name}.json", m.split_indices, self.cfg.seed,
+                           all_labels(m.split_indices, m.splits), m.source["path"])
 
     def batches(self):
         return self.sampler.batches(self.steps_per_epoch)
@@ -435,10 +295,7 @@ class MixtureTask(Task):
         return {"generator": self.gen.get_state(), "sampler": self.sampler.state_dict()}
 
     def result_of_finished_run(self, final: Path, rank: int) -> GeneralistResult:
-        doc = json.loads((final / "metrics.json").read_text())
-        history = [json.loads(ln) for ln in (final / "log.jsonl").read_text().splitlines() if ln.strip()]
-        return GeneralistResult(final, int(doc["best_epoch"]), doc["val"], doc["test"], history,
-                                float(doc.get("train_seconds") or 0.0), rank)
+        return GeneralistResult.read(final, rank)
 
     def load_state_dict(self, state: dict) -> None:
         if state:
@@ -447,20 +304,10 @@ class MixtureTask(Task):
 
     def finish(self, run: Path, final: Path, best_epoch: int, history: list[dict], seconds: float,
                say: Callable[[str], None]) -> GeneralistResult:
-        from .engine import recalibrate_batchnorm
-        from .inference import machine_description
-        from .training import write_history_csv
-
-        from .models.multihead import MultiHeadClassifier
-
-        cfg, model, members, meta, eval_tf, precision = self.cfg, self.model, self.members, self.meta, \
-            self.eval_tf, self.precision
-        if self.ctx.world_size > 1 or self.ctx.device.type != "cpu":  # plain BatchNorm, on the CPU, for the end
-            model = MultiHeadClassifier(cfg.model, [m.info.num_classes for m in members], **self.model_kwargs)
-            model = model.to(memory_format=torch.channels_last)
+        cfg, members, meta, eval_tf, precision = self.cfg, self.members, self.meta, self.eval_tf, self.precision
         # the best weights, their trust data, then the test splits, read once
-        state, _, _ = load_checkpoint(run / "best_model.pth")
-        model.load_state_dict(state)
+        model = best_model(self.model, self.ctx, lambda: MultiHeadClassifier(
+            cfg.model, [m.info.num_classes for m in members], **self.model_kwargs), run)
         if cfg.bn_recalibrate and any(not get_policy(m.augment).identity for m in members):
             pool = _mixture_sample(members, "train", self.weights, MAX_RECALIBRATE_IMAGES, cfg.seed)
             if recalibrate_batchnorm(model, pool, eval_tf):
@@ -481,11 +328,12 @@ class MixtureTask(Task):
                "channels": self.channels, "float_precision": precision, "warnings": meta.get("warnings", []),
                "sampling_weights": dict(zip([m.name for m in members], self.weights.tolist())), "val": val,
                "test": test}
-        atomic_write_text(run / "metrics.json", json.dumps(jsonable(doc), indent=2))
-        write_history_csv(run / "log.csv", history)
-        _plot_history(history, run / "curves.png", best_epoch, [m.name for m in members])
-        from .metrics import plot_confusion
-
+        write_run_files(run, doc, history)
+        plot_curves(history, run / "curves.png", best_epoch, losses=(
+            ("train_loss", "train loss (all heads)"), ("train_modality_loss", "train loss (router)"),
+            ("val_loss", "val loss (mean of heads)")), scores=(
+            ("val_score", "*mean val score"), ("val_routing_acc", ":val routing ACC"),
+            *((f"val_acc/{m.name}", f"{m.name} val ACC") for m in members)))
         plot_confusion(test["routing_confusion"], [m.name for m in members], run / "routing_confusion_test.png",
                        f"modality routing, test - {cfg.model}")
         return GeneralistResult(final, best_epoch, val, test, history, seconds)
@@ -501,10 +349,6 @@ def _check_saved_splits(members: Sequence[_Member], run_dir: Path) -> None:
         if any(sorted(saved.get(k, [])) != sorted(np.asarray(v).tolist()) for k, v in m.split_indices.items()):
             raise ConfigError(f"{m.name}: the data found now give another split than {f}; resume with the data the "
                               f"run was trained on")
-
-
-def _as_json(v: Any) -> Any:
-    return json.loads(json.dumps(v, default=str))
 
 
 def _default_out(cfg: GeneralistConfig) -> str:
@@ -551,7 +395,6 @@ def calibrate_generalist(run: Any, data_dir: str | os.PathLike | None = None, ba
     """`medmix calibrate` for a generalist: refit every head's temperature and the router's on the validation splits
     and store them in the checkpoint (same weights, rewritten atomically)."""
     from .calibrate import _Weights
-    from .inference import resolve_precision
 
     meta = run.meta
     members = _members_of(meta, run.dir, data_dir)
@@ -626,134 +469,3 @@ def _fmt_t(t: Any) -> str:
     return f"{t:.3f}" if isinstance(t, float) else "per label"
 
 
-def _plot_history(history: list[dict], path: Path, best_epoch: int, names: Sequence[str]) -> Path:
-    from .metrics import _new_figure
-
-    fig = _new_figure(11, 4)
-    ep = [r["epoch"] for r in history]
-    ax1, ax2 = fig.add_subplot(121), fig.add_subplot(122)
-    ax1.plot(ep, [r["train_loss"] for r in history], label="train loss (all heads)")
-    ax1.plot(ep, [r["train_modality_loss"] for r in history], label="train loss (router)")
-    ax1.plot(ep, [r["val_loss"] for r in history], label="val loss (mean of heads)")
-    ax1.set_xlabel("epoch"), ax1.legend(), ax1.grid(alpha=0.3)
-    ax2.plot(ep, [r["val_score"] for r in history], "k-", lw=2, label="mean val score")
-    ax2.plot(ep, [r["val_routing_acc"] for r in history], "k:", label="val routing ACC")
-    for n in names:
-        ax2.plot(ep, [r[f"val_acc/{n}"] for r in history], label=f"{n} val ACC")
-    ax2.set_xlabel("epoch"), ax2.legend(fontsize=7), ax2.grid(alpha=0.3)
-    for ax in (ax1, ax2):
-        ax.axvline(best_epoch, color="k", ls="--", lw=0.8)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-# ----------------------------------------------------------------------------------------------- evaluation
-def _members_of(meta: dict, run_dir: Path, data_dir: str | os.PathLike | None) -> list[_Member]:
-    """The checkpoint's datasets, loaded with their training splits and brought to the common format."""
-
-    g = meta["generalist"]
-    out = []
-    for d in g["datasets"]:
-        pseudo = {"dataset": d["name"], "data_source": d["data_source"], "data_size": d["data_size"],
-                  "seed": meta.get("seed", 0)}
-        b = load_training_data(pseudo, run_dir, data_dir, split_name=f"split_{d['name']}.json")
-        info = TaskInfo.from_dict(d["task"])
-        if b.info.class_names != info.class_names or b.info.task != info.task:
-            raise ConfigError(f"the data found for {d['name']!r} do not match the checkpoint's classes/task")
-        splits = {k: Split(to_common_format(s.images, g["img_size"], g["channels"]), s.labels)
-                  for k, s in b.splits.items()}
-        out.append(_Member(d["name"], info, splits, b.source, b.image_size, d.get("augment", "none"),
-                           b.split_indices))
-    return out
-
-
-def evaluate_generalist(ckpt_or_run: Any, *, data_dir: str | os.PathLike | None = None,
-                        split: str = "test", out: str | os.PathLike | None = None, batch_size: int = 512,
-                        precision: str = "auto", report: str | os.PathLike | None = None) -> dict:
-    """Per dataset, the official ACC/AUC of its own head on its own split; the routing accuracy over all images
-    (with its confusion matrix); the end-to-end accuracy when the router picks the head. ``out`` receives
-    ``routing_confusion_<split>.png``; ``report`` receives ``report.md`` (routing, and a link per dataset) and one
-    ``<dataset>/report.md`` per head, as :func:`medmix.evaluate` writes for a single-dataset run."""
-    from .inference import resolve_precision
-
-    if split not in ("train", "val", "test"):
-        raise ConfigError(f"unknown split {split!r}; use train, val or test")
-    from .run import Run
-
-    run = Run.of(ckpt_or_run)
-    path, meta = run.path, run.meta
-    if not run.is_generalist:
-        raise ConfigError(f"{path} is not a generalist checkpoint; use medmix.evaluate")
-    model = run.build_model()
-    members = _members_of(meta, run.dir, data_dir)
-    tf = run.transform()
-    m = evaluate_heads(model, members, split, tf, meta, batch_size=batch_size, precision=resolve_precision(precision))
-    m.update(kind=KIND, split=split, model=meta["model"], checkpoint=str(path), dataset=meta["dataset"])
-    if out is not None:
-        from .metrics import plot_confusion
-
-        png = ensure_dir(out, "--out") / f"routing_confusion_{split}.png"
-        m["routing_confusion_png"] = str(plot_confusion(m["routing_confusion"], m["dataset_names"], png,
-                                                        f"modality routing, {split} - {meta['model']}"))
-    if report is not None:
-        m["report"] = str(_write_generalist_report(ensure_dir(report, "--report"), run, model, members, tf, m, split,
-                                                   batch_size, resolve_precision(precision)))
-    return m
-
-
-def _write_generalist_report(out: Path, run: Any, model: nn.Module, members: Sequence[_Member], tf: BatchTransform,
-                             m: dict, split: str, batch_size: int, precision: str) -> Path:
-    """One single-dataset report per head (its own images, its own temperature) and an index with the routing."""
-    from .calibrate import N_BINS, calibration_metrics
-    from .inference import probabilities
-    from .report import write_evaluation_report
-
-    meta = run.meta
-    layout = {d["name"]: d for d in meta["generalist"]["datasets"]}
-    rows = []
-    for mem in members:
-        d, data = layout[mem.name], mem.splits[split]
-        logits, _ = extract(model, data.images, tf, batch_size, precision=precision, features=False)
-        a, b = d["columns"]
-        head, t = logits[:, a:b], d.get("temperature", 1.0) or 1.0
-        before = calibration_metrics(head, data.labels, mem.info.task, 1.0)
-        after = calibration_metrics(head, data.labels, mem.info.task, t)
-        md = dict(m["datasets"][mem.name])
-        md.update(split=split, dataset=mem.name, model=meta["model"], checkpoint=str(run.path),
-                  float_precision=precision, n_bins=N_BINS, ece_before=before["ece"], ece_after=after["ece"],
-                  nll_before=before["nll"], nll_after=after["nll"])
-        head_meta = {**meta, "temperature": t, "threshold": d.get("threshold", 0.5)}
-        path = write_evaluation_report(out / mem.name, md, probabilities(head, mem.info.task, t).numpy(),
-                                       data.labels.numpy(), data.images, mem.info, head_meta)
-        rows.append(f"| [{mem.name}]({path.relative_to(out).as_posix()}) | {md['acc']:.4f} | {md['auc']:.4f} | "
-                    f"{md['routing_acc']:.2%} | {md['end_to_end_acc']:.4f} |")
-    lines = [f"# Evaluation report: generalist {meta['model']} on {meta['dataset']} ({split} split)", "",
-             f"Checkpoint: `{run.path}`; evaluated in {precision}.", "",
-             f"Routing accuracy over all {m['n']} images: {m['routing_acc']:.2%}; end-to-end accuracy (the router "
-             f"picks the head): {m['end_to_end_acc']:.4f}.", "",
-             "| dataset (its own head, its own images) | ACC | AUC | routed to it | end-to-end ACC |",
-             "|---|---|---|---|---|", *rows, ""]
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
-
-
-def format_generalist(m: dict) -> str:
-    """A readable table of :func:`evaluate_generalist`'s result."""
-    lines = [f"generalist {m['model']} on the {m['split']} splits ({m['n']} images)",
-             f"{'dataset':<16} {'n':>6} {'ACC':>7} {'AUC':>7} {'routing':>8} {'end-to-end':>11}"]
-    for name, d in m["datasets"].items():
-        lines.append(f"{name:<16} {d['n']:>6} {d['acc']:7.4f} {d['auc']:7.4f} {d['routing_acc']:8.4f} "
-                     f"{d['end_to_end_acc']:11.4f}")
-    lines.append(f"routing accuracy over all images: {m['routing_acc']:.4f}; end-to-end accuracy: "
-                 f"{m['end_to_end_acc']:.4f} (mean over datasets {m['end_to_end_acc_mean']:.4f})")
-    names = m["dataset_names"]
-    w = max(len(n) for n in names)
-    lines.append("routing confusion (rows: true dataset, columns: routed to):")
-    lines.append(" " * (w + 2) + " ".join(f"{n[:10]:>10}" for n in names))
-    for n, row in zip(names, m["routing_confusion"]):
-        lines.append(f"  {n:<{w}}" + " ".join(f"{v:>10}" for v in row))
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------- prediction

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from .data.tasks import MULTI_LABEL, TaskInfo
 from .metrics import plot_confusion, save_figure
@@ -30,23 +31,24 @@ def _epochs(meta: dict) -> str:
     return f"best epoch {best} of {ran} run (chosen on val)" if ran else f"best epoch {best} (chosen on val)"
 
 
-def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None,
+                losses: Sequence[tuple[str, str]] = (("train_loss", "train loss"), ("val_loss", "val loss")),
+                scores: Sequence[tuple[str, str]] = (("val_acc", "val ACC"), ("val_auc", "val AUC"))) -> Path:
+    """Loss curves (left) and validation scores (right) per epoch: ``(history key, label)`` pairs; a label starting
+    with ``"*"`` is drawn as the headline (thick black), ``":"`` dotted black."""
+    from .metrics import _new_figure
 
-    fig = Figure(figsize=(10, 4), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = _new_figure(10, 4)
     ep = [r["epoch"] for r in history]
     ax1, ax2 = fig.add_subplot(121), fig.add_subplot(122)
-    ax1.plot(ep, [r["train_loss"] for r in history], label="train loss")
-    ax1.plot(ep, [r["val_loss"] for r in history], label="val loss")
-    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
-    ax2.plot(ep, [r["val_acc"] for r in history], label="val ACC")
-    ax2.plot(ep, [r["val_auc"] for r in history], label="val AUC")
-    ax2.set_xlabel("epoch"), ax2.legend(), ax2.grid(alpha=0.3)
-    if best_epoch:
-        for ax in (ax1, ax2):
+    for ax, series in ((ax1, losses), (ax2, scores)):
+        for key, label in series:
+            style = {"*": dict(color="k", lw=2), ":": dict(color="k", ls=":")}.get(label[0], {})
+            ax.plot(ep, [r[key] for r in history], label=label.lstrip("*:"), **style)
+        ax.set_xlabel("epoch"), ax.legend(fontsize=7 if len(series) > 3 else None), ax.grid(alpha=0.3)
+        if best_epoch:
             ax.axvline(best_epoch, color="k", ls="--", lw=0.8)
+    ax1.set_ylabel("loss")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -127,8 +129,6 @@ def write_roc(probs, labels, info: TaskInfo, path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=7 if len(curves) > 6 else 9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     return save_figure(fig, path)
 
 
@@ -186,8 +186,6 @@ def write_mistakes(images, mistakes: list[dict], path: Path, title: str) -> Path
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     return save_figure(fig, path)
 
 
