@@ -10,29 +10,22 @@ One model for several datasets (a head per dataset and a modality router, :mod:`
 >>> g = medmix.train_generalist(datasets=("pneumoniamnist", "breastmnist"), epochs=5)
 >>> medmix.load_predictor(g.run_dir).predict(["image.png"])[0]     # {'dataset': ..., 'label': ..., ...}
 """
+from importlib import import_module
+
 from ._version import __version__
 from .errors import MedmixError
 
 
-def __getattr__(name: str):  # lazy: `import medmix` stays cheap for the CLI's --help
-    if name in ("train", "TrainConfig", "TrainResult"):
-        from . import engine
-
-        return getattr(engine, name)
-    if name == "evaluate":
-        from .evaluation import evaluate
-
-        return evaluate
-    if name in ("Predictor", "load_predictor"):
-        from . import predict
-
-        return getattr(predict, name)
-    if name in ("train_generalist", "GeneralistConfig", "GeneralistPredictor", "evaluate_generalist"):
-        from . import generalist
-
-        return getattr(generalist, name)
-    raise AttributeError(f"module 'medmix' has no attribute {name!r}")
+# public name -> the module defining it, imported on first use (`import medmix` stays cheap for the CLI's --help)
+_LAZY = {"train": "engine", "TrainConfig": "engine", "TrainResult": "engine", "evaluate": "evaluation",
+         "Predictor": "predict", "load_predictor": "predict", "train_generalist": "generalist",
+         "GeneralistConfig": "generalist", "GeneralistPredictor": "generalist", "evaluate_generalist": "generalist"}
 
 
-__all__ = ["__version__", "MedmixError", "train", "TrainConfig", "TrainResult", "evaluate", "Predictor",
-           "load_predictor", "train_generalist", "GeneralistConfig", "GeneralistPredictor", "evaluate_generalist"]
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'medmix' has no attribute {name!r}")
+    return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+
+
+__all__ = ["__version__", "MedmixError", *_LAZY]

@@ -1,8 +1,10 @@
 """What is available: every known dataset (with local presence) and every model (with size and cost)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
+import numpy as np
 import torch
 
 from .data import dataset_spec, list_datasets, resolve_data_dir
@@ -29,14 +31,9 @@ def dataset_table(data_dir: str | os.PathLike | None = None) -> list[dict]:
         else:
             present = (root / spec.file).is_file()
             classes, n = [], None
-            if present:  # read only the small arrays of the packed file
-                import numpy as np
-
-                try:
-                    with np.load(root / spec.file, allow_pickle=False) as z:
-                        classes, n = [str(c) for c in z["classes"]], int(len(z["labels"]))
-                except Exception:  # unreadable or wrong keys: listed as present; train reports the reason
-                    classes, n = [], None
+            if present:  # read only the small arrays; unreadable or wrong keys: listed as present, train says why
+                with contextlib.suppress(Exception), np.load(root / spec.file, allow_pickle=False) as z:
+                    classes, n = [str(c) for c in z["classes"]], len(z["labels"])
             rows.append({"name": name, "task": "multi-class", "n_channels": 1, "n_classes": len(classes) or None,
                          "classes": classes, "split_sizes": None, "n_images": n,
                          "local_sizes": list(spec.sizes) if present else [], "license": "CC BY-SA 4.0",

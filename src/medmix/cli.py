@@ -8,23 +8,51 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from dataclasses import fields
+from typing import Any, Callable, Sequence
 
 from ._version import __version__
 from .cam_methods import DEFAULT_METHOD as DEFAULT_CAM_METHOD
 from .cam_methods import METHODS as CAM_METHODS
 from .config import GeneralistConfig, TrainConfig
-from .errors import MedmixError
+from .errors import ConfigError, MedmixError, require_extra
+from .paths import check_writable_file
 
-# explanation methods, kept here so `medmix --help` does not import pytorch_grad_cam
+# subcommand -> (help, option adders, function, whether it sets the torch threads first), in `medmix --help` order
+COMMANDS: dict[str, tuple[str, tuple[Callable, ...], Callable, bool]] = {}
+
+
+def command(name: str, summary: str, *options: Callable, threads: bool = False) -> Callable:
+    """Declare the decorated function as ``medmix NAME``; ``options`` add its arguments to the subparser."""
+    def register(func: Callable) -> Callable:
+        COMMANDS[name] = (summary, options, func, threads)
+        return func
+
+    return register
+
+
+def arg(*names: str, **kw: Any) -> Callable:
+    """An option for :func:`command`: the arguments of argparse's ``add_argument``."""
+    return lambda parser: parser.add_argument(*names, **kw)
+
+
+def _help(name: str) -> str:
+    return TrainConfig.__dataclass_fields__[name].metadata["help"]
+
+
+JSON = arg("--json", action="store_true", help="print machine-readable JSON on stdout instead of text")
+DATA_DIR = arg("--data-dir", default=None, help=_help("data_dir"))
+CHECKPOINT = arg("checkpoint", help="best_model.pth or a run directory")
+IMAGES = arg("images", nargs="+", help="PNG/JPEG/TIFF/BMP files or .npy arrays")
 
 
 def _print_json(obj: Any) -> None:
-    from .training import jsonable as _jsonable
+    from .training import jsonable
 
-    print(json.dumps(_jsonable(obj), indent=2))
+    print(json.dumps(jsonable(obj), indent=2))
 
 
+@command("datasets", "list known datasets and whether their files are present", DATA_DIR, JSON)
 def cmd_datasets(a: argparse.Namespace) -> None:
     from .catalog import dataset_table
 
@@ -40,6 +68,10 @@ def cmd_datasets(a: argparse.Namespace) -> None:
     print(f"\ndata dir: {rows[0]['data_dir'] if rows else '-'}  (--data-dir or $MEDMIX_DATA)")
 
 
+@command("models", "list models with parameters and MACs",
+         arg("--img-size", type=int, default=28, help="input side used to count MACs"),
+         arg("--in-chans", type=int, default=1, help="input channels used to count parameters and MACs"),
+         arg("--num-classes", type=int, default=2, help="classes of the head used to count parameters"), JSON)
 def cmd_models(a: argparse.Namespace) -> None:
     from .catalog import model_table
 
@@ -63,38 +95,51 @@ class _Default:
         return repr(self.value)
 
 
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, _Default) else value
+
+
 def _cli_fields(cls) -> list:
-    from dataclasses import fields
-
     return [f for f in fields(cls) if f.metadata.get("cli", True)]
-
-
-def _option_dest(f) -> str:
-    return f.metadata["flag"].replace("-", "_") if f.metadata.get("flag") else f.name
 
 
 # `medmix train` options that are config fields (medmix.config) of the same name, plus --dataset; the boolean
 # fields switched off by a --no-X flag are handled by _config_kwargs
 TRAIN_FIELDS = ("dataset",) + tuple(f.name for f in _cli_fields(TrainConfig) if not f.metadata.get("flag"))
-GENERALIST_FIELDS = tuple(f.name for f in _cli_fields(GeneralistConfig) if not f.metadata.get("flag"))
-SINGLE_ONLY = tuple(n for n in TRAIN_FIELDS if n not in GENERALIST_FIELDS and n != "dataset")
-GENERALIST_ONLY = tuple(n for n in GENERALIST_FIELDS if n not in TRAIN_FIELDS)
+SINGLE_ONLY = tuple(n for n in TRAIN_FIELDS[1:] if n not in GeneralistConfig.__dataclass_fields__)
+GENERALIST_ONLY = tuple(f.name for f in _cli_fields(GeneralistConfig) if f.name not in TrainConfig.__dataclass_fields__)
 
 
-def _config_kwargs(a: argparse.Namespace, cls) -> dict:
+def _train_options(parser: argparse.ArgumentParser) -> None:
+    """--dataset, and an option per config field (medmix.config) with the field's help, default, type and choices."""
+    parser.add_argument("--dataset", default=_Default(None), help=_help("dataset"))
+    several = parser.add_argument_group("several datasets (--dataset a,b,...)")
+    for f in _cli_fields(TrainConfig) + [f for f in _cli_fields(GeneralistConfig) if f.name in GENERALIST_ONLY]:
+        m = f.metadata
+        if f.name == "resume":
+            kw = {"nargs": "?", "const": True, "default": None, "metavar": "RUN_DIR"}
+        elif m.get("flag") or f.default is False or f.name == "ddp":
+            kw = {"action": "store_true", "default": None if f.name == "ddp" else False}
+        else:
+            kw = {"type": m.get("type") or type(f.default), "default": f.default, "choices": m.get("choices")}
+        kw["default"] = _Default(kw["default"])  # marked, so that given options can be told apart (see train_kwargs)
+        group = several if f.name in GENERALIST_ONLY else parser
+        group.add_argument("--" + (m.get("flag") or f.name.replace("_", "-")), help=m["help"], **kw)
+
+
+def _config_kwargs(a: argparse.Namespace, cls, refused: Sequence[str], why: str) -> dict:
     """The ``cls`` fields given on the command line (the others keep the dataclass defaults, which are the options'
-    defaults, or a resumed run's stored values)."""
+    defaults, or a resumed run's stored values); the ``refused`` options, if given, are an error (``why``)."""
     opts = vars(a)
+    bad = [n for n in refused if not isinstance(opts[n], _Default) and opts[n] is not None and opts[n] is not False]
+    if bad:
+        raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in bad)} {why}")
     kw = {}
     for f in _cli_fields(cls):
-        v = opts[_option_dest(f)]
-        if isinstance(v, _Default):
-            continue
-        if f.metadata.get("flag"):  # --no-X given: the field is switched off
-            if v is True:
-                kw[f.name] = False
-        elif f.name != "quiet":
-            kw[f.name] = v
+        flag = f.metadata.get("flag")
+        v = opts[flag.replace("-", "_") if flag else f.name]
+        if not isinstance(v, _Default) and f.name != "quiet":
+            kw[f.name] = False if flag else v  # --no-X given: the field is switched off
     if opts["quiet"] is True or opts["json"]:
         kw["quiet"] = True
     return kw
@@ -102,98 +147,66 @@ def _config_kwargs(a: argparse.Namespace, cls) -> dict:
 
 def train_kwargs(a: argparse.Namespace) -> dict:
     """TrainConfig fields from `medmix train --dataset NAME ...`."""
-    from .errors import ConfigError
-
-    kw = _config_kwargs(a, TrainConfig)
-    if not isinstance(vars(a)["dataset"], _Default):
+    kw = _config_kwargs(a, TrainConfig, GENERALIST_ONLY, "only apply when training on several datasets "
+                                                          "(--dataset a,b,...)")
+    if not isinstance(a.dataset, _Default):
         kw["dataset"] = a.dataset
     if "dataset" not in kw and not isinstance(kw.get("resume"), str):
         raise ConfigError("--dataset is required (or --resume RUN_DIR to continue a run)")
     return kw
 
 
-def _given(a: argparse.Namespace, name: str) -> bool:
-    v = getattr(a, name)
-    return not isinstance(v, _Default) and v is not None and v is not False
-
-
 def generalist_kwargs(a: argparse.Namespace) -> dict:
     """GeneralistConfig fields from `medmix train --dataset a,b,...`; single-dataset options are refused."""
-    from .errors import ConfigError
     from .generalist import parse_datasets
 
-    bad = [n for n in SINGLE_ONLY if _given(a, n)]
-    if bad:
-        raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in bad)} cannot be used when training on "
-                          f"several datasets (each dataset keeps its default loss and augmentation; the mean of the "
-                          f"per-dataset validation metrics picks the best epoch)")
-    opts = vars(a)
-    kw = _config_kwargs(a, GeneralistConfig)
-    if not isinstance(opts["dataset"], _Default):  # (a resumed run keeps its datasets)
-        kw["datasets"] = parse_datasets(opts["dataset"])
+    kw = _config_kwargs(a, GeneralistConfig, SINGLE_ONLY, "cannot be used when training on several datasets (each "
+                        "dataset keeps its default loss and augmentation; the mean of the per-dataset validation "
+                        "metrics picks the best epoch)")
+    if not isinstance(a.dataset, _Default):  # (a resumed run keeps its datasets)
+        kw["datasets"] = parse_datasets(a.dataset)
     return kw
 
 
+@command("train", "train a model and evaluate it on the test split", _train_options, JSON, threads=True)
 def cmd_train(a: argparse.Namespace) -> None:
-    from .engine import train
-    from .inference import set_threads
-    from .errors import ConfigError
-
-    set_threads()
-    dataset = a.dataset if not isinstance(a.dataset, _Default) else None
-    if dataset and "," in dataset:
-        return _train_generalist(a)
-    if dataset is None and _resumes_a_generalist(a):
-        return _train_generalist(a)
-    given = [n for n in GENERALIST_ONLY if _given(a, n)]
-    if given:
-        raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in given)} only apply when training on "
-                          f"several datasets (--dataset a,b,...)")
-    result = train(**train_kwargs(a))
-    if result.rank != 0:  # data-parallel: process 0 reports
-        return
-    if a.json:
-        return _print_json(result.summary())
-    from .report import format_metrics
-
-    print(format_metrics(result.test, f"test split, best epoch {result.best_epoch} "
-                                            f"({result.seconds:.0f} s of training):"))
-    print(f"run directory: {result.run_dir}")
-
-
-def _resumes_a_generalist(a: argparse.Namespace) -> bool:
-    """`medmix train --resume RUN_DIR` (no --dataset): does RUN_DIR hold a generalist?"""
     from .checkpoint import is_generalist
+    from .engine import train
+    from .generalist import format_generalist, train_generalist
+    from .report import format_metrics
     from .training import find_resume
 
-    resume = a.resume if not isinstance(a.resume, _Default) else None
-    out = a.out if not isinstance(a.out, _Default) else None
-    if not isinstance(resume, str):
-        return False
-    point = find_resume(out, resume)
-    return point is not None and is_generalist(point.meta)
-
-
-def _train_generalist(a: argparse.Namespace) -> None:
-    from .generalist import format_generalist, train_generalist
-
-    r = train_generalist(**generalist_kwargs(a))
+    dataset, resume = _plain(a.dataset), _plain(a.resume)
+    # `--resume RUN_DIR` without --dataset: a generalist if RUN_DIR holds one
+    point = find_resume(_plain(a.out), resume) if dataset is None and isinstance(resume, str) else None
+    several = "," in dataset if dataset is not None else point is not None and is_generalist(point.meta)
+    r = train_generalist(**generalist_kwargs(a)) if several else train(**train_kwargs(a))
     if r.rank != 0:  # data-parallel: process 0 reports
         return
     if a.json:
         return _print_json(r.summary())
-    print(format_generalist(r.test))
-    print(f"best epoch {r.best_epoch} ({r.seconds:.0f} s of training); run directory: {r.run_dir}")
+    if several:
+        print(format_generalist(r.test))
+        print(f"best epoch {r.best_epoch} ({r.seconds:.0f} s of training); run directory: {r.run_dir}")
+    else:
+        print(format_metrics(r.test, f"test split, best epoch {r.best_epoch} ({r.seconds:.0f} s of training):"))
+        print(f"run directory: {r.run_dir}")
 
 
+@command("evaluate", "metrics of a checkpoint on a split", CHECKPOINT, DATA_DIR,
+         arg("--split", choices=("train", "val", "test"), default="test", help="split to evaluate"),
+         arg("--out", help="write the confusion matrix and reliability diagram PNGs here (default: no figures)"),
+         arg("--report", default=None, metavar="DIR",
+             help="write DIR/report.md (metrics, calibration, per-class table, official MedMNIST rows) with its "
+                  "figures (confusion, ROC, reliability, most confident mistakes) (default: no report)"),
+         arg("--precision", choices=("auto", "bf16", "fp32", "run"), default="run",
+             help="run: the precision the run was trained and evaluated in (so figures match metrics.json); auto: "
+                  "bf16 where the CPU has native bf16"), JSON, threads=True)
 def cmd_evaluate(a: argparse.Namespace) -> None:
-    from .inference import set_threads
     from .evaluation import evaluate
     from .report import format_metrics
 
-    set_threads()
-    m = evaluate(a.checkpoint, data_dir=a.data_dir, split=a.split, out=a.out, report=a.report,
-                 precision=a.precision)
+    m = evaluate(a.checkpoint, data_dir=a.data_dir, split=a.split, out=a.out, report=a.report, precision=a.precision)
     if a.json:
         return _print_json(m)
     if m.get("kind") == "generalist":
@@ -210,37 +223,45 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
           f"NLL {m['nll_before']:.4f} -> {m['nll_after']:.4f}")
     if "ood_flagged" in m:
         print(f"flagged out of distribution ({m['ood_method']}): {m['ood_flagged']:.1%}")
-    if m.get("confusion_png"):
-        print(f"confusion matrix: {m['confusion_png']}")
-    if m.get("reliability_png"):
-        print(f"reliability diagram: {m['reliability_png']}")
-    if m.get("report"):
-        print(f"report: {m['report']}")
+    for key, what in (("confusion_png", "confusion matrix"), ("reliability_png", "reliability diagram"),
+                      ("report", "report")):
+        if m.get(key):
+            print(f"{what}: {m[key]}")
 
 
+@command("predict", "classify images with a checkpoint", CHECKPOINT, IMAGES,
+         arg("--top-k", type=int, default=None, help="show the K most probable classes (default: all)"),
+         arg("--threshold", type=float, default=None,
+             help="multi-label decision threshold (default: the checkpoint's, tuned on val, else 0.5)"),
+         arg("--ordinal", choices=("argmax", "expected"), default="argmax",
+             help="ordinal tasks: report the most probable grade or the rounded expected grade"),
+         arg("--dataset", default=None, metavar="NAME",
+             help="generalist checkpoints: answer with this dataset's head (default: the head the router picks)"),
+         JSON)
 def cmd_predict(a: argparse.Namespace) -> None:
-    from .errors import ConfigError
     from .generalist_predictor import GeneralistPredictor, format_routed
     from .predict import format_prediction, load_predictor
 
     p = load_predictor(a.checkpoint, threshold=a.threshold, ordinal_mode=a.ordinal)
-    if isinstance(p, GeneralistPredictor):
-        results = p.predict(a.images, dataset=a.dataset, top_k=a.top_k)
-        show = format_routed
-    else:
-        if a.dataset is not None:
-            raise ConfigError("--dataset chooses a head of a generalist checkpoint; this checkpoint has one dataset")
-        results, show = p.predict(a.images, top_k=a.top_k), format_prediction
+    routed = isinstance(p, GeneralistPredictor)
+    if a.dataset is not None and not routed:
+        raise ConfigError("--dataset chooses a head of a generalist checkpoint; this checkpoint has one dataset")
+    results = p.predict(a.images, dataset=a.dataset, top_k=a.top_k) if routed else p.predict(a.images, top_k=a.top_k)
     if a.json:
         return _print_json(results)
-    print("\n\n".join(show(r) for r in results))
+    print("\n\n".join((format_routed if routed else format_prediction)(r) for r in results))
 
 
+@command("explain", "Grad-CAM heatmaps: where a checkpoint looked in images", CHECKPOINT, IMAGES,
+         arg("--out", required=True, help="directory for the <image>_<method>.png panels"),
+         arg("--method", choices=tuple(CAM_METHODS), default=DEFAULT_CAM_METHOD,
+             help=f"{', '.join(CAM_METHODS)} (eigencam is class-agnostic)"),
+         arg("--class", dest="target_class", default=None, metavar="NAME_OR_INDEX",
+             help="explain this class, by name or index (default: each image's predicted class)"),
+         arg("--top-k", type=int, default=3, help="probabilities shown in the panel"), JSON, threads=True)
 def cmd_explain(a: argparse.Namespace) -> None:
-    from .inference import set_threads
     from .explain import explain
 
-    set_threads()
     results = explain(a.checkpoint, a.images, a.out, method=a.method, target_class=a.target_class, top_k=a.top_k)
     if a.json:
         return _print_json([{k: v for k, v in r.items() if k != "cam"} for r in results])
@@ -251,17 +272,16 @@ def cmd_explain(a: argparse.Namespace) -> None:
               f"{r['explained_class']!r} -> {r['png']}{ood}")
 
 
+@command("calibrate", "fit the confidence temperature on the validation split and store it",
+         arg("checkpoint", metavar="RUN_OR_CKPT", help="a run directory or a checkpoint file"), DATA_DIR, JSON,
+         threads=True)
 def cmd_calibrate(a: argparse.Namespace) -> None:
     from .calibrate import calibrate
-    from .inference import set_threads
-
-    set_threads()
     from .run import Run
 
     run = Run.load(a.checkpoint)
     if run.is_generalist:  # a temperature per head and one for the router
         from .generalist import calibrate_generalist
-        from .paths import check_writable_file
 
         check_writable_file(run.path, "checkpoint")
         r = calibrate_generalist(run, a.data_dir)
@@ -289,9 +309,19 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     print(f"reliability diagrams: {r['reliability_before']}, {r['reliability_after']}")
 
 
+@command("serve", "HTTP API and web page (with Grad-CAM) for a checkpoint",
+         arg("checkpoint", help="best_model.pth, a run directory, or an .onnx file with --backend onnx"),
+         arg("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+         arg("--port", type=int, default=8000, help="TCP port to listen on, 1..65535"),
+         arg("--backend", choices=("torch", "onnx"), default="torch",
+             help="torch (with Grad-CAM) or onnx (ONNX Runtime, no torch in the server process)"),
+         arg("--onnx", default=None, metavar="PATH",
+             help="--backend onnx: the exported model (default: export the checkpoint to a temporary file)"),
+         arg("--max-upload-mb", type=float, default=10.0, help="largest request body accepted (413 above)"),
+         arg("--threads", type=int, default=1, help="model threads (1 is fastest for small images)"),
+         arg("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+             help="server log level"))
 def cmd_serve(a: argparse.Namespace) -> None:
-    from .errors import require_extra
-
     require_extra("serve", "medmix serve")
     if a.backend == "onnx":
         require_extra("onnx", "medmix serve --backend onnx")
@@ -301,9 +331,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
         log_level=a.log_level, threads=a.threads)
 
 
+@command("export", "export a checkpoint to ONNX (checked against torch)", CHECKPOINT,
+         arg("--onnx", required=True, metavar="OUT.onnx", help="where to write the ONNX model"),
+         arg("--opset", type=int, default=17, help="ONNX opset, 9..21"), JSON)
 def cmd_export(a: argparse.Namespace) -> None:
-    from .errors import require_extra
-
     require_extra("onnx", "medmix export")
     from .export import export_onnx
 
@@ -315,32 +346,14 @@ def cmd_export(a: argparse.Namespace) -> None:
           f"max |torch - onnxruntime| probability {r['max_abs_diff_probabilities']:.2e}")
 
 
+@command("quickstart", "train, evaluate and predict on the embedded BreastMNIST",
+         arg("--out", default="runs/quickstart", help="run directory (replaced if it exists)"),
+         arg("--epochs", type=int, default=40, help="training epochs"),
+         arg("--quiet", action="store_true", help="no progress bars or per-epoch lines"), threads=True)
 def cmd_quickstart(a: argparse.Namespace) -> None:
-    from .inference import set_threads
     from .quickstart import quickstart
 
-    set_threads()
     quickstart(out=a.out, epochs=a.epochs, quiet=a.quiet)
-
-
-JSON_HELP = "print machine-readable JSON on stdout instead of text"
-
-
-def add_config_options(parser, config_fields) -> None:
-    """One option per config field (medmix.config): its help, default, type and choices come from the field."""
-    for f in config_fields:
-        m = f.metadata
-        name = "--" + (m.get("flag") or f.name.replace("_", "-"))
-        if f.name == "resume":
-            parser.add_argument(name, nargs="?", const=True, default=None, metavar="RUN_DIR", help=m["help"])
-        elif f.name == "ddp":
-            parser.add_argument(name, action="store_true", default=None, help=m["help"])
-        elif m.get("flag") or f.default is False:
-            parser.add_argument(name, action="store_true", help=m["help"])
-        else:
-            kind = m.get("type") or type(f.default)
-            kw = {"choices": m["choices"]} if m.get("choices") else {}
-            parser.add_argument(name, type=kind, default=f.default, help=m["help"], **kw)
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
@@ -348,7 +361,7 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions:
         if not action.option_strings or action.help in (None, argparse.SUPPRESS) or action.nargs == 0:
             continue
-        value = action.default.value if isinstance(action.default, _Default) else action.default
+        value = _plain(action.default)
         if action.required:
             action.help += " (required)"
         elif value is not None and "default" not in action.help:
@@ -367,115 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="medmix", description="Medical image classification on CPUs.")
     p.add_argument("--version", action="version", version=f"medmix {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def data_dir(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--data-dir", default=None, help="folder with the dataset files (default $MEDMIX_DATA, "
-                                                         "else medmnist's ~/.medmnist)")
-
-    s = sub.add_parser("datasets", help="list known datasets and whether their files are present")
-    data_dir(s)
-    s.add_argument("--json", action="store_true", help=JSON_HELP)
-    s.set_defaults(func=cmd_datasets)
-
-    s = sub.add_parser("models", help="list models with parameters and MACs")
-    s.add_argument("--img-size", type=int, default=28, help="input side used to count MACs")
-    s.add_argument("--in-chans", type=int, default=1, help="input channels used to count parameters and MACs")
-    s.add_argument("--num-classes", type=int, default=2, help="classes of the head used to count parameters")
-    s.add_argument("--json", action="store_true", help=JSON_HELP)
-    s.set_defaults(func=cmd_models)
-
-    s = sub.add_parser("train", help="train a model and evaluate it on the test split")
-    s.add_argument("--dataset", help=TrainConfig.__dataclass_fields__["dataset"].metadata["help"])
-    add_config_options(s, _cli_fields(TrainConfig))
-    g = s.add_argument_group("several datasets (--dataset a,b,...)")
-    add_config_options(g, [f for f in _cli_fields(GeneralistConfig) if f.name in GENERALIST_ONLY])
-    s.add_argument("--json", action="store_true", help=JSON_HELP)
-    for action in s._actions:  # mark the defaults, so that given options can be told apart (see train_kwargs)
-        if action.dest not in ("help", "json"):
-            action.default = _Default(action.default)
-    s.set_defaults(func=cmd_train)
-
-    s = sub.add_parser("evaluate", help="metrics of a checkpoint on a split")
-    s.add_argument("checkpoint", help="best_model.pth or a run directory")
-    data_dir(s)
-    s.add_argument("--split", choices=("train", "val", "test"), default="test", help="split to evaluate")
-    s.add_argument("--out", default=None,
-                   help="write the confusion matrix and reliability diagram PNGs here (default: no figures)")
-    s.add_argument("--report", default=None, metavar="DIR",
-                   help="write DIR/report.md (metrics, calibration, per-class table, official MedMNIST rows) with "
-                        "its figures (confusion, ROC, reliability, most confident mistakes) (default: no report)")
-    s.add_argument("--precision", choices=("auto", "bf16", "fp32", "run"), default="run",
-                   help="run: the precision the run was trained and evaluated in (so figures match metrics.json); "
-                        "auto: bf16 where the CPU has native bf16")
-    s.add_argument("--json", action="store_true", help=JSON_HELP)
-    s.set_defaults(func=cmd_evaluate)
-
-    s = sub.add_parser("predict", help="classify images with a checkpoint")
-    s.add_argument("checkpoint", help="best_model.pth or a run directory")
-    s.add_argument("images", nargs="+", help="PNG/JPEG/TIFF/BMP files or .npy arrays")
-    s.add_argument("--top-k", type=int, default=None, help="show the K most probable classes (default: all)")
-    s.add_argument("--threshold", type=float, default=None,
-                   help="multi-label decision threshold (default: the checkpoint's, tuned on val, else 0.5)")
-    s.add_argument("--ordinal", choices=("argmax", "expected"), default="argmax",
-                   help="ordinal tasks: report the most probable grade or the rounded expected grade")
-    s.add_argument("--dataset", default=None, metavar="NAME",
-                   help="generalist checkpoints: answer with this dataset's head (default: the head the router picks)")
-    s.add_argument("--json", action="store_true", help=JSON_HELP)
-    s.set_defaults(func=cmd_predict)
-
-    s = sub.add_parser("explain", help="Grad-CAM heatmaps: where a checkpoint looked in images")
-    s.add_argument("checkpoint", help="best_model.pth or a run directory")
-    s.add_argument("images", nargs="+", help="PNG/JPEG/TIFF/BMP files or .npy arrays")
-    s.add_argument("--out", required=True, help="directory for the <image>_<method>.png panels")
-    s.add_argument("--method", choices=tuple(CAM_METHODS), default=DEFAULT_CAM_METHOD,
-                   help=f"{', '.join(CAM_METHODS)} (eigencam is class-agnostic)")
-    s.add_argument("--class", dest="target_class", default=None, metavar="NAME_OR_INDEX",
-                   help="explain this class, by name or index (default: each image's predicted class)")
-    s.add_argument("--top-k", type=int, default=3, help="probabilities shown in the panel")
-    s.add_argument("--json", action="store_true", help=JSON_HELP)
-    s.set_defaults(func=cmd_explain)
-
-    s = sub.add_parser("calibrate", help="fit the confidence temperature on the validation split and store it")
-    s.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="a run directory or a checkpoint file")
-    data_dir(s)
-    s.add_argument("--json", action="store_true", help=JSON_HELP)
-    s.set_defaults(func=cmd_calibrate)
-
-    s = sub.add_parser("serve", help="HTTP API and web page (with Grad-CAM) for a checkpoint")
-    s.add_argument("checkpoint", help="best_model.pth, a run directory, or an .onnx file with --backend onnx")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on, 1..65535")
-    s.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                   help="torch (with Grad-CAM) or onnx (ONNX Runtime, no torch in the server process)")
-    s.add_argument("--onnx", default=None, metavar="PATH",
-                   help="--backend onnx: the exported model (default: export the checkpoint to a temporary file)")
-    s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body accepted (413 above)")
-    s.add_argument("--threads", type=int, default=1, help="model threads (1 is fastest for small images)")
-    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
-                   help="server log level")
-    s.set_defaults(func=cmd_serve)
-
-    s = sub.add_parser("export", help="export a checkpoint to ONNX (checked against torch)")
-    s.add_argument("checkpoint", help="best_model.pth or a run directory")
-    s.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write the ONNX model")
-    s.add_argument("--opset", type=int, default=17, help="ONNX opset, 9..21")
-    s.add_argument("--json", action="store_true", help=JSON_HELP)
-    s.set_defaults(func=cmd_export)
-
-    s = sub.add_parser("quickstart", help="train, evaluate and predict on the embedded BreastMNIST")
-    s.add_argument("--out", default="runs/quickstart", help="run directory (replaced if it exists)")
-    s.add_argument("--epochs", type=int, default=40, help="training epochs")
-    s.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-    s.set_defaults(func=cmd_quickstart)
-    for sp in sub.choices.values():
-        _show_defaults(sp)
+    for name, (summary, options, _, _) in COMMANDS.items():
+        s = sub.add_parser(name, help=summary)
+        for add in options:
+            add(s)
+        _show_defaults(s)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _, _, func, threads = COMMANDS[args.command]
     try:
-        args.func(args)
+        if threads:
+            from .inference import set_threads
+
+            set_threads()
+        func(args)
     except MedmixError as e:
         print(f"medmix: error: {e}", file=sys.stderr)
         return 2
@@ -484,7 +405,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     return 0
 
 

@@ -1,5 +1,5 @@
 """The training recipes: one place for every setting's default, type, choices and help text. ``medmix train``
-builds its options from these fields (``cli.add_config_options``), :func:`medmix.train` and
+builds its options from these fields (``cli._train_options``), :func:`medmix.train` and
 :func:`medmix.train_generalist` take them as keywords, and a run stores them in ``config.json``. Torch-free, so the
 command line's ``--help`` stays fast.
 """
@@ -19,9 +19,7 @@ def opt(default: Any = None, help: str = "", *, type: Any = None, choices: tuple
     it), ``type`` (for ``X | None`` fields), ``choices``, ``cli=False`` for fields with no option, and ``flag`` for a
     boolean whose option turns it off (``--no-ood``)."""
     meta = {"help": help, "type": type, "choices": choices, "cli": cli, "flag": flag}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata=meta) if factory is None else field(default_factory=factory, metadata=meta)
 
 
 @dataclass

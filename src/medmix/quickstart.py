@@ -4,6 +4,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from PIL import Image
+
+from .data import load_dataset
 from .engine import TrainConfig, check_recipe, train
 from .paths import check_writable_dir
 from .predict import Predictor, format_prediction
@@ -27,10 +30,6 @@ def quickstart(out: str = "runs/quickstart", epochs: int = 40, quiet: bool = Fal
     print(f"{'official ResNet-18 (28)':<28} {ref_acc:6.3f} {ref_auc:6.3f}   (MedMNIST v2 paper)")
 
     # one test image, written as a PNG and read back through the same path a user's file takes
-    from PIL import Image
-
-    from .data import load_dataset
-
     test = load_dataset("breastmnist").splits["test"]
     sample = Path(result.run_dir) / "sample_test_image.png"
     Image.fromarray(test.images[0, 0].numpy()).save(sample)
