@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -85,34 +84,33 @@ def fit_temperature(logits: Any, labels: Any, task: str) -> float | list[float]:
     z = _as_logits(logits)
     y = _as_targets(labels, task, *z.shape)
     if task == MULTI_LABEL:
-        temps = []
-        for j in range(z.shape[1]):
-            zj, yj = z[:, j], y[:, j]
-            temps.append(_fit_1d(lambda t, zj=zj, yj=yj: F.binary_cross_entropy_with_logits(zj / t, yj).item()))
-        return temps
+        return [_fit_1d(lambda t, j=j: F.binary_cross_entropy_with_logits(z[:, j] / t, y[:, j]).item())
+                for j in range(z.shape[1])]
     return _fit_1d(lambda t: F.cross_entropy(z / t, y).item())
 
 
-def _binary_view(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Multi-label probabilities ``(N, L)`` -> every label decision as a two-class problem ``(N * L, 2)``."""
+def _calibration_view(logits: Any, labels: Any, task: str, temperature: float | Sequence[float]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of ``logits / temperature`` and labels, as :mod:`medmix.metrics` scores them; multi-label
+    probabilities ``(N, L)`` become every label decision as a two-class problem ``(N * L, 2)``."""
+    from .inference import probabilities
+
+    probs, lab = probabilities(logits, task, temperature).double().numpy(), np.asarray(labels)
+    if task != MULTI_LABEL:
+        return probs, lab
     p = probs.reshape(-1)
-    return np.stack([1.0 - p, p], axis=1), labels.reshape(-1).astype(np.int64)
+    return np.stack([1.0 - p, p], axis=1), lab.reshape(-1).astype(np.int64)
 
 
 def calibration_metrics(logits: Any, labels: Any, task: str, temperature: float | Sequence[float] = 1.0,
                         n_bins: int = N_BINS) -> dict:
     """``nll`` and top-label ``ece`` (``n_bins`` equal-width bins) of ``logits / temperature``. Multi-label tasks
     count every (image, label) decision as one binary prediction: ``nll`` is then the mean binary cross-entropy."""
-    from .inference import probabilities
     from .metrics import expected_calibration_error, nll
 
     _check_task(task)
     z = _as_logits(logits)
-    y = _as_targets(labels, task, *z.shape)
-    probs = probabilities(z, task, temperature).double().numpy()
-    lab = y.numpy()
-    if task == MULTI_LABEL:
-        probs, lab = _binary_view(probs, lab)
+    probs, lab = _calibration_view(z, _as_targets(labels, task, *z.shape), task, temperature)
     return {"nll": nll(probs, lab), "ece": expected_calibration_error(probs, lab, n_bins)}
 
 
@@ -122,20 +120,17 @@ def fit_calibration(logits: Any, labels: Any, task: str, split: str = "val") -> 
     temperature = fit_temperature(logits, labels, task)
     before = calibration_metrics(logits, labels, task, 1.0)
     after = calibration_metrics(logits, labels, task, temperature)
-    block = {"method": "temperature" if task != MULTI_LABEL else "temperature_per_label", "split": split,
-             "n": len(logits), "n_bins": N_BINS, "nll_before": before["nll"], "nll_after": after["nll"],
-             "ece_before": before["ece"], "ece_after": after["ece"]}
-    return temperature, block
+    return temperature, {"method": "temperature" if task != MULTI_LABEL else "temperature_per_label", "split": split,
+                         "n": len(logits), "n_bins": N_BINS, "nll_before": before["nll"], "nll_after": after["nll"],
+                         "ece_before": before["ece"], "ece_after": after["ece"]}
 
 
 def stored_temperature(meta: dict) -> float | list[float]:
     """The calibration temperature of checkpoint metadata: a number, or one per label (multi-label)."""
     t = meta.get("temperature", 1.0)
-    if t is None:
-        return 1.0
     if isinstance(t, (list, tuple)):
         return [float(v) for v in t]
-    return float(t)
+    return 1.0 if t is None else float(t)
 
 
 class _Weights(nn.Module):
@@ -149,12 +144,6 @@ class _Weights(nn.Module):
         return self._state
 
 
-def _plot(probs: np.ndarray, labels: np.ndarray, path: Path, title: str) -> Path:
-    from .metrics import plot_reliability
-
-    return plot_reliability(probs, labels, path, N_BINS, title)  # written atomically (metrics.save_figure)
-
-
 def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None = None, *,
               batch_size: int = 512) -> dict:
     """Fit the temperature on the validation split of the data the checkpoint was trained on and store it.
@@ -165,44 +154,38 @@ def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None
     ``reliability_after`` (beside the checkpoint). The checkpoint is rewritten atomically with the same weights.
     """
     from .checkpoint import save_checkpoint
-    from .inference import predict_logits, probabilities
+    from .inference import predict_logits
+    from .metrics import plot_reliability
     from .paths import check_writable_file
     from .run import Run
+    from .small_data import MIN_VAL_FOR_TEMPERATURE
 
     run = Run.of(run_or_ckpt)
     path, meta = run.path, run.meta
     check_writable_file(path, "checkpoint")  # rewritten in place at the end, with the reliability PNGs beside it
     run.require_single("medmix.calibrate.calibrate (for a generalist: medmix.generalist.calibrate_generalist, "
                        "which `medmix calibrate` calls)")
-    model = run.build_model()
-    info = run.task
+    model, task = run.build_model(), run.task.task
     bundle = run.training_data(data_dir)
     val = bundle.splits["val"]
-    from .small_data import MIN_VAL_FOR_TEMPERATURE
-
     if len(val) < MIN_VAL_FOR_TEMPERATURE:
         raise ConfigError(f"the validation split has {len(val)} images (fewer than {MIN_VAL_FOR_TEMPERATURE}): too "
                           f"few to fit a temperature; {path} is unchanged")
     logits = predict_logits(model, val.images, run.transform(), batch_size)
-    labels = val.labels
-    temperature, block = fit_calibration(logits, labels, info.task)
+    temperature, block = fit_calibration(logits, val.labels, task)
 
     prefix = "" if path.name == "best_model.pth" else f"{path.stem}_"
     pngs = {}
     for key, t in (("before", 1.0), ("after", temperature)):
-        probs = probabilities(logits, info.task, t).double().numpy()
-        lab = labels.numpy()
-        if info.task == MULTI_LABEL:
-            probs, lab = _binary_view(probs, lab)
         shown = f"T = {t:.3g}" if isinstance(t, float) else "per-label T"
         title = f"{bundle.name} val, {'calibrated' if key == 'after' else 'raw'} ({shown})"
-        pngs[key] = _plot(probs, lab, path.with_name(f"{prefix}reliability_val_{key}.png"), title)
+        png = path.with_name(f"{prefix}reliability_val_{key}.png")  # written atomically (metrics.save_figure)
+        pngs[key] = plot_reliability(*_calibration_view(logits, val.labels, task, t), png, N_BINS, title)
 
     previous = stored_temperature(meta)
     meta["temperature"], meta["calibration"] = temperature, block
     save_checkpoint(path, _Weights(run.state), meta, run.train_state, run.extras)  # keeps the OOD statistics
     return {"checkpoint": str(path), "dataset": bundle.name, "model": meta["model"], "split": "val",
-            "n": int(len(val)), "task": info.task, "temperature": temperature, "previous_temperature": previous,
-            "nll_before": block["nll_before"], "nll_after": block["nll_after"], "ece_before": block["ece_before"],
-            "ece_after": block["ece_after"], "n_bins": N_BINS, "reliability_before": str(pngs["before"]),
-            "reliability_after": str(pngs["after"])}
+            "n": int(len(val)), "task": task, "temperature": temperature, "previous_temperature": previous,
+            **{k: block[k] for k in ("nll_before", "nll_after", "ece_before", "ece_after", "n_bins")},
+            **{f"reliability_{k}": str(v) for k, v in pngs.items()}}

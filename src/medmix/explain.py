@@ -17,19 +17,18 @@ heatmap overlaid on it, and the top-k probabilities with the explained class mar
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .cam_methods import DEFAULT_METHOD, METHODS
-from .checkpoint import atomic_write_bytes
 from .errors import ConfigError
 from .paths import check_writable_dir
 
@@ -65,10 +64,7 @@ def target_layer(model: nn.Module, x: torch.Tensor | None = None) -> nn.Module:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    for block, hw in zip(reversed(list(feats)), reversed(sizes)):
-        if min(hw) >= 2:
-            return block
-    return feats[-1]
+    return next((block for block, hw in zip(reversed(list(feats)), reversed(sizes)) if min(hw) >= 2), feats[-1])
 
 
 def tokens_to_map(t: torch.Tensor) -> torch.Tensor:
@@ -85,11 +81,6 @@ def tokens_to_map(t: torch.Tensor) -> torch.Tensor:
                               f"gradcam_reshape_transform")
         t = t[:, 1:]
     return t.transpose(1, 2).reshape(b, d, side, side)
-
-
-def _reshape_transform(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    fn = getattr(model, "gradcam_reshape_transform", None)
-    return fn if callable(fn) else tokens_to_map
 
 
 def _cam_class(method: str):
@@ -113,24 +104,23 @@ def cam_array(model: nn.Module, x: torch.Tensor, target_class: int | Sequence[in
     if x.ndim != 4 or not torch.is_floating_point(x):
         raise ConfigError(f"expected a float batch (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
     cls = _cam_class(method)
+    if isinstance(target_class, (int, np.integer)):
+        target_class = [target_class] * len(x)
+    ks = None if target_class is None else list(target_class)
+    if ks is not None and len(ks) < len(x):
+        raise ConfigError(f"target_class has {len(ks)} entries for {len(x)} images")
     layer = layer if layer is not None else target_layer(model, x)
+    reshape = getattr(model, "gradcam_reshape_transform", None)  # the model's own, else a square grid
+    reshape = reshape if callable(reshape) else tokens_to_map
     was_training = model.training
     out: list[np.ndarray] = []
     try:
         # gradients are needed even when the caller runs under no_grad or inference_mode
         with torch.inference_mode(False), torch.enable_grad(), \
-                cls(model=model, target_layers=[layer], reshape_transform=_reshape_transform(model)) as cam:
+                cls(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
             for start in range(0, len(x), _CHUNK):
                 xb = x[start:start + _CHUNK].detach().clone().requires_grad_(True)  # grads even for frozen weights
-                if target_class is None:
-                    targets = None
-                elif isinstance(target_class, (int, np.integer)):
-                    targets = [ClassifierOutputTarget(int(target_class))] * len(xb)
-                else:
-                    ks = list(target_class)[start:start + len(xb)]
-                    if len(ks) != len(xb):
-                        raise ConfigError(f"target_class has {len(list(target_class))} entries for {len(x)} images")
-                    targets = [ClassifierOutputTarget(int(k)) for k in ks]
+                targets = None if ks is None else [ClassifierOutputTarget(int(k)) for k in ks[start:start + len(xb)]]
                 out.append(np.asarray(cam(input_tensor=xb, targets=targets), dtype=np.float32))
     finally:
         model.train(was_training)
@@ -166,8 +156,7 @@ def resolve_class(target: int | str | None, class_names: Sequence[str]) -> int |
 def _display_image(img: torch.Tensor) -> np.ndarray:
     """uint8 ``(C, H, W)`` -> float RGB ``(h, w, 3)`` in [0, 1], enlarged by an integer factor (nearest)."""
     a = img.numpy().astype(np.float32) / 255.0
-    a = np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a[:3]
-    a = a.transpose(1, 2, 0)
+    a = (np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a[:3]).transpose(1, 2, 0)
     f = max(1, math.ceil(PANEL_SIDE / max(a.shape[:2])))
     return np.ascontiguousarray(np.repeat(np.repeat(a, f, axis=0), f, axis=1))
 
@@ -175,14 +164,13 @@ def _display_image(img: torch.Tensor) -> np.ndarray:
 def _resize_map(m: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     if m.shape == tuple(hw):
         return m
-    import torch.nn.functional as F
-
     t = F.interpolate(torch.from_numpy(m)[None, None], size=hw, mode="bilinear", align_corners=False)
     return np.clip(t[0, 0].numpy(), 0.0, 1.0)
 
 
-def _panel_png(img: torch.Tensor, cam: np.ndarray, probs: Sequence[tuple[str, float]], explained: str, title: str,
-               method: str) -> bytes:
+def _panel(img: torch.Tensor, cam: np.ndarray, probs: Sequence[tuple[str, float]], explained: str, title: str,
+           method: str) -> Any:
+    """The figure of one image: the input, the heatmap over it and the top probabilities (``explained`` in red)."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     from .metrics import _new_figure
@@ -191,42 +179,28 @@ def _panel_png(img: torch.Tensor, cam: np.ndarray, probs: Sequence[tuple[str, fl
     overlay = show_cam_on_image(big, _resize_map(cam, big.shape[:2]), use_rgb=True, image_weight=0.55)
     fig = _new_figure(12.0, 4.2)
     axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.25]})
-    axes[0].imshow(big, interpolation="nearest")
-    axes[0].set_title(f"input ({img.shape[-1]}x{img.shape[-2]} px)")
-    axes[1].imshow(overlay, interpolation="nearest")
     what = "class-agnostic" if method == "eigencam" else f"for {explained!r}"
-    axes[1].set_title(f"{method} {what}")
-    for ax in axes[:2]:
-        ax.set_xticks([])
-        ax.set_yticks([])
+    for ax, shown, heading in ((axes[0], big, f"input ({img.shape[-1]}x{img.shape[-2]} px)"),
+                               (axes[1], overlay, f"{method} {what}")):
+        ax.imshow(shown, interpolation="nearest")
+        ax.set(title=heading, xticks=[], yticks=[])
     names = [n for n, _ in probs][::-1]
     vals = [p for _, p in probs][::-1]
-    colors = ["tab:red" if n == explained else "tab:blue" for n in names]
     ax = axes[2]
-    ax.barh(range(len(vals)), vals, color=colors)
-    ax.set_yticks(range(len(vals)))
-    ax.set_yticklabels([n if len(n) <= 28 else n[:27] + "…" for n in names])
+    ax.barh(range(len(vals)), vals, color=["tab:red" if n == explained else "tab:blue" for n in names])
+    ax.set_yticks(range(len(vals)), labels=[n if len(n) <= 28 else n[:27] + "…" for n in names])
     for i, v in enumerate(vals):
         ax.text(min(v + 0.02, 0.98), i, f"{v:.1%}", va="center", ha="right" if v > 0.8 else "left", fontsize=9,
                 color="white" if v > 0.8 else "black")
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("probability (calibrated)")
-    ax.set_title(f"top-{len(vals)} probabilities (red: explained)")
+    ax.set(xlim=(0, 1), xlabel="probability (calibrated)", title=f"top-{len(vals)} probabilities (red: explained)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _slug(method: str) -> str:
-    return method.replace("+", "p")
+    return fig
 
 
 def _stem(name: str, i: int, used: set[str]) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._") or f"image{i}"
-    if name == f"image[{i}]":
-        stem = f"image{i}"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._")
+    stem = f"image{i}" if name == f"image[{i}]" or not stem else stem
     base, k = stem, 1
     while stem in used:
         k += 1
@@ -244,18 +218,20 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
     (name or index) is explained for every image; by default each image's predicted (most probable) class.
     Returns one dict per image: ``file``, ``png`` (``<stem>_<method>.png``, e.g. ``scan_gradcam.png``), ``label``,
     ``confidence``, ``explained_class``, ``explained_index``, ``explained_probability``, ``probabilities`` (top-k)
-    and ``cam`` (float32 ``(H, W)`` in [0, 1] at the size of the loaded image).
+    and ``cam`` (float32 ``(H, W)`` in [0, 1] at the size of the loaded image). A generalist routes each image to a
+    dataset and explains that head's class; its results add ``dataset``, ``dataset_confidence`` (after ``png``) and
+    ``in_distribution`` (last) when it has an OOD threshold.
     """
+    from .generalist_predictor import GeneralistPredictor
     from .inference import single_input as _single_input
+    from .metrics import save_figure
     from .predict import Predictor
+    from .run import Run
 
     _cam_class(method)  # fail on an unknown method before loading anything
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     check_writable_dir(out_dir, "--out")
-    from .generalist_predictor import GeneralistPredictor
-    from .run import Run
-
     if not isinstance(checkpoint, (Predictor, GeneralistPredictor)):
         run = Run.of(checkpoint)
         checkpoint = GeneralistPredictor(run) if run.is_generalist else Predictor(run)
@@ -263,16 +239,27 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
     if not items:
         raise ConfigError("no images given")
     names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image[{i}]" for i, x in enumerate(items)]
-    if isinstance(checkpoint, GeneralistPredictor):
-        return _explain_routed(checkpoint, items, names, Path(out_dir), method, target_class, top_k)
-    pred = checkpoint
-    names_cls = pred.class_names
-    fixed = resolve_class(target_class, names_cls)
-    batch = torch.stack([pred.load(x, n) for x, n in zip(items, names)])
-    probs = pred.probabilities(batch)
-    targets = [fixed if fixed is not None else int(torch.argmax(p)) for p in probs]
-    x = pred.transform(batch)
-    cams = cam_array(pred.model, x, targets, method=method)
+    # per image: (class names, probabilities, explained class, label, confidence, routing text, extra result fields
+    # placed after "png", extra fields placed last)
+    if isinstance(checkpoint, GeneralistPredictor):  # each image explained in the head it is routed to
+        batch = torch.stack([checkpoint.load(x, n) for x, n in zip(items, names)])
+        a, picks, cams = routed_cams(checkpoint, batch, target_class, method)
+        rows = []
+        for i, (k, j, p) in enumerate(picks):
+            d, classes, best = checkpoint.datasets[k], checkpoint.infos[k].class_names, int(torch.argmax(p))
+            route = float(a["router"][i, k])
+            tail = {} if a["in_distribution"] is None else {"in_distribution": bool(a["in_distribution"][i])}
+            rows.append((classes, p, j, classes[best], float(p[best]), f"routed to {d['name']} ({route:.1%}) -> ",
+                         {"dataset": d["name"], "dataset_confidence": round(route, 6)}, tail))
+    else:
+        fixed = resolve_class(target_class, checkpoint.class_names)  # an unknown class fails before loading
+        batch = torch.stack([checkpoint.load(x, n) for x, n in zip(items, names)])
+        probs = checkpoint.probabilities(batch)
+        targets = [fixed if fixed is not None else int(torch.argmax(p)) for p in probs]
+        cams = cam_array(checkpoint.model, checkpoint.transform(batch), targets, method=method)
+        described = [checkpoint._describe(n, p, None) for n, p in zip(names, probs)]
+        rows = [(checkpoint.class_names, p, k, d["label"], float(d["confidence"]), "", {}, {})
+                for p, k, d in zip(probs, targets, described)]
 
     out = Path(out_dir)
     try:
@@ -283,21 +270,20 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
         raise ConfigError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
     used: set[str] = set()
     results = []
-    for i, (name, img, p, k, cam) in enumerate(zip(names, batch, probs, targets, cams)):
-        d = pred._describe(name, p, None)
+    for i, (name, img, cam, (classes, p, k, label, conf, route, head, tail)) in enumerate(
+            zip(names, batch, cams, rows)):
         order = torch.argsort(p, descending=True).tolist()[:top_k]
-        top = [(names_cls[j], float(p[j])) for j in order]
+        top = [(classes[j], float(p[j])) for j in order]
         if k not in order:  # always show the explained class
-            top.append((names_cls[k], float(p[k])))
+            top.append((classes[k], float(p[k])))
         cam = _resize_map(cam, tuple(img.shape[-2:]))
-        png = out / f"{_stem(name, i, used)}_{_slug(method)}.png"
-        title = (f"{Path(name).name}: {d['label']} ({d['confidence']:.1%})  -  {pred.meta['model']}, "
-                 f"explaining {names_cls[k]!r}")
-        atomic_write_bytes(png, _panel_png(img, cam, top, names_cls[k], title, method))
-        results.append({"file": name, "png": str(png), "label": d["label"], "confidence": float(d["confidence"]),
-                        "explained_class": names_cls[k], "explained_index": k,
-                        "explained_probability": float(p[k]), "method": method,
-                        "probabilities": {n: round(v, 6) for n, v in top}, "cam": cam})
+        png = out / f"{_stem(name, i, used)}_{method.replace('+', 'p')}.png"
+        title = (f"{Path(name).name}: {route}{label} ({conf:.1%})  -  {checkpoint.meta['model']}, "
+                 f"explaining {classes[k]!r}")
+        save_figure(_panel(img, cam, top, classes[k], title, method), png)
+        results.append({"file": name, "png": str(png), **head, "label": label, "confidence": conf,
+                        "explained_class": classes[k], "explained_index": k, "explained_probability": float(p[k]),
+                        "method": method, "probabilities": {n: round(v, 6) for n, v in top}, "cam": cam, **tail})
     return results
 
 
@@ -320,36 +306,3 @@ def routed_cams(gp: Any, batch: torch.Tensor, target_class: int | str | None, me
         picks.append((k, j, p))
     columns = [gp.datasets[k]["columns"][0] + j for k, j, _ in picks]
     return a, picks, cam_array(gp.model, gp.transform(batch), columns, method=method)
-
-
-def _explain_routed(gp: Any, items: list, names: list[str], out: Path, method: str, target_class: int | str | None,
-                    top_k: int) -> list[dict]:
-    """Grad-CAM of a generalist: each image is routed to a dataset and the heatmap explains that head's class (its
-    column of the model's output); the panel and the result say which dataset the router chose."""
-    batch = torch.stack([gp.load(x, n) for x, n in zip(items, names)])
-    a, picks, cams = routed_cams(gp, batch, target_class, method)
-    out.mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
-    results = []
-    for i, (name, img, (k, j, p), cam) in enumerate(zip(names, batch, picks, cams)):
-        d, info = gp.datasets[k], gp.infos[k]
-        classes = info.class_names
-        order = torch.argsort(p, descending=True).tolist()[:top_k]
-        top = [(classes[c], float(p[c])) for c in order]
-        if j not in order:
-            top.append((classes[j], float(p[j])))
-        best = int(torch.argmax(p))
-        route = float(a["router"][i, k])
-        cam = _resize_map(cam, tuple(img.shape[-2:]))
-        png = out / f"{_stem(name, i, used)}_{_slug(method)}.png"
-        title = (f"{Path(name).name}: routed to {d['name']} ({route:.1%}) -> {classes[best]} ({float(p[best]):.1%})"
-                 f"  -  {gp.meta['model']}, explaining {classes[j]!r}")
-        atomic_write_bytes(png, _panel_png(img, cam, top, classes[j], title, method))
-        r = {"file": name, "png": str(png), "dataset": d["name"], "dataset_confidence": round(route, 6),
-             "label": classes[best], "confidence": float(p[best]), "explained_class": classes[j],
-             "explained_index": j, "explained_probability": float(p[j]), "method": method,
-             "probabilities": {n: round(v, 6) for n, v in top}, "cam": cam}
-        if a["in_distribution"] is not None:
-            r["in_distribution"] = bool(a["in_distribution"][i])
-        results.append(r)
-    return results

@@ -1,44 +1,41 @@
 """Evaluation metrics for the four MedMNIST task kinds (numpy in, plain Python out).
 
-Task strings are ``medmnist.INFO[flag]["task"]``: ``"multi-class"``, ``"binary-class"``,
-``"multi-label, binary-class"`` and ``"ordinal-regression"``.
-
-Score conventions (the ones ``medmnist.Evaluator`` expects):
+Task strings are ``medmnist.INFO[flag]["task"]``: ``"multi-class"``, ``"binary-class"``, ``"multi-label,
+binary-class"`` and ``"ordinal-regression"``. Score conventions (the ones ``medmnist.Evaluator`` expects):
 
 * multi-class / ordinal-regression: ``(N, C)`` softmax probabilities;
-* binary-class: ``(N, 2)`` softmax probabilities, the *last* column is the positive class
-  (a 1-D ``(N,)`` or ``(N, 1)`` positive-class score is accepted too, as medmnist does);
+* binary-class: ``(N, 2)`` softmax probabilities, the *last* column is the positive class (a 1-D ``(N,)`` or
+  ``(N, 1)`` positive-class score is accepted too, as medmnist does);
 * multi-label: ``(N, L)`` independent sigmoid probabilities.
 
-``y_true`` is ``(N,)`` or ``(N, 1)`` integer labels for single-label tasks and ``(N, L)`` 0/1 for
-multi-label tasks.
+``y_true`` is ``(N,)`` or ``(N, 1)`` integer labels for single-label tasks and ``(N, L)`` 0/1 for multi-label tasks.
 
-:func:`medmnist_acc` / :func:`medmnist_auc` reproduce ``medmnist.evaluator.getACC`` / ``getAUC``
-(medmnist 3.0.2) exactly, re-implemented with scikit-learn. Semantics and quirks of the official
-evaluator, all kept on purpose so numbers stay comparable with published MedMNIST results:
+:func:`medmnist_acc` / :func:`medmnist_auc` reproduce ``medmnist.evaluator.getACC`` / ``getAUC`` (medmnist 3.0.2)
+exactly, re-implemented with scikit-learn. Semantics and quirks of the official evaluator, all kept on purpose so
+numbers stay comparable with published MedMNIST results:
 
-* multi-class and ordinal AUC is the *unweighted mean of one-vs-rest AUCs* over all ``C`` score
-  columns (not sklearn's ``multi_class="ovr"`` on renormalised scores, and not weighted);
-  ordinal tasks are scored exactly like multi-class ones (ACC = argmax accuracy).
-* binary ACC thresholds the last column with a *strict* ``score > threshold`` (default 0.5), it does
-  not take an argmax; AUC uses the last column only.
-* multi-label ACC is the mean over labels of the per-label accuracy of ``score > threshold`` (i.e.
-  the element-wise accuracy, not exact-match/subset accuracy); multi-label AUC is the unweighted
-  mean of the per-label AUCs.
-* **A class (or label) absent from ``y_true``** makes its one-vs-rest AUC undefined. medmnist just
-  calls ``roc_auc_score``: with the installed scikit-learn (>= 1.6 or so) that warns and returns
-  NaN, so the official mean AUC becomes **NaN**; older scikit-learn raised ``ValueError``. We return
-  NaN for the official number (no warning), and :func:`compute_metrics` additionally reports
-  ``auc_per_class`` (NaN for undefined classes) and ``auc_defined_mean`` (mean over the classes
-  whose AUC is defined) so a small validation split still gives a usable number.
-* medmnist ``squeeze()``\\s both arrays, so it breaks on a single sample; we only drop a trailing
-  label axis of size 1 and accept ``N == 1``.
+* multi-class and ordinal AUC is the *unweighted mean of one-vs-rest AUCs* over all ``C`` score columns (not
+  sklearn's ``multi_class="ovr"`` on renormalised scores, and not weighted); ordinal tasks are scored exactly like
+  multi-class ones (ACC = argmax accuracy).
+* binary ACC thresholds the last column with a *strict* ``score > threshold`` (default 0.5), it does not take an
+  argmax; AUC uses the last column only.
+* multi-label ACC is the mean over labels of the per-label accuracy of ``score > threshold`` (i.e. the element-wise
+  accuracy, not exact-match/subset accuracy); multi-label AUC is the unweighted mean of the per-label AUCs.
+* **A class (or label) absent from ``y_true``** makes its one-vs-rest AUC undefined. medmnist just calls
+  ``roc_auc_score``: with the installed scikit-learn (>= 1.6 or so) that warns and returns NaN, so the official mean
+  AUC becomes **NaN**; older scikit-learn raised ``ValueError``. We return NaN for the official number (no warning),
+  and :func:`compute_metrics` additionally reports ``auc_per_class`` (NaN for undefined classes) and
+  ``auc_defined_mean`` (mean over the classes whose AUC is defined), usable on a small validation split.
+* medmnist ``squeeze()``\\s both arrays, so it breaks on a single sample; we only drop a trailing label axis of size 1
+  and accept ``N == 1``.
 * argmax ties go to the lowest class index (numpy), as in medmnist.
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Sequence
+from functools import reduce
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,26 +44,10 @@ from numpy.typing import ArrayLike, NDArray
 
 from .atomic import atomic_file
 from .errors import ConfigError
-from .task_kinds import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL
+from .task_kinds import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASKS
 
-TASKS: tuple[str, ...] = (MULTI_CLASS, BINARY, MULTI_LABEL, ORDINAL)
-
-OrdinalMode = Literal["argmax", "expected"]
-
-__all__ = [
-    "TASKS",
-    "compute_metrics",
-    "expected_calibration_error",
-    "expected_grade",
-    "medmnist_acc",
-    "medmnist_auc",
-    "nll",
-    "per_class_auc",
-    "plot_confusion",
-    "plot_reliability",
-    "predict_labels",
-    "reliability_bins",
-]
+__all__ = ["TASKS", "compute_metrics", "expected_calibration_error", "expected_grade", "medmnist_acc", "medmnist_auc",
+           "nll", "per_class_auc", "plot_confusion", "plot_reliability", "predict_labels", "reliability_bins"]
 
 
 # --------------------------------------------------------------------------- validation
@@ -86,9 +67,8 @@ def _as_scores(y_score: ArrayLike, task: str) -> NDArray[np.float64]:
         if s.ndim == 2 and s.shape[1] in (1, 2):
             s = s[:, -1]  # last column = positive class, exactly like medmnist
         elif s.ndim != 1:
-            raise ConfigError(
-                f"binary-class y_score must have shape (N, 2) (last column = positive class) or (N,); got {s.shape}"
-            )
+            raise ConfigError(f"binary-class y_score must have shape (N, 2) (last column = positive class) or (N,); "
+                              f"got {s.shape}")
     elif s.ndim != 2:
         raise ConfigError(f"y_score must have shape (N, C) for task {task!r}; got {s.shape}")
     if s.shape[0] == 0:
@@ -131,23 +111,20 @@ def _as_labels(y_true: ArrayLike, task: str, n: int, n_cols: int | None) -> NDAr
         n_classes = 2 if task == BINARY else n_cols
         assert n_classes is not None
         if lab.min() < 0 or lab.max() >= n_classes:
-            raise ConfigError(
-                f"y_true labels must lie in [0, {n_classes - 1}] for {n_classes} classes; "
-                f"got min {int(lab.min())}, max {int(lab.max())}"
-            )
+            raise ConfigError(f"y_true labels must lie in [0, {n_classes - 1}] for {n_classes} classes; "
+                              f"got min {int(lab.min())}, max {int(lab.max())}")
     return lab
 
 
-def _validate(
-    y_true: ArrayLike, y_score: ArrayLike, task: str
-) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+def _validate(y_true: ArrayLike, y_score: ArrayLike, task: str) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
     _check_task(task)
     s = _as_scores(y_score, task)
-    lab = _as_labels(y_true, task, s.shape[0], None if task == BINARY else s.shape[1])
-    return lab, s
+    return _as_labels(y_true, task, s.shape[0], None if task == BINARY else s.shape[1]), s
 
 
-def _threshold_array(threshold: Any, n_cols: int | None) -> float | NDArray[np.float64]:
+def _threshold_array(threshold: Any, scores: NDArray[np.float64]) -> float | NDArray[np.float64]:
+    """``threshold`` for ``scores`` (from :func:`_as_scores`): a float, or one value per column of 2-D scores."""
+    n_cols = scores.shape[1] if scores.ndim == 2 else None
     th = np.asarray(threshold, dtype=np.float64)
     if not np.all(np.isfinite(th)):
         raise ConfigError("threshold must be finite")
@@ -171,12 +148,8 @@ def expected_grade(probs: ArrayLike) -> NDArray[np.int64]:
     return np.clip(np.floor(e + 0.5), 0, p.shape[1] - 1).astype(np.int64)
 
 
-def predict_labels(
-    y_score: ArrayLike,
-    task: str,
-    threshold: Any = 0.5,
-    ordinal_mode: OrdinalMode = "argmax",
-) -> NDArray[np.int64]:
+def predict_labels(y_score: ArrayLike, task: str, threshold: Any = 0.5,
+                   ordinal_mode: Literal["argmax", "expected"] = "argmax") -> NDArray[np.int64]:
     """Hard predictions: argmax (multi-class, ordinal ``"argmax"``), ``round(E[grade])`` (ordinal ``"expected"``),
     ``positive score > threshold`` (binary, as medmnist), ``score > threshold`` per label (multi-label; the
     threshold may be one float or one value per label). Returns (N,) ints, or (N, L) 0/1 for multi-label."""
@@ -186,29 +159,29 @@ def predict_labels(
     if ordinal_mode == "expected" and task != ORDINAL:
         raise ConfigError(f"ordinal_mode='expected' only applies to task {ORDINAL!r}, not {task!r}")
     s = _as_scores(y_score, task)
-    if task == BINARY:
-        return (s > _threshold_array(threshold, None)).astype(np.int64)
-    if task == MULTI_LABEL:
-        return (s > _threshold_array(threshold, s.shape[1])).astype(np.int64)
+    if task in (BINARY, MULTI_LABEL):
+        return (s > _threshold_array(threshold, s)).astype(np.int64)
     if task == ORDINAL and ordinal_mode == "expected":
         return expected_grade(s)
     return np.argmax(s, axis=-1).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- official metrics
+def _mean_in_order(values: list[float]) -> float:
+    """Mean summed left to right like medmnist's loops (``sum()`` compensates from Python 3.12 on)."""
+    return float(reduce(operator.add, values, 0.0) / len(values))
+
+
 def medmnist_acc(y_true: ArrayLike, y_score: ArrayLike, task: str, threshold: Any = 0.5) -> float:
     """ACC with the exact semantics of ``medmnist.evaluator.getACC`` (see the module docstring)."""
     from sklearn.metrics import accuracy_score
 
     lab, s = _validate(y_true, y_score, task)
     if task == MULTI_LABEL:
-        pred = s > _threshold_array(threshold, s.shape[1])
-        acc = 0.0
-        for k in range(lab.shape[1]):
-            acc += accuracy_score(lab[:, k], pred[:, k])
-        return float(acc / lab.shape[1])
+        pred = s > _threshold_array(threshold, s)
+        return _mean_in_order([accuracy_score(lab[:, k], pred[:, k]) for k in range(lab.shape[1])])
     if task == BINARY:
-        return float(accuracy_score(lab, s > _threshold_array(threshold, None)))
+        return float(accuracy_score(lab, s > _threshold_array(threshold, s)))
     return float(accuracy_score(lab, np.argmax(s, axis=-1)))
 
 
@@ -216,9 +189,7 @@ def _binary_auc(y: NDArray[np.int64], score: NDArray[np.float64]) -> float:
     """ROC AUC, or NaN (silently) if y holds only one class - what medmnist gets from current sklearn."""
     from sklearn.metrics import roc_auc_score
 
-    if np.unique(y).size < 2:
-        return float("nan")
-    return float(roc_auc_score(y, score))
+    return float(roc_auc_score(y, score)) if np.unique(y).size >= 2 else float("nan")
 
 
 def per_class_auc(y_true: ArrayLike, y_score: ArrayLike, task: str) -> list[float]:
@@ -234,23 +205,16 @@ def per_class_auc(y_true: ArrayLike, y_score: ArrayLike, task: str) -> list[floa
 def medmnist_auc(y_true: ArrayLike, y_score: ArrayLike, task: str) -> float:
     """AUC with the exact semantics of ``medmnist.evaluator.getAUC``: mean of the one-vs-rest (or per-label) AUCs
     over all columns; NaN if any class/label is absent from ``y_true`` (see the module docstring)."""
-    aucs = per_class_auc(y_true, y_score, task)
-    total = 0.0
-    for a in aucs:  # same summation order as medmnist
-        total += a
-    return float(total / len(aucs))
+    return _mean_in_order(per_class_auc(y_true, y_score, task))
 
 
 # --------------------------------------------------------------------------- calibration
 def _probs_labels(probs: ArrayLike, labels: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
     p = _as_scores(probs, MULTI_CLASS)
-    lab = _as_labels(labels, MULTI_CLASS, p.shape[0], p.shape[1])
-    return p, lab
+    return p, _as_labels(labels, MULTI_CLASS, p.shape[0], p.shape[1])
 
 
-def reliability_bins(
-    probs: ArrayLike, labels: ArrayLike, n_bins: int = 15
-) -> dict[str, list[float] | list[int]]:
+def reliability_bins(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str, list[float] | list[int]]:
     """Top-label reliability statistics on ``n_bins`` equal-width confidence bins ``(lo, hi]``
     (a confidence of exactly 0 goes to the first bin). Returns edges, counts, per-bin accuracy and mean
     confidence (0.0 for empty bins)."""
@@ -265,12 +229,8 @@ def reliability_bins(
     sum_acc = np.bincount(idx, weights=correct, minlength=n_bins)
     sum_conf = np.bincount(idx, weights=conf, minlength=n_bins)
     nz = np.maximum(counts, 1)
-    return {
-        "edges": edges.tolist(),
-        "count": counts.astype(int).tolist(),
-        "accuracy": (sum_acc / nz).tolist(),
-        "confidence": (sum_conf / nz).tolist(),
-    }
+    return {"edges": edges.tolist(), "count": counts.astype(int).tolist(), "accuracy": (sum_acc / nz).tolist(),
+            "confidence": (sum_conf / nz).tolist()}
 
 
 def expected_calibration_error(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
@@ -278,9 +238,7 @@ def expected_calibration_error(probs: ArrayLike, labels: ArrayLike, n_bins: int 
     of the max probability."""
     b = reliability_bins(probs, labels, n_bins)
     n = float(sum(b["count"]))
-    return float(
-        sum(c / n * abs(a - cf) for c, a, cf in zip(b["count"], b["accuracy"], b["confidence"]) if c > 0)
-    )
+    return float(sum(c / n * abs(a - cf) for c, a, cf in zip(b["count"], b["accuracy"], b["confidence"]) if c > 0))
 
 
 def nll(probs: ArrayLike, labels: ArrayLike, eps: float = 1e-12) -> float:
@@ -299,13 +257,8 @@ def _qwk(y: NDArray[np.int64], pred: NDArray[np.int64], n_classes: int) -> float
         return float(cohen_kappa_score(y, pred, labels=list(range(n_classes)), weights="quadratic"))
 
 
-def compute_metrics(
-    y_true: ArrayLike,
-    y_score: ArrayLike,
-    task: str,
-    class_names: Sequence[str] | None = None,
-    threshold: Any = 0.5,
-) -> dict[str, Any]:
+def compute_metrics(y_true: ArrayLike, y_score: ArrayLike, task: str, class_names: Sequence[str] | None = None,
+                    threshold: Any = 0.5) -> dict[str, Any]:
     """Every metric medmix reports, as plain Python values (JSON-ready except that undefined values are NaN).
 
     Keys: ``task``, ``n``, ``acc``/``auc`` (official medmnist semantics), ``auc_per_class``, ``auc_defined_mean``,
@@ -320,57 +273,35 @@ def compute_metrics(
 
     lab, s = _validate(y_true, y_score, task)
     n_cols = 2 if task == BINARY else s.shape[1]
-    if class_names is None:
-        names = [str(k) for k in range(n_cols)]
-    else:
-        names = [str(c) for c in class_names]
-        if len(names) != n_cols:
-            raise ConfigError(f"class_names has {len(names)} entries but the task has {n_cols} classes/labels")
+    names = [str(c) for c in (range(n_cols) if class_names is None else class_names)]
+    if len(names) != n_cols:
+        raise ConfigError(f"class_names has {len(names)} entries but the task has {n_cols} classes/labels")
     pred = predict_labels(y_score, task, threshold)
     aucs = per_class_auc(lab, y_score, task)
     defined = [a for a in aucs if not np.isnan(a)]
-    out: dict[str, Any] = {
-        "task": task,
-        "n": int(lab.shape[0]),
-        "acc": medmnist_acc(lab, y_score, task, threshold),
-        "auc": medmnist_auc(lab, y_score, task),
-        "auc_per_class": aucs,
-        "auc_defined_mean": float(np.mean(defined)) if defined else float("nan"),
-    }
+    out: dict[str, Any] = {"task": task, "n": int(lab.shape[0]), "acc": medmnist_acc(lab, y_score, task, threshold),
+                           "auc": medmnist_auc(lab, y_score, task), "auc_per_class": aucs,
+                           "auc_defined_mean": float(np.mean(defined)) if defined else float("nan")}
     if task in (BINARY, MULTI_LABEL):
-        th = _threshold_array(threshold, None if task == BINARY else n_cols)
+        th = _threshold_array(threshold, s)
         out["threshold"] = th.tolist() if isinstance(th, np.ndarray) else th
 
     labels_arg = None if task == MULTI_LABEL else list(range(n_cols))
     p, r, f, sup = precision_recall_fscore_support(lab, pred, labels=labels_arg, average=None, zero_division=0)
-    out["precision"] = float(np.mean(p))
-    out["recall"] = float(np.mean(r))
-    out["f1"] = float(np.mean(f))
+    out.update(precision=float(np.mean(p)), recall=float(np.mean(r)), f1=float(np.mean(f)))
     if task == MULTI_LABEL:
         out["confusion"] = multilabel_confusion_matrix(lab, pred).astype(int).tolist()
-        label_auc = aucs
     else:
         out["confusion"] = confusion_matrix(lab, pred, labels=labels_arg).astype(int).tolist()
-        # binary: the single AUC belongs to the positive class; report it on both rows (AUC is symmetric)
-        label_auc = aucs * 2 if task == BINARY else aucs
-    out["per_class"] = [
-        {
-            "name": names[k],
-            "precision": float(p[k]),
-            "recall": float(r[k]),
-            "f1": float(f[k]),
-            "support": int(sup[k]),
-            "auc": float(label_auc[k]),
-        }
-        for k in range(n_cols)
-    ]
+    # binary: the single AUC belongs to the positive class; report it on both rows (AUC is symmetric)
+    label_auc = aucs * 2 if task == BINARY else aucs
+    out["per_class"] = [{"name": names[k], "precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
+                         "support": int(sup[k]), "auc": float(label_auc[k])} for k in range(n_cols)]
     if task == ORDINAL:
         e = expected_grade(s)
-        out["mae"] = float(np.mean(np.abs(pred - lab)))
-        out["qwk"] = _qwk(lab, pred, n_cols)
-        out["acc_expected"] = float(np.mean(e == lab))
-        out["mae_expected"] = float(np.mean(np.abs(e - lab)))
-        out["qwk_expected"] = _qwk(lab, e, n_cols)
+        out.update(mae=float(np.mean(np.abs(pred - lab))), qwk=_qwk(lab, pred, n_cols),
+                   acc_expected=float(np.mean(e == lab)), mae_expected=float(np.mean(np.abs(e - lab))),
+                   qwk_expected=_qwk(lab, e, n_cols))
     return out
 
 
@@ -387,7 +318,6 @@ def _new_figure(width: float, height: float) -> Any:
 def save_figure(fig: Any, path: str | Path) -> Path:
     """Write ``fig`` as a PNG at ``path`` through a temporary file and a rename, so a reader (or a kill mid-write)
     never sees half an image; creates the parent directory."""
-
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as f:
@@ -395,18 +325,14 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     return out
 
 
-def plot_confusion(
-    cm: ArrayLike,
-    class_names: Sequence[str] | None,
-    path: str | Path,
-    title: str = "Confusion matrix",
-) -> Path:
+def plot_confusion(cm: ArrayLike, class_names: Sequence[str] | None, path: str | Path,
+                   title: str = "Confusion matrix") -> Path:
     """Write a PNG of a C x C confusion matrix (rows = true, columns = predicted) with the counts annotated."""
     m = np.asarray(cm)
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
         raise ConfigError(f"cm must be a square C x C matrix; got shape {m.shape}")
     c = m.shape[0]
-    names = [str(k) for k in range(c)] if class_names is None else [str(x) for x in class_names]
+    names = [str(x) for x in (range(c) if class_names is None else class_names)]
     if len(names) != c:
         raise ConfigError(f"class_names has {len(names)} entries but cm is {c} x {c}")
     longest = max(len(x) for x in names)
@@ -415,51 +341,37 @@ def plot_confusion(
     ax = fig.add_subplot(111)
     im = ax.imshow(m, cmap="Blues", interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks(range(c))
-    ax.set_yticks(range(c))
+    ax.set(xticks=range(c), yticks=range(c), xlabel="predicted", ylabel="true", title=title)
     rotate = longest > 3
     ax.set_xticklabels(names, rotation=45 if rotate else 0, ha="right" if rotate else "center")
     ax.set_yticklabels(names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
     vmax = float(m.max()) if m.size else 0.0
     fs = max(5.0, min(11.0, 120.0 / c))
-    for i in range(c):
-        for j in range(c):
-            v = m[i, j]
-            txt = f"{int(v)}" if float(v).is_integer() else f"{float(v):.2f}"
-            ax.text(j, i, txt, ha="center", va="center", fontsize=fs,
-                    color="white" if vmax > 0 and float(v) > vmax / 2 else "black")
+    for (i, j), v in np.ndenumerate(m):
+        txt = f"{int(v)}" if float(v).is_integer() else f"{float(v):.2f}"
+        ax.text(j, i, txt, ha="center", va="center", fontsize=fs,
+                color="white" if vmax > 0 and float(v) > vmax / 2 else "black")
     fig.tight_layout()
     return save_figure(fig, path)
 
 
-def plot_reliability(
-    probs: ArrayLike, labels: ArrayLike, path: str | Path, n_bins: int = 15, title: str = "Reliability diagram"
-) -> Path:
+def plot_reliability(probs: ArrayLike, labels: ArrayLike, path: str | Path, n_bins: int = 15,
+                     title: str = "Reliability diagram") -> Path:
     """Write a PNG reliability diagram (per-bin accuracy vs confidence, the diagonal, ECE in the title)."""
     b = reliability_bins(probs, labels, n_bins)
     ece = expected_calibration_error(probs, labels, n_bins)
-    edges = np.asarray(b["edges"])
+    edges, counts, acc, conf = (np.asarray(b[k]) for k in ("edges", "count", "accuracy", "confidence"))
     width = edges[1] - edges[0]
-    counts = np.asarray(b["count"])
-    acc = np.where(counts > 0, np.asarray(b["accuracy"]), 0.0)
-    conf = np.asarray(b["confidence"])
     fig = _new_figure(5.0, 5.0)
     ax = fig.add_subplot(111)
     ax.bar(edges[:-1], acc, width=width, align="edge", edgecolor="black", color="tab:blue", alpha=0.8,
            label="accuracy")
-    gap_lo = np.where(counts > 0, np.minimum(acc, conf), 0.0)
-    gap_h = np.where(counts > 0, np.abs(conf - acc), 0.0)
-    ax.bar(edges[:-1], gap_h, bottom=gap_lo, width=width, align="edge", fill=False, hatch="//",
-           edgecolor="tab:red", linewidth=0.8, label="|accuracy - confidence|")
+    # empty bins have accuracy = confidence = 0, so no bar and no gap
+    ax.bar(edges[:-1], np.abs(conf - acc), bottom=np.minimum(acc, conf), width=width, align="edge", fill=False,
+           hatch="//", edgecolor="tab:red", linewidth=0.8, label="|accuracy - confidence|")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (max probability)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{title}\nECE = {ece:.4f} ({n_bins} bins, n = {int(counts.sum())})")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", ylabel="accuracy",
+           title=f"{title}\nECE = {ece:.4f} ({n_bins} bins, n = {int(counts.sum())})")
     ax.legend(loc="upper left")
     fig.tight_layout()
     return save_figure(fig, path)

@@ -22,14 +22,12 @@ Gaussian noise 1.000 / 0.998 / 1.000, where the energy score reaches only 0.62 /
 A blank guard completes the score: an image whose pixel standard deviation is below half the 0.1% quantile of the
 training images' (``min_pixel_std``; a constant image) is flagged whatever its score, because a featureless input can
 land near a class mean in feature space (measured: a PneumoniaMNIST model's Mahalanobis score alone flags a third of
-constant images).
-
-At the end of training :func:`fit` stores both thresholds in ``meta["ood"]`` (``method`` names the one predictions
-use) and the Mahalanobis statistics in the checkpoint; :class:`Detector` applies them.
+constant images). At the end of training :func:`fit` stores both thresholds in ``meta["ood"]`` (``method`` names the
+one predictions use) and the Mahalanobis statistics in the checkpoint; :class:`Detector` applies them.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -41,7 +39,7 @@ from .errors import ConfigError
 from .inference import extract  # noqa: F401  (ood.extract: features for the scores below)
 
 __all__ = ["DEFAULT_SCORE", "SCORES", "TPR", "Detector", "energy_score", "extract", "fit", "fit_from_features",
-           "fit_mahalanobis", "flagged_fraction", "mahalanobis_score", "pixel_std", "threshold_at_tpr"]
+           "fit_mahalanobis", "mahalanobis_score", "pixel_std", "threshold_at_tpr"]
 
 SCORES = ("mahalanobis", "energy")
 DEFAULT_SCORE = "mahalanobis"
@@ -52,7 +50,6 @@ EXTRA_MEANS = "ood.mahalanobis.means"
 EXTRA_PRECISION = "ood.mahalanobis.precision"
 
 
-# ----------------------------------------------------------------------------------------------- features
 # ----------------------------------------------------------------------------------------------- scores
 def energy_score(logits: Any, temperature: float = 1.0, task: str | None = None) -> np.ndarray:
     """``-T logsumexp(z / T)`` per row (multi-label: ``-T sum_j softplus(z_j / T)``); higher = more unusual."""
@@ -88,8 +85,7 @@ def fit_mahalanobis(features: Any, labels: Any, task: str) -> dict[str, torch.Te
 def mahalanobis_score(features: Any, stats: dict[str, torch.Tensor]) -> np.ndarray:
     """The smallest squared Mahalanobis distance to a class mean, per row; higher = more unusual."""
     f = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features).double()
-    means = stats[EXTRA_MEANS].double()
-    prec = stats[EXTRA_PRECISION].double()
+    means, prec = stats[EXTRA_MEANS].double(), stats[EXTRA_PRECISION].double()
     if f.ndim != 2 or f.shape[1] != means.shape[1]:
         raise ConfigError(f"features of shape {tuple(f.shape)} do not fit OOD statistics of dimension "
                           f"{means.shape[1]}")
@@ -134,14 +130,14 @@ def fit_from_features(train_features: Any, train_labels: Any, val_logits: Any, v
     if method not in SCORES:
         raise ConfigError(f"unknown OOD score {method!r}; use one of {', '.join(SCORES)}")
     stats = fit_mahalanobis(train_features, train_labels, task)
-    val_scores = {"mahalanobis": mahalanobis_score(val_features, stats),
-                  "energy": energy_score(val_logits, energy_temperature, task)}
-    in_scores = val_scores
+
+    def scores(logits: Any, features: Any) -> dict[str, np.ndarray]:
+        return {"mahalanobis": mahalanobis_score(features, stats),
+                "energy": energy_score(logits, energy_temperature, task)}
+
+    val_scores = in_scores = scores(val_logits, val_features)
     if train_logits is not None:
-        in_scores = {"mahalanobis": np.concatenate([mahalanobis_score(train_features, stats),
-                                                    val_scores["mahalanobis"]]),
-                     "energy": np.concatenate([energy_score(train_logits, energy_temperature, task),
-                                               val_scores["energy"]])}
+        in_scores = {k: np.concatenate([v, val_scores[k]]) for k, v in scores(train_logits, train_features).items()}
     thresholds = {k: threshold_at_tpr(v, tpr) for k, v in in_scores.items()}
     block = {"method": method, "threshold": thresholds[method], "thresholds": thresholds,
              "temperature": float(energy_temperature), "tpr": float(tpr),
@@ -204,15 +200,12 @@ class Detector:
         if not isinstance(block, dict):
             return None
         task = (meta.get("task") or {}).get("task")
-        try:
+        if method is not None:
             return cls(block, extras, method, task)
-        except ConfigError:
-            if method is not None:
-                raise
-            try:
-                return cls(block, extras, "energy", task)
-            except ConfigError:
-                return None
+        for stored_or_energy in (None, "energy"):
+            with contextlib.suppress(ConfigError):
+                return cls(block, extras, stored_or_energy, task)
+        return None
 
     @property
     def needs_features(self) -> bool:
@@ -237,9 +230,3 @@ class Detector:
         enable the blank guard."""
         s = self.scores(logits, features)
         return [{"in_distribution": bool(f), "ood_score": round(float(v), 6)} for v, f in zip(s, self.flags(s, images))]
-
-
-def flagged_fraction(scores: Sequence[float], threshold: float) -> float:
-    """Share of ``scores`` above ``threshold`` (flagged as out of distribution)."""
-    s = np.asarray(scores, dtype=np.float64)
-    return float((s > threshold).mean()) if len(s) else float("nan")
