@@ -57,21 +57,23 @@ OOD_RTOL = 1e-3
 
 
 class _Exported(nn.Module):
-    """model -> (logits, calibrated probabilities[, OOD score]); the OOD score as :class:`medmix.ood.Detector`
-    computes it (``detector`` None: no score)."""
+    """model -> (logits, calibrated probabilities[, OOD score]). ``spans``: ``(first column, end, multi-label,
+    temperature)`` per block of columns with its own softmax (sigmoid for multi-label) and temperature: one block for
+    a single-dataset model; the router's and each head's for a generalist, so the ONNX Runtime backend routes with one
+    graph. The OOD score as the predictors compute it: the smallest squared Mahalanobis distance of the penultimate
+    features to any class mean (``stats``), or the energy of the logits at ``energy_t``."""
 
-    def __init__(self, model: nn.Module, task: str, temperature, detector=None) -> None:
+    def __init__(self, model: nn.Module, spans: list[tuple], ood: str | None = None, stats: dict | None = None,
+                 energy_t: float = 1.0) -> None:
         super().__init__()
-        self.model = model
-        self.multi_label = task == MULTI_LABEL
-        self.register_buffer("temperature", torch.as_tensor(temperature, dtype=torch.float32).reshape(1, -1))
-        self.ood = detector.method if detector is not None else None
-        if self.ood == "mahalanobis":
+        self.model, self.spans, self.ood, self.energy_t = model, spans, ood, energy_t
+        for i, (_, _, _, t) in enumerate(spans):
+            self.register_buffer(f"t{i}", torch.as_tensor(t, dtype=torch.float32).reshape(1, -1))
+        if ood == "mahalanobis":
             from .ood import EXTRA_MEANS, EXTRA_PRECISION
 
-            self.register_buffer("means", detector.stats[EXTRA_MEANS].float().clone())
-            self.register_buffer("precision", detector.stats[EXTRA_PRECISION].float().clone())
-        self.ood_temperature = float(detector.temperature) if detector is not None else 1.0
+            self.register_buffer("means", stats[EXTRA_MEANS].float().clone())
+            self.register_buffer("precision", stats[EXTRA_PRECISION].float().clone())
 
     def forward(self, x: torch.Tensor):
         if self.ood == "mahalanobis":
@@ -80,54 +82,20 @@ class _Exported(nn.Module):
             feats = self.model.forward_head(f, pre_logits=True).float().reshape(x.shape[0], -1)
         else:
             logits = self.model(x).float()
-        z = logits / self.temperature
-        probs = torch.sigmoid(z) if self.multi_label else torch.softmax(z, dim=1)
+        parts = []
+        for i, (a, b, multi, _) in enumerate(self.spans):
+            z = logits[:, a:b] / getattr(self, f"t{i}")
+            parts.append(torch.sigmoid(z) if multi else torch.softmax(z, dim=1))
+        probs = torch.cat(parts, dim=1)
         if self.ood is None:
             return logits, probs
         if self.ood == "mahalanobis":
             diff = feats[:, None, :] - self.means[None]  # (B, K, D): direct form, no float32 cancellation
             score = ((diff @ self.precision) * diff).sum(-1).min(dim=1).values.clamp_min(0.0)
         else:  # energy
-            t = self.ood_temperature
-            score = -t * (F.softplus(logits / t).sum(1) if self.multi_label else torch.logsumexp(logits / t, dim=1))
+            t, multi = self.energy_t, self.spans[0][2]
+            score = -t * (F.softplus(logits / t).sum(1) if multi else torch.logsumexp(logits / t, dim=1))
         return logits, probs, score
-
-
-class _ExportedGeneralist(nn.Module):
-    """A generalist -> (logits, probabilities[, OOD score]): ``probabilities`` holds the router's calibrated
-    probabilities in its columns and each head's in its own (softmax, or sigmoid for multi-label heads, each with its
-    temperature), so the ONNX Runtime backend routes with one graph; the OOD score is the smallest squared
-    Mahalanobis distance to any (dataset, class) mean, as :class:`medmix.generalist_predictor.GeneralistPredictor`
-    computes it."""
-
-    def __init__(self, model: nn.Module, g: dict, stats: dict | None) -> None:
-        super().__init__()
-        self.model = model
-        n_d = len(g["datasets"])
-        self.spans = [(0, n_d, False, float(g.get("modality_temperature", 1.0) or 1.0))]
-        for d in g["datasets"]:
-            t = d.get("temperature", 1.0) or 1.0
-            self.spans.append((*d["columns"], d["task"]["task"] == MULTI_LABEL, t))
-        self.has_ood = stats is not None
-        if stats is not None:
-            from .ood import EXTRA_MEANS, EXTRA_PRECISION
-
-            self.register_buffer("means", stats[EXTRA_MEANS].float().clone())
-            self.register_buffer("precision", stats[EXTRA_PRECISION].float().clone())
-
-    def forward(self, x: torch.Tensor):
-        f = self.model.forward_features(x)
-        logits = self.model.forward_head(f).float()
-        parts = []
-        for a, b, multi, t in self.spans:
-            z = logits[:, a:b] / torch.as_tensor(t, dtype=torch.float32).reshape(1, -1)
-            parts.append(torch.sigmoid(z) if multi else torch.softmax(z, dim=1))
-        probs = torch.cat(parts, dim=1)
-        if not self.has_ood:
-            return logits, probs
-        feats = self.model.forward_head(f, pre_logits=True).float().reshape(x.shape[0], -1)
-        diff = feats[:, None, :] - self.means[None]
-        return logits, probs, ((diff @ self.precision) * diff).sum(-1).min(dim=1).values.clamp_min(0.0)
 
 
 def onnx_metadata(meta: dict, opset: int, detector=None) -> dict:
@@ -168,7 +136,7 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
         raise ConfigError(f"opset {opset} is not supported; use 9..21 (default 17)")
     check_writable_file(out_path, "--onnx")
     t0 = time.perf_counter()
-    from .ood import Detector
+    from .ood import EXTRA_MEANS, EXTRA_PRECISION, Detector
 
     run = Run.of(checkpoint)
     src, meta = run.path, run.meta
@@ -176,19 +144,19 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
     task = meta["task"]
     c, s, d = int(task["n_channels"]), int(meta["img_size"]), int(meta["data_size"])
     if run.is_generalist:
-        detector = None
-        stats = None
-        if isinstance(meta.get("ood"), dict) and meta["ood"].get("thresholds_by_dataset"):
-            from .ood import EXTRA_MEANS, EXTRA_PRECISION
-
-            stats = {k: run.extras[k] for k in (EXTRA_MEANS, EXTRA_PRECISION)}
-        wrapped = _ExportedGeneralist(model, meta["generalist"], stats).eval()
-        outputs = list(OUTPUT_NAMES) + ([OOD_OUTPUT] if stats is not None else [])
+        g, detector = meta["generalist"], None
+        stats = {k: run.extras[k] for k in (EXTRA_MEANS, EXTRA_PRECISION)} if isinstance(meta.get("ood"), dict) \
+            and meta["ood"].get("thresholds_by_dataset") else None
+        spans = [(0, len(g["datasets"]), False, float(g.get("modality_temperature", 1.0) or 1.0))]
+        spans += [(*d["columns"], d["task"]["task"] == MULTI_LABEL, d.get("temperature", 1.0) or 1.0)
+                  for d in g["datasets"]]
+        wrapped = _Exported(model, spans, "mahalanobis" if stats is not None else None, stats).eval()
     else:
-        detector = Detector.from_checkpoint(meta, run.extras)
-        stats = None
-        wrapped = _Exported(model, task["task"], meta.get("temperature", 1.0), detector).eval()
-        outputs = list(OUTPUT_NAMES) + ([OOD_OUTPUT] if detector is not None else [])
+        detector, stats = Detector.from_checkpoint(meta, run.extras), None
+        spans = [(0, len(task["class_names"]), task["task"] == MULTI_LABEL, meta.get("temperature", 1.0))]
+        wrapped = _Exported(model, spans, detector.method if detector else None, detector.stats if detector else None,
+                            float(detector.temperature) if detector else 1.0).eval()
+    outputs = list(OUTPUT_NAMES) + ([OOD_OUTPUT] if wrapped.ood else [])
     transform = run.transform(channels_last=False)
 
     g = torch.Generator().manual_seed(seed)
