@@ -25,10 +25,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | str) -> None:
     with atomic_file(path) as f:
-        f.write(data)
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+atomic_write_text = atomic_write_bytes  # text is written as UTF-8

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ._version import __version__
 from .atomic import atomic_file, atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 
 FORMAT = 1
 REQUIRED_META = ("model", "model_kwargs", "task", "img_size", "data_size", "mean", "std")
@@ -66,22 +66,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
-def _check_zip_crc(p: Path, data: bytes) -> None:
-    """torch's reader does not verify the zip CRC-32s, so a bit flip inside the weights would load silently as
-    different weights; check every member's checksum (about 1 GB/s) before loading."""
-    if data[:4] != b"PK\x03\x04":
-        return  # not torch's zip format: torch.load decides
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            bad = z.testzip()
-    except Exception as e:  # BadZipFile, zlib errors, EOFError, ... from a damaged directory
-        raise CheckpointError(f"{p}: not a readable checkpoint (truncated or damaged: {type(e).__name__})") \
-            from None
-    if bad is not None:
-        raise CheckpointError(f"{p}: damaged checkpoint (checksum mismatch in {bad.split('/', 1)[-1]}); use "
-                              f"another copy")
-
-
 def load_checkpoint(path: str | os.PathLike, *, extras: bool = False):
     """Return ``(state_dict, meta, train_state)``, or ``(state_dict, meta, train_state, extras)`` with
     ``extras=True`` (``{}`` for checkpoints written without any); raise :class:`CheckpointError` for anything
@@ -92,7 +76,18 @@ def load_checkpoint(path: str | os.PathLike, *, extras: bool = False):
             data = f.read()
     except OSError as e:  # unreadable (permissions), vanished, ...: say so, not "truncated"
         raise CheckpointError(f"{p}: cannot read the checkpoint ({e.strerror or type(e).__name__})") from None
-    _check_zip_crc(p, data)
+    # torch's reader does not verify the zip CRC-32s, so a bit flip inside the weights would load silently as
+    # different weights: check every member's checksum (about 1 GB/s) first (not a zip file: torch.load decides)
+    if data[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                bad = z.testzip()
+        except Exception as e:  # BadZipFile, zlib errors, EOFError, ... from a damaged directory
+            raise CheckpointError(f"{p}: not a readable checkpoint (truncated or damaged: {type(e).__name__})") \
+                from None
+        if bad is not None:
+            raise CheckpointError(f"{p}: damaged checkpoint (checksum mismatch in {bad.split('/', 1)[-1]}); use "
+                                  f"another copy")
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -160,21 +155,13 @@ def load_training_data(meta: dict, run_dir: Path, data_dir: str | os.PathLike | 
                         split_file=split_file if split_file.exists() else None)
 
 
-def reject_generalist(meta: dict, path: str | os.PathLike, what: str) -> None:
-    """Raise a clear error when a command that needs a single-dataset classifier is given a generalist."""
-    if is_generalist(meta):
-        raise ConfigError(f"{path} is a generalist checkpoint ({meta.get('dataset', '')}); {what} supports "
-                          f"single-dataset checkpoints only: use `medmix predict` / `medmix evaluate` (routed), or "
-                          f"train a specialist")
-
-
 def build_model(meta: dict, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The checkpoint's model (a generalist's :class:`~medmix.models.multihead.MultiHeadClassifier` included), with
     ``state`` loaded when given, in eval mode."""
     from .models import create_model
 
     try:
-        if meta.get("kind") == "generalist":
+        if is_generalist(meta):
             from .models.multihead import MultiHeadClassifier
 
             sizes = [len(d["task"]["class_names"]) for d in meta["generalist"]["datasets"]]

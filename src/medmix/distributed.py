@@ -21,19 +21,10 @@ from datetime import timedelta
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .errors import ConfigError, MedmixError
-
-ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def requested_by_env() -> bool:
-    """True when launched by torchrun (or a compatible launcher) with more than one process."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -54,38 +45,22 @@ class Context:
         return self.rank == 0
 
     # ------------------------------------------------------------------------------------------- collectives
-    def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     def broadcast_int(self, value: int) -> int:
         """Process 0's ``value`` on every process."""
-        if not self.enabled:
-            return int(value)
-        import torch.distributed as dist
-
-        t = torch.tensor([int(value)], dtype=torch.int64, device=self._comm_device)
-        dist.broadcast(t, src=0)
-        return int(t.item())
+        return int(self.broadcast_object(int(value)))
 
     def broadcast_object(self, obj: Any) -> Any:
         """Process 0's ``obj`` (a small picklable value such as a path) on every process."""
         if not self.enabled:
             return obj
-        import torch.distributed as dist
-
         box = [obj]
-        dist.broadcast_object_list(box, src=0, device=self._comm_device if self.device.type == "cuda" else None)
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
     def all_sum(self, values: list[float]) -> list[float]:
         if not self.enabled:
             return list(values)
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
         dist.all_reduce(t)
         return t.tolist()
 
@@ -105,37 +80,31 @@ class Context:
             raise MedmixError("stopped: process 0 failed (its message says why)")
         return result
 
-    @property
-    def _comm_device(self) -> torch.device:
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
-
     def close(self) -> None:
         if self.owns_group and _initialized():
-            import torch.distributed as dist
-
             dist.destroy_process_group()
             self.owns_group = False
 
 
 def _initialized() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
 
 
 def setup(ddp: bool | None) -> Context:
     """``ddp``: True = required (torchrun's variables must be set), None = when torchrun started several
     processes, False = never. Joins an already initialised default process group instead of creating one."""
-    if ddp is False or (ddp is None and not requested_by_env() and not _initialized()):
+    try:  # launched by torchrun (or a compatible launcher) with more than one process?
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        several = False
+    if ddp is False or (ddp is None and not several and not _initialized()):
         return Context()
-    import torch.distributed as dist
-
     if not dist.is_available():
         raise ConfigError("this PyTorch build has no torch.distributed; train without --ddp")
     cuda = torch.cuda.is_available()
-    owns = False
-    if not dist.is_initialized():
-        missing = [k for k in ENV_VARS if k not in os.environ]
+    owns = not dist.is_initialized()
+    if owns:
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise ConfigError(f"--ddp needs torchrun's environment ({', '.join(missing)} not set); launch with "
                               f"torchrun --nproc_per_node=N -m medmix train ...")
@@ -145,7 +114,6 @@ def setup(ddp: bool | None) -> Context:
         except (RuntimeError, ValueError) as e:
             raise ConfigError(f"could not join the process group ({str(e).splitlines()[0] if str(e) else e})") \
                 from None
-        owns = True
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cpu")
     if cuda and dist.get_backend() == "nccl":
@@ -168,19 +136,11 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        import torch.distributed as dist
-
         t = t.clone()
         dist.all_reduce(t)
         return t
 
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        import torch.distributed as dist
-
-        g = g.clone()
-        dist.all_reduce(g)
-        return g
+    backward = forward  # the gradient (one per process) is summed the same way
 
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -229,9 +189,7 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, CPUSyncBatchNorm):
             out = CPUSyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
             if m.affine:
-                with torch.no_grad():
-                    out.weight = m.weight
-                    out.bias = m.bias
+                out.weight, out.bias = m.weight, m.bias
             out.running_mean, out.running_var = m.running_mean, m.running_var
             out.num_batches_tracked = m.num_batches_tracked
             out.train(m.training)

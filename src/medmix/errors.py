@@ -48,15 +48,14 @@ def require_extra(extra: str, feature: str) -> None:
 
     missing = []
     for module in EXTRAS[extra]:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            if module == "python_multipart":  # releases before 0.0.13 install it as `multipart`
-                try:
-                    importlib.import_module("multipart")
-                    continue
-                except ImportError:
-                    pass
+        # python-multipart releases before 0.0.13 install it as `multipart`
+        for name in (module, "multipart") if module == "python_multipart" else (module,):
+            try:
+                importlib.import_module(name)
+                break
+            except ImportError:
+                pass
+        else:
             missing.append(module.replace("_", "-"))
     if missing:
         raise MissingExtraError(f"{feature} needs {', '.join(missing)} (the {extra!r} extra): pip install "

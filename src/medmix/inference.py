@@ -5,30 +5,26 @@ imports the training loop (a test enforces the layers).
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .data.tasks import MULTI_LABEL
+from .config import PRECISIONS
 from .errors import ConfigError
-
-PRECISIONS = ("auto", "bf16", "fp32")
+from .task_kinds import MULTI_LABEL
 
 
 def bf16_supported() -> bool:
     """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX); without them bf16 is emulated
     and far slower than fp32 (measured: ~100x on an AVX2-only EPYC)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return cpu_kind() in ("AMX", "AVX-512 BF16")
 
 
 def resolve_precision(precision: str) -> str:
-    if precision not in ("auto", "bf16", "fp32"):
+    if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; use auto, bf16 or fp32")
     if precision == "auto":
         return "bf16" if bf16_supported() else "fp32"
@@ -73,7 +69,6 @@ def predict_logits(model: nn.Module, images: torch.Tensor, transform, batch_size
 
 
 @torch.inference_mode()
-@torch.no_grad()
 def extract(model: nn.Module, images: torch.Tensor, transform, batch_size: int = 256, *, precision: str = "fp32",
             features: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 images -> ``(logits (N, K), penultimate features (N, D) or None)`` in float32, one forward pass per batch
@@ -100,14 +95,19 @@ def single_input(x: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- the machine
-def cpu_kind(cpuinfo: str | None = None) -> str:
-    """What the CPU offers for training, from ``/proc/cpuinfo``: "AMX" (amx_bf16), "AVX-512 BF16" (avx512_bf16),
-    "AVX-512" (avx512f, bf16 emulated), "AVX2" (bf16 emulated) or "other"; timings are only comparable within a kind."""
+def _cpuinfo_field(name: str, cpuinfo: str | None = None) -> str | None:
+    """The first ``name : value`` line's value in ``cpuinfo`` (default: ``/proc/cpuinfo``), or None."""
     try:
         text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
         text = ""
-    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    return next((ln.split(":", 1)[1] for ln in text.splitlines() if ln.startswith(name)), None)
+
+
+def cpu_kind(cpuinfo: str | None = None) -> str:
+    """What the CPU offers for training, from ``/proc/cpuinfo``: "AMX" (amx_bf16), "AVX-512 BF16" (avx512_bf16),
+    "AVX-512" (avx512f, bf16 emulated), "AVX2" (bf16 emulated) or "other"; timings are only comparable within a kind."""
+    flags = set((_cpuinfo_field("flags", cpuinfo) or "").split())
     for flag, kind in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2")):
         if flag in flags:
             return kind
@@ -116,16 +116,7 @@ def cpu_kind(cpuinfo: str | None = None) -> str:
 
 def machine_description() -> str:
     """CPU model and kind (its bf16 support), threads, torch and OS: the line stored beside every timing."""
-    import platform
-
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = (_cpuinfo_field("model name") or "unknown CPU").strip()
     return (f"{cpu} ({cpu_kind()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"{platform.system()}")
 

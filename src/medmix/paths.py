@@ -13,25 +13,17 @@ from pathlib import Path
 from .errors import ConfigError
 
 
-def _nearest_existing(p: Path) -> Path:
-    q = p
-    while not q.exists() and q != q.parent:
-        q = q.parent
-    return q
-
-
-def _probe(d: Path, what: str, target: Path) -> None:
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".medmix-probe-", dir=d))
-    except OSError as e:
-        raise ConfigError(f"{what} {target}: cannot write in {d} ({e.strerror or type(e).__name__})") from None
-
-
 def _check_dir(d: Path, what: str, target: Path) -> None:
-    base = _nearest_existing(d.absolute())
+    """Probe the nearest existing ancestor of ``d`` (``target``: the path named in the error)."""
+    base = d.absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
     if not base.is_dir():
         raise ConfigError(f"{what} {target}: {base} is a file, not a directory")
-    _probe(base, what, target)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".medmix-probe-", dir=base))
+    except OSError as e:
+        raise ConfigError(f"{what} {target}: cannot write in {base} ({e.strerror or type(e).__name__})") from None
 
 
 def check_writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:

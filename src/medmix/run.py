@@ -11,13 +11,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import (GENERALIST, build_model, is_generalist, load_checkpoint, load_training_data,
-                         reject_generalist, resolve_checkpoint)
+from .checkpoint import GENERALIST, build_model, is_generalist, load_checkpoint, load_training_data, resolve_checkpoint
 from .data import BatchTransform, DataBundle
 from .data.tasks import TaskInfo
 from .errors import ConfigError
@@ -68,13 +66,12 @@ class Run:
     def dataset(self) -> str:
         return str(self.meta.get("dataset", ""))
 
-    @property
-    def model_name(self) -> str:
-        return str(self.meta["model"])
-
     def require_single(self, what: str) -> Run:
         """Refuse a generalist for a command that needs a single-dataset classifier (one line naming ``what``)."""
-        reject_generalist(self.meta, self.path, what)
+        if self.is_generalist:
+            raise ConfigError(f"{self.path} is a generalist checkpoint ({self.dataset}); {what} supports "
+                              f"single-dataset checkpoints only: use `medmix predict` / `medmix evaluate` (routed), "
+                              f"or train a specialist")
         return self
 
     # ------------------------------------------------------------------------------------------ what it builds
@@ -96,6 +93,3 @@ class Run:
             if bundle.info.class_names != info.class_names or bundle.info.task != info.task:
                 raise ConfigError(f"the data found for {self.dataset!r} do not match the checkpoint's classes/task")
         return bundle
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.meta.get(key, default)

@@ -28,10 +28,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import distributed
 from .atomic import atomic_write_text
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import CheckpointError, ConfigError
 
 
@@ -58,13 +59,12 @@ class Step:
 
 class Task(ABC):
     """The hooks :func:`fit` calls. Subclasses set ``cfg``, ``model`` (the bare model on the device), ``meta`` (the
-    checkpoint metadata), ``steps_per_epoch`` and ``precision`` before training starts."""
+    checkpoint metadata) and ``steps_per_epoch`` before training starts."""
 
     cfg: Any
     model: nn.Module
     meta: dict
     steps_per_epoch: int
-    precision: str
 
     @abstractmethod
     def describe(self, world: str) -> str:
@@ -137,14 +137,6 @@ def schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warm
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
-def progress(total: int, desc: str, quiet: bool):
-    if quiet:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr, disable=None)
-
-
 def jsonable(o: Any) -> Any:
     """Numbers as JSON has them: numpy scalars to Python, non-finite floats to null."""
     if isinstance(o, dict):
@@ -158,11 +150,6 @@ def jsonable(o: Any) -> Any:
     return o
 
 
-def append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(jsonable(row)) + "\n")
-
-
 def write_history_csv(path: Path, history: list[dict]) -> None:
     if not history:
         return
@@ -172,38 +159,11 @@ def write_history_csv(path: Path, history: list[dict]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-# ----------------------------------------------------------------------------------------------- run directories
-def prepare_run_dir(final: Path, overwrite: bool) -> tuple[Path, Path]:
-    if final.exists() and not final.is_dir():
-        raise ConfigError(f"{final} exists and is not a directory; choose another --out")
-    if final.exists() and any(final.iterdir()) and not overwrite:
-        raise ConfigError(f"{final} already exists and is not empty; pass --overwrite or choose another --out")
-    partial = final.with_name(final.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    return final, partial
-
-
-def finish_run_dir(final: Path, partial: Path) -> None:
-    """Swap the completed ``partial`` into place; an existing ``final`` is replaced only now."""
-    trash = final.with_name(final.name + ".old")
-    if final.exists():
-        if trash.exists():
-            shutil.rmtree(trash)
-        final.rename(trash)
-        partial.rename(final)
-    else:
-        partial.rename(final)
-    if trash.exists():  # also the leftover of a run killed between the two renames, then resumed
-        shutil.rmtree(trash)
-
-
+# ----------------------------------------------------------------------------------------------- resuming
 @dataclass
 class ResumePoint:
     final: Path  # where the run ends up
     source: Path  # the directory holding last.pth: ``<final>.partial`` (a killed run) or ``final`` (a finished one)
-    checkpoint: Path
     meta: dict
     state: dict
     train_state: dict
@@ -219,8 +179,6 @@ TRAIN_STATE_KEYS = ("optimizer", "epoch", "best_score", "best_epoch", "bad_epoch
 def find_resume(out: str | None, resume: str | bool | None) -> ResumePoint | None:
     """The newest resumable state for ``resume``: the ``.partial`` build directory of a killed run first (it is
     newer than the finished run it may continue), then the finished run."""
-    from .checkpoint import load_checkpoint
-
     if resume is None or resume is False:
         return None
     if resume is True:
@@ -249,7 +207,7 @@ def find_resume(out: str | None, resume: str | bool | None) -> ResumePoint | Non
                                   f"older medmix?)")
         if not isinstance(meta.get("train_config"), dict):
             raise CheckpointError(f"{ckpt}: the checkpoint does not record its training configuration")
-        return ResumePoint(final, source, ckpt, meta, state, ts)
+        return ResumePoint(final, source, meta, state, ts)
     if first_error is not None:
         raise first_error
     if required:
@@ -271,23 +229,6 @@ def check_resume_left(resume: ResumePoint, epochs: int, patience: int) -> None:
                           f"pass --patience greater than {ts['bad_epochs']} to continue it")
 
 
-def resume_run_dir(resume: ResumePoint) -> tuple[Path, Path]:
-    """Continue in the ``.partial`` directory of a killed run, or in a copy of a finished run (the finished run
-    stays untouched until the continued one replaces it)."""
-    partial = resume.final.with_name(resume.final.name + ".partial")
-    if resume.in_place:
-        for stray in partial.glob(".*.tmp*"):  # temporary files of writes the kill interrupted
-            stray.unlink()
-        return resume.final, partial
-    copy = partial.with_name(partial.name + ".copying")
-    for d in (partial, copy):
-        if d.exists():
-            shutil.rmtree(d)
-    shutil.copytree(resume.final, copy)
-    copy.rename(partial)
-    return resume.final, partial
-
-
 # ----------------------------------------------------------------------------------------------- the loop
 def fit(task: Task, ctx: distributed.Context, resume: ResumePoint | None, say: Callable[[str], None],
         quiet: bool) -> Any:
@@ -301,8 +242,8 @@ def fit(task: Task, ctx: distributed.Context, resume: ResumePoint | None, say: C
     sched = schedule(opt, cfg.schedule, steps * cfg.epochs, int(cfg.warmup_epochs * steps))
     history: list[dict] = []
     best_score, best_epoch, bad_epochs, start_epoch, seconds_before = -math.inf, 0, 0, 1, 0.0
-    ts = resume.train_state if resume is not None else None
-    if ts is not None:
+    if resume is not None:
+        ts = resume.train_state
         try:
             model.load_state_dict(resume.state)
             opt.load_state_dict(ts["optimizer"])
@@ -310,7 +251,7 @@ def fit(task: Task, ctx: distributed.Context, resume: ResumePoint | None, say: C
                 sched.load_state_dict(ts["scheduler"])
             task.load_state_dict(ts.get("task") or {})
         except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{resume.checkpoint}: does not fit this run's model/optimiser "
+            raise CheckpointError(f"{resume.source / 'last.pth'}: does not fit this run's model/optimiser "
                                   f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         history = [dict(r) for r in ts["history"]]
         best_score, best_epoch, bad_epochs = float(ts["best_score"]), int(ts["best_epoch"]), int(ts["bad_epochs"])
@@ -319,8 +260,28 @@ def fit(task: Task, ctx: distributed.Context, resume: ResumePoint | None, say: C
             torch.set_rng_state(ts["rng_state"])
 
     def open_run_dir() -> tuple[Path, Path]:
-        final, run = resume_run_dir(resume) if resume is not None else \
-            prepare_run_dir(Path(cfg.out or task.default_out()), cfg.overwrite)
+        """``(final, <final>.partial)``, the run built in the latter: a new directory, the killed run's own (continued
+        in place) or a copy of a finished run (which stays untouched until the continued one replaces it)."""
+        final = resume.final if resume is not None else Path(cfg.out or task.default_out())
+        run = final.with_name(final.name + ".partial")
+        if resume is None:
+            if final.exists() and not final.is_dir():
+                raise ConfigError(f"{final} exists and is not a directory; choose another --out")
+            if final.exists() and any(final.iterdir()) and not cfg.overwrite:
+                raise ConfigError(f"{final} already exists and is not empty; pass --overwrite or choose another --out")
+            if run.exists():
+                shutil.rmtree(run)
+            run.mkdir(parents=True)
+        elif resume.in_place:
+            for stray in run.glob(".*.tmp*"):  # temporary files of writes the kill interrupted
+                stray.unlink()
+        else:
+            copy = run.with_name(run.name + ".copying")
+            for d in (run, copy):
+                if d.exists():
+                    shutil.rmtree(d)
+            shutil.copytree(final, copy)
+            copy.rename(run)
         task.write_files(run)
         atomic_write_text(run / "config.json", json.dumps(meta["train_config"], indent=2))
         # the log is rebuilt from the restored history: lines appended after last.pth was written are dropped
@@ -332,17 +293,46 @@ def fit(task: Task, ctx: distributed.Context, resume: ResumePoint | None, say: C
 
     net: nn.Module = model
     if ctx.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     world = f", {ctx.world_size} processes" if ctx.world_size > 1 else ""
     say(f"{'resuming at epoch ' + str(start_epoch) + ': ' if resume is not None else ''}training "
         f"{task.describe(world)} -> {final}")
+
+    def end_epoch() -> int:
+        """Process 0, after an epoch's training: validate, log, checkpoint; 1 when training stops early."""
+        nonlocal best_score, best_epoch, bad_epochs
+        v = task.validate()
+        row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
+               **{f"train_{k}": s / max(seen, 1) for k, s in extra_sums.items()}, **v.fields,
+               "lr": opt.param_groups[0]["lr"], "train_img_s": seen / train_time,
+               "epoch_seconds": time.perf_counter() - t0}
+        history.append(row)
+        with open(run / "log.jsonl", "a") as f:
+            f.write(json.dumps(jsonable(row)) + "\n")
+        improved = v.score > best_score
+        if improved:
+            best_score, best_epoch, bad_epochs = v.score, epoch, 0
+            save_checkpoint(run / "best_model.pth", model, {**meta, "epoch": epoch, "val_metrics": v.summary})
+        else:
+            bad_epochs += 1
+        # written after best_model.pth: a kill in between repeats this epoch, which improves again identically
+        save_checkpoint(run / "last.pth", model, {**meta, "epoch": epoch, "val_metrics": v.summary},
+                        train_state={"optimizer": opt.state_dict(),
+                                     "scheduler": sched.state_dict() if sched is not None else None,
+                                     "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
+                                     "bad_epochs": bad_epochs, "history": history, "rng_state": torch.get_rng_state(),
+                                     "seconds": seconds_before + time.perf_counter() - t_start,
+                                     "world_size": ctx.world_size, "task": task.state_dict()})
+        say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  {v.text}  {row['train_img_s']:.0f} img/s"
+            f"{'  *' if improved else ''}")
+        if bad_epochs >= cfg.patience:
+            say(task.stop_text())
+            return 1
+        return 0
+
     stopped = bad_epochs >= cfg.patience  # a killed run that had already stopped early only needs finishing
     t_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if stopped:
-            break
+    for epoch in range(start_epoch, start_epoch if stopped else cfg.epochs + 1):
         # all randomness of an epoch derives from (seed, epoch) and the restored state: resuming at an epoch
         # boundary repeats it exactly. The task's generator is the same on every process; the global RNG (dropout)
         # differs per rank.
@@ -351,7 +341,8 @@ def fit(task: Task, ctx: distributed.Context, resume: ResumePoint | None, say: C
         model.train()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
         extra_sums: dict[str, float] = {}
-        bar = progress(steps, f"epoch {epoch}/{cfg.epochs}", quiet)
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True, file=sys.stderr,
+                   disable=True if quiet else None)
         for batch in task.batches():
             s = task.step(net, batch)
             if s is None:
@@ -365,58 +356,28 @@ def fit(task: Task, ctx: distributed.Context, resume: ResumePoint | None, say: C
             loss_sum += float(s.loss.detach()) * s.n
             for k, v in s.extras.items():
                 extra_sums[k] = extra_sums.get(k, 0.0) + float(v.detach()) * s.n
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        if bar is not None:
-            bar.close()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        bar.close()
         if ctx.world_size > 1:
             keys = sorted(extra_sums)
-            summed = ctx.all_sum([loss_sum, float(seen), *(extra_sums[k] for k in keys)])
-            loss_sum, seen = summed[0], summed[1]
-            extra_sums = dict(zip(keys, summed[2:]))
+            loss_sum, seen, *summed = ctx.all_sum([loss_sum, float(seen), *(extra_sums[k] for k in keys)])
+            extra_sums = dict(zip(keys, summed))
         train_time = time.perf_counter() - t0
-
-        def end_epoch(epoch: int, loss_sum: float, seen: float, extra_sums: dict, train_time: float,
-                      t0: float) -> int:
-            nonlocal best_score, best_epoch, bad_epochs
-            v = task.validate()
-            row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
-                   **{f"train_{k}": s / max(seen, 1) for k, s in extra_sums.items()}, **v.fields,
-                   "lr": opt.param_groups[0]["lr"], "train_img_s": seen / train_time,
-                   "epoch_seconds": time.perf_counter() - t0}
-            history.append(row)
-            append_jsonl(run / "log.jsonl", row)
-            improved = v.score > best_score
-            if improved:
-                best_score, best_epoch, bad_epochs = v.score, epoch, 0
-                save_checkpoint(run / "best_model.pth", model, {**meta, "epoch": epoch, "val_metrics": v.summary})
-            else:
-                bad_epochs += 1
-            # written after best_model.pth: a kill in between repeats this epoch, which improves again identically
-            save_checkpoint(run / "last.pth", model, {**meta, "epoch": epoch, "val_metrics": v.summary},
-                            train_state={"optimizer": opt.state_dict(),
-                                         "scheduler": sched.state_dict() if sched is not None else None,
-                                         "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
-                                         "bad_epochs": bad_epochs, "history": history,
-                                         "rng_state": torch.get_rng_state(),
-                                         "seconds": seconds_before + time.perf_counter() - t_start,
-                                         "world_size": ctx.world_size, "task": task.state_dict()})
-            say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  {v.text}  {row['train_img_s']:.0f} img/s"
-                f"{'  *' if improved else ''}")
-            if bad_epochs >= cfg.patience:
-                say(task.stop_text())
-                return 1
-            return 0
-
-        if ctx.broadcast_int(ctx.on_main(lambda e=epoch, ls=loss_sum, n=seen, xs=extra_sums, tt=train_time, t=t0:
-                                         end_epoch(e, ls, n, xs, tt, t)) or 0):
+        if ctx.broadcast_int(ctx.on_main(end_epoch) or 0):
             break
     seconds = seconds_before + time.perf_counter() - t_start
 
     def finish() -> Any:
         result = task.finish(run, final, best_epoch, history, seconds, say)
-        finish_run_dir(final, run)
+        trash = final.with_name(final.name + ".old")  # an existing ``final`` is replaced only now
+        if final.exists():
+            if trash.exists():
+                shutil.rmtree(trash)
+            final.rename(trash)
+        run.rename(final)
+        if trash.exists():  # also the leftover of a run killed between the two renames, then resumed
+            shutil.rmtree(trash)
         return result
 
     result = ctx.on_main(finish)  # the other processes wait here until the run directory is complete
