@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .task_kinds import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL
+from .task_kinds import MULTI_LABEL, ORDINAL, TASKS
 
-TASKS: tuple[str, ...] = (MULTI_CLASS, BINARY, MULTI_LABEL, ORDINAL)
 LOSS_NAMES: tuple[str, ...] = ("ce", "nll", "bce", "ordinal")
 
 Variant = Literal["peaked", "printed"]
@@ -112,11 +111,6 @@ class BCEWithLogits(nn.BCEWithLogitsLoss):
 
 
 # --------------------------------------------------------------------------- ordinal loss
-def _pairs(num_classes: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    i, j = torch.triu_indices(num_classes, num_classes, offset=1, device=device)
-    return i, j
-
-
 def rank_loss_terms(
     probs: Tensor, target: Tensor, margin: float = 0.1, variant: Variant = "peaked"
 ) -> Tensor:
@@ -126,7 +120,7 @@ def rank_loss_terms(
     if variant not in ("peaked", "printed"):
         raise ConfigError(f"ordinal variant must be 'peaked' or 'printed'; got {variant!r}")
     n, c = probs.shape
-    i, j = _pairs(c, probs.device)
+    i, j = torch.triu_indices(c, c, offset=1, device=probs.device)
     diff = probs[:, i] - probs[:, j]  # (N, P): p_i - p_j
     y2 = 2 * target.long().view(n, 1)  # compare 2y with i + j: exact integer arithmetic
     mid2 = (i + j).view(1, -1)

@@ -15,7 +15,8 @@ import torch
 
 from ..errors import ConfigError, DataError, UnknownNameError
 from . import folders, medmnist
-from .tasks import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TaskInfo
+from .medmnist import resolve_data_dir
+from .tasks import BINARY, MULTI_CLASS, TaskInfo
 from .transforms import AUGMENT_POLICIES, AugmentConfig, BatchTransform, get_policy
 
 __all__ = ["Split", "DataBundle", "DatasetSpec", "load_dataset", "list_datasets", "dataset_spec", "TaskInfo",
@@ -120,14 +121,6 @@ def dataset_spec(name: str) -> DatasetSpec:
     return specs[name]
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    if data_dir is not None:
-        return Path(data_dir)
-    if os.environ.get("MEDMIX_DATA"):
-        return Path(os.environ["MEDMIX_DATA"])
-    return medmnist.default_root()
-
-
 def _is_path(name: str) -> bool:
     return os.sep in name or name.endswith(".npz") or Path(name).is_dir()
 
@@ -145,50 +138,47 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, size: 
         if not path.exists():
             raise DataError(f"{path}: no such file or directory")
         if path.is_dir():
-            images, labels, classes = folders.read_class_folders(path, img_size)
-            return _split_bundle(path.name, images, labels, classes, {"kind": "folder", "path": str(path.resolve())},
-                                 seed, split_file)
+            return _split_bundle(path.name, folders.read_class_folders(path, img_size),
+                                 {"kind": "folder", "path": str(path.resolve())}, seed, split_file)
         return _load_npz_path(path, seed, split_file)
     spec = dataset_spec(name)
     if spec.kind == "medmnist":
         path = medmnist.locate(name, size, data_dir, download)
-        info = medmnist.task_info(name)
-        arrays = medmnist.read_official_npz(path, info)
-        splits = {k: Split(*v) for k, v in arrays.items()}
-        _check_splits(splits, path)
-        return DataBundle(name, info, splits, {"kind": "medmnist", "path": str(path), "size": size})
+        return _official_bundle(name, path, str(path), size)
     root = resolve_data_dir(data_dir)
     path = root / spec.file
     if not path.is_file():
         raise DataError(f"{spec.file} not found in {root}: put the packed npz (keys images, labels, classes) there, "
                         f"pass --data-dir DIR, or pass the class-folder directory itself as --dataset PATH")
-    images, labels, classes = folders.read_packed_npz(path)
-    return _split_bundle(name, images, labels, classes, {"kind": "packed", "path": str(path)}, seed, split_file)
+    return _split_bundle(name, folders.read_packed_npz(path), {"kind": "packed", "path": str(path)}, seed, split_file)
 
 
 def _load_npz_path(path: Path, seed: int, split_file) -> DataBundle:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys = set(npz.files)
-    except Exception as e:
-        raise DataError(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from None
+    with medmnist.open_npz(path) as npz:
+        keys = set(npz.files)
     flag = path.name.split(".")[0].split("_")[0]
     if "train_images" in keys and flag in medmnist.medmnist_flags():
-        info = medmnist.task_info(flag)
-        splits = {k: Split(*v) for k, v in medmnist.read_official_npz(path, info).items()}
-        _check_splits(splits, path)
-        return DataBundle(flag, info, splits, {"kind": "medmnist", "path": str(path.resolve()),
-                                               "size": int(splits["train"].images.shape[-1])})
+        return _official_bundle(flag, path, str(path.resolve()))
     if "train_images" in keys:
         raise DataError(f"{path}: an official-layout npz must be named after its MedMNIST flag "
                         f"(e.g. chestmnist.npz) so its task and classes are known")
-    images, labels, classes = folders.read_packed_npz(path)
-    return _split_bundle(path.stem, images, labels, classes, {"kind": "packed", "path": str(path.resolve())}, seed,
-                         split_file)
+    return _split_bundle(path.stem, folders.read_packed_npz(path), {"kind": "packed", "path": str(path.resolve())},
+                         seed, split_file)
 
 
-def _split_bundle(name: str, images: torch.Tensor, labels: np.ndarray, classes: list[str], source: dict, seed: int,
+def _official_bundle(flag: str, path: Path, source_path: str, size: int | None = None) -> DataBundle:
+    """An npz of the official layout; ``size`` defaults to the images' side."""
+    info = medmnist.task_info(flag)
+    splits = {k: Split(*v) for k, v in medmnist.read_official_npz(path, info).items()}
+    _check_splits(splits, path)
+    size = size or int(splits["train"].images.shape[-1])
+    return DataBundle(flag, info, splits, {"kind": "medmnist", "path": source_path, "size": size})
+
+
+def _split_bundle(name: str, data: tuple[torch.Tensor, np.ndarray, list[str]], source: dict, seed: int,
                   split_file) -> DataBundle:
+    """Images, labels and class names without official splits, split by ``split_file`` or ``seed``."""
+    images, labels, classes = data
     info = TaskInfo(BINARY if len(classes) == 2 else MULTI_CLASS, tuple(classes), int(images.shape[1]))
     if split_file is not None and Path(split_file).is_file():
         idx = folders.load_split(Path(split_file), labels)
@@ -204,7 +194,3 @@ def _check_splits(splits: dict[str, Split], path: Path) -> None:
     for k, s in splits.items():
         if len(s) == 0:
             raise DataError(f"{path}: the {k} split is empty")
-
-
-# re-exported for callers that reason about task kinds
-TASK_KINDS = (MULTI_CLASS, BINARY, MULTI_LABEL, ORDINAL)

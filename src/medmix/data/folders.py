@@ -17,21 +17,14 @@ from sklearn.model_selection import train_test_split
 from ..atomic import atomic_write_text
 from ..errors import DataError, ImageError
 from .images import IMAGE_SUFFIXES, load_image
+from .medmnist import open_npz
 
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 
 
 def read_packed_npz(path: Path) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """``images`` (N, H, W) or (N, H, W, 3) uint8, ``labels`` (N,) int, ``classes`` (K,) str."""
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise DataError(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from None
-    with npz:
-        missing = [k for k in ("images", "labels", "classes") if k not in npz.files]
-        if missing:
-            raise DataError(f"{path}: missing keys {', '.join(missing)} (a packed dataset has images, labels, "
-                            f"classes)")
+    with open_npz(path, ("images", "labels", "classes"), "a packed dataset has images, labels, classes") as npz:
         try:
             images, labels, classes = npz["images"], npz["labels"], [str(c) for c in npz["classes"]]
         except Exception as e:  # a damaged member: zlib.error, BadZipFile (CRC), ValueError, EOFError, ...

@@ -4,9 +4,10 @@ Task kind, class names, channels, split sizes, md5s and urls all come from ``med
 """
 from __future__ import annotations
 
-import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,70 +48,64 @@ def file_name(flag: str, size: int) -> str:
     return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
 
 
-def md5_of(flag: str, size: int) -> str:
-    return _info()[flag]["MD5" if size == 28 else f"MD5_{size}"]
-
-
-def url_of(flag: str, size: int) -> str:
-    return _info()[flag]["url" if size == 28 else f"url_{size}"]
-
-
-def file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """``data_dir``, else ``$MEDMIX_DATA``, else medmnist's default root."""
+    if data_dir is not None:
+        return Path(data_dir)
+    if os.environ.get("MEDMIX_DATA"):
+        return Path(os.environ["MEDMIX_DATA"])
+    return default_root()
 
 
 def locate(flag: str, size: int, data_dir: str | os.PathLike | None, download: bool = False) -> Path:
-    """Find ``{flag}[_{size}].npz``: ``data_dir``, else ``$MEDMIX_DATA``, else medmnist's default root.
+    """Find ``{flag}[_{size}].npz`` in :func:`resolve_data_dir`.
 
     The embedded BreastMNIST (28 px) is the last resort for ``breastmnist``. With ``download`` the file is fetched
-    through medmnist's url and md5 into the first directory searched.
+    through medmnist's url and md5 into that directory.
     """
     if size not in SIZES:
         raise DataError(f"MedMNIST images come in sizes {', '.join(map(str, SIZES))}, not {size}")
     name = file_name(flag, size)
-    dirs: list[Path] = []
-    if data_dir is not None:
-        dirs.append(Path(data_dir))
-    elif os.environ.get("MEDMIX_DATA"):
-        dirs.append(Path(os.environ["MEDMIX_DATA"]))
-    else:
-        dirs.append(default_root())
-    for d in dirs:
-        if (d / name).is_file():
-            return d / name
+    target = resolve_data_dir(data_dir)
+    if (target / name).is_file():
+        return target / name
     if flag == "breastmnist" and size == 28 and data_dir is None and (ASSETS / name).is_file():
         return ASSETS / name
-    target = dirs[0]
+    suffix = "" if size == 28 else f"_{size}"
+    url, md5 = _info()[flag][f"url{suffix}"], _info()[flag][f"MD5{suffix}"]
     if download:
         try:
             from torchvision.datasets.utils import download_url
 
             target.mkdir(parents=True, exist_ok=True)
-            download_url(url_of(flag, size), root=str(target), filename=name, md5=md5_of(flag, size))
+            download_url(url, root=str(target), filename=name, md5=md5)
             return target / name
         except Exception as e:  # network errors come in many types
             raise DataError(f"could not download {name} ({type(e).__name__}: {e}); put the file "
-                            f"(md5 {md5_of(flag, size)}, from {url_of(flag, size)}) in {target}") from None
-    raise DataError(f"{name} not found in {target}: download it from {url_of(flag, size)} (md5 "
-                    f"{md5_of(flag, size)}) and put it there, pass --data-dir DIR, or add --download when online")
+                            f"(md5 {md5}, from {url}) in {target}") from None
+    raise DataError(f"{name} not found in {target}: download it from {url} (md5 {md5}) and put it there, "
+                    f"pass --data-dir DIR, or add --download when online")
+
+
+def open_npz(path: Path, expected: Sequence[str] = (), layout: str = "") -> Any:
+    """``np.load(path)``, raising DataError for an unreadable file or a missing key of ``expected`` (``layout``
+    says which keys the file should have)."""
+    try:
+        npz = np.load(path, allow_pickle=False)
+        files = npz.files  # an .npy array has none
+    except Exception as e:
+        raise DataError(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from None
+    missing = [k for k in expected if k not in files]
+    if missing:
+        npz.close()
+        raise DataError(f"{path}: missing keys {', '.join(missing)} ({layout})")
+    return npz
 
 
 def read_official_npz(path: Path, info: TaskInfo) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Read and validate an npz of the official layout; returns uint8 ``(N, C, H, W)`` images and labels."""
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise DataError(f"{path}: not a readable npz file ({type(e).__name__}: {e})") from None
-    with npz:
-        expected = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
-        missing = [k for k in expected if k not in npz.files]
-        if missing:
-            raise DataError(f"{path}: missing keys {', '.join(missing)} (an official MedMNIST npz has "
-                            f"{', '.join(expected)})")
+    expected = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
+    with open_npz(path, expected, f"an official MedMNIST npz has {', '.join(expected)}") as npz:
         out = {}
         for split in SPLITS:
             try:

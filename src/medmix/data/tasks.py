@@ -28,14 +28,6 @@ class TaskInfo:
         """Model outputs: one per class (binary tasks keep two columns, as the official evaluator expects)."""
         return len(self.class_names)
 
-    @property
-    def multi_label(self) -> bool:
-        return self.task == MULTI_LABEL
-
-    @property
-    def ordinal(self) -> bool:
-        return self.task == ORDINAL
-
     def to_dict(self) -> dict:
         return {"task": self.task, "class_names": list(self.class_names), "n_channels": self.n_channels}
 

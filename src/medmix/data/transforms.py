@@ -9,7 +9,7 @@ affine is done here with ``affine_grid``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,6 @@ class AugmentConfig:
     @property
     def identity(self) -> bool:
         return not (self.hflip or self.vflip or self.rotate or self.translate or self.scale != (1.0, 1.0))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 AUGMENT_POLICIES: dict[str, AugmentConfig] = {
@@ -67,10 +64,6 @@ class BatchTransform:
         self.augment = augment or AugmentConfig()
         self.channels_last = channels_last
 
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean * 255.0) / (self.std * 255.0)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
-
     def __call__(self, x: torch.Tensor, *, train: bool = False, generator: torch.Generator | None = None,
                  rows: slice | None = None) -> torch.Tensor:
         """``rows``: transform only these rows of ``x``, but draw the random parameters for the whole batch, so
@@ -89,7 +82,8 @@ class BatchTransform:
         elif x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
             xf = F.interpolate(xf, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
                                antialias=self.img_size < x.shape[-1])
-        return self._normalise(xf)
+        xf = (xf - self.mean * 255.0) / (self.std * 255.0)
+        return xf.contiguous(memory_format=torch.channels_last) if self.channels_last else xf.contiguous()
 
     def _random_affine(self, n: int, g: torch.Generator | None) -> torch.Tensor:
         a = self.augment
@@ -104,6 +98,4 @@ class BatchTransform:
         sy = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if a.vflip else torch.ones(n)
         tx, ty = uniform(-a.translate, a.translate) * 2, uniform(-a.translate, a.translate) * 2
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack([torch.stack([cos * sx, -sin * sy, tx], 1),
-                             torch.stack([sin * sx, cos * sy, ty], 1)], 1)
-        return theta
+        return torch.stack([torch.stack([cos * sx, -sin * sy, tx], 1), torch.stack([sin * sx, cos * sy, ty], 1)], 1)

@@ -2,7 +2,8 @@
 
 A builder takes the uniform keyword arguments ``num_classes``, ``in_chans``, ``img_size``, ``drop_rate`` and
 ``drop_path_rate`` (plus its own extras) and returns an ``nn.Module`` whose ``forward`` returns logits and which
-has ``forward_features(x)`` and ``forward_head(x, pre_logits=False)``.
+has ``forward_features(x)`` and ``forward_head(x, pre_logits=False)``; :class:`Classifier` and
+:func:`init_weights` are what medmix's own families share.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, UnknownNameError
@@ -85,3 +87,39 @@ def create_model(
         raise ConfigError(f"model {name!r}: {e}") from None
     model.medmix_name = name  # type: ignore[attr-defined]
     return model
+
+
+class Classifier(nn.Module):
+    """``forward(x) = forward_head(forward_features(x))``; the linear classifier is the child named ``head_attr``."""
+
+    head_attr = "head"
+    num_features: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens ``(B, N, D)`` → mean over tokens → ``head_drop`` → logits (or the pooled ``(B, D)`` if
+        ``pre_logits``); a CNN that pools a map overrides this."""
+        x = self.head_drop(x.mean(dim=1))
+        return x if pre_logits else self.get_classifier()(x)
+
+    def get_classifier(self) -> nn.Module:
+        return getattr(self, self.head_attr)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        setattr(self, self.head_attr, nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity())
+
+
+def init_weights(m: nn.Module, trunc_normal: Callable[..., torch.Tensor] = nn.init.trunc_normal_) -> None:
+    """For ``model.apply``: Kaiming-normal (fan-out) convs, truncated-normal (std 0.02) linears, unit norms, zero
+    biases. ``trunc_normal`` is the sampler: torch's and timm's draw different numbers from the same seed."""
+    if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(m, nn.Linear):
+        trunc_normal(m.weight, std=0.02)
+    elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+        nn.init.ones_(m.weight)
+    if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)) and m.bias is not None:
+        nn.init.zeros_(m.bias)

@@ -22,8 +22,8 @@ Not given by the report, chosen here (all are constructor arguments):
   the builder's default; :func:`medmix.models.create_model` passes its own ``drop_rate``, 0.0 unless asked);
 * ``d_model = 128`` (equal to the last conv width, so no projection is needed), FFN width ``4 × 128 = 512``
   with GELU, one block (``depth=1``);
-* pre-norm residual blocks followed by a final LayerNorm (the report does not say pre- or post-norm; pre-norm
-  trains more stably and makes the final norm meaningful);
+* pre-norm residual blocks (timm's ViT ``Block``) followed by a final LayerNorm (the report does not say pre- or
+  post-norm; pre-norm trains more stably and makes the final norm meaningful);
 * a learned positional embedding sized from ``img_size`` (``pos_embed="learned"``), bicubically resized when the
   runtime token grid differs; ``pos_embed="sincos"`` gives a fixed 2-D sine-cosine encoding for any grid;
 * mean pooling over the tokens before the head.
@@ -35,23 +35,23 @@ Token grid / Grad-CAM
 ---------------------
 Each block halves the resolution with a floor, so an ``H × W`` input gives a ``H // 8 × W // 8`` grid of
 ``N = (H // 8) · (W // 8)`` tokens: 28 px → 3×3 (9 tokens), 64 px → 8×8 (64), 224 px → 28×28 (784).
-``model.grid_size`` is the grid at the configured ``img_size``; ``model.feature_grid(x)`` gives it for any input
-(tensor or ``(H, W)``); ``model.tokens_to_map(tokens, grid)`` reshapes ``(B, N, D)`` tokens into a
-``(B, D, h, w)`` map. ``model.gradcam_layer`` is the last conv block, whose output is the last 2-D conv map
-``(B, 128, H // 8, W // 8)`` that the tokens are made from.
+``grid_size``, ``feature_grid(x)`` and ``tokens_to_map(tokens, grid)`` give and use that grid; ``gradcam_layer`` is the
+last conv block, whose output ``(B, 128, H // 8, W // 8)`` is the map the tokens are made from.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention, Mlp  # the transformer block's self-attention and feed-forward network
+from timm.models.vision_transformer import Block as TransformerBlock  # pre-norm, stochastic depth
 from torch import nn
-from torchvision.ops import StochasticDepth
 
-from ._registry import register_model
+from ._registry import Classifier, init_weights, register_model
 
 __all__ = ["Attention", "CNNTransformer", "ConvBlock", "Mlp", "TransformerBlock", "cnn_transformer",
            "sincos_pos_embed_2d"]
@@ -74,65 +74,6 @@ class ConvBlock(nn.Module):
         return self.drop(self.pool(self.act(self.bn(self.conv(x)))))
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention on ``(B, N, D)`` tokens via :func:`F.scaled_dot_product_attention`."""
-
-    def __init__(self, dim: int, num_heads: int = 4, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, N, D)
-        return self.proj_drop(self.proj(x))
-
-
-class Mlp(nn.Module):
-    """Position-wise feed-forward network: Linear → activation → dropout → Linear → dropout."""
-
-    def __init__(self, dim: int, hidden_dim: int, act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-
-
-class TransformerBlock(nn.Module):
-    """Pre-norm transformer encoder block: ``x + attn(LN(x))`` then ``x + ffn(LN(x))``, with stochastic depth."""
-
-    def __init__(self, dim: int, num_heads: int = 4, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 act_layer: type[nn.Module] = nn.GELU, norm_layer: type[nn.Module] = nn.LayerNorm) -> None:
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.drop_path1 = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.drop_path2 = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x
-
-
 def sincos_pos_embed_2d(h: int, w: int, dim: int, temperature: float = 10000.0,
                         device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Fixed 2-D sine-cosine positional encoding of shape ``(1, h * w, dim)`` (``dim`` divisible by 4)."""
@@ -148,7 +89,7 @@ def sincos_pos_embed_2d(h: int, w: int, dim: int, temperature: float = 10000.0,
     return pe.unsqueeze(0).to(dtype)
 
 
-class CNNTransformer(nn.Module):
+class CNNTransformer(Classifier):
     """Conv blocks → tokens + positional encoding → transformer block(s) → LayerNorm → mean pool → dropout → linear.
 
     ``forward_features(x)`` returns the normalised tokens ``(B, N, D)``; ``forward_head(tokens, pre_logits)``
@@ -204,40 +145,23 @@ class CNNTransformer(nn.Module):
             self.pos_embed = None
             if pos_embed == "sincos" and self.embed_dim % 4:
                 raise ValueError(f"pos_embed='sincos' needs embed_dim divisible by 4, got {self.embed_dim}")
+        if depth and self.embed_dim % num_heads:
+            raise ValueError(f"dim {self.embed_dim} must be divisible by num_heads {num_heads}")
         self.pos_drop = nn.Dropout(proj_drop_rate)
 
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)] if depth > 1 else [drop_path_rate]
         self.blocks = nn.Sequential(*[
             TransformerBlock(self.embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
-                             attn_drop=attn_drop_rate, drop_path=dpr[i])
+                             attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=nn.LayerNorm)
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(self.embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
-
-    # ------------------------------------------------------------------ init
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed"}
 
     # ------------------------------------------------------------- geometry
     def feature_grid(self, x: torch.Tensor | Sequence[int]) -> tuple[int, int]:
@@ -255,13 +179,10 @@ class CNNTransformer(nn.Module):
         """
         B, N, D = tokens.shape
         if grid is None:
-            if N == self.grid_size[0] * self.grid_size[1]:
-                grid = self.grid_size
-            else:
-                side = math.isqrt(N)
-                if side * side != N:
-                    raise ValueError(f"cannot infer a grid for {N} tokens; pass grid=model.feature_grid(x)")
-                grid = (side, side)
+            side = math.isqrt(N)
+            if N != self.num_tokens and side * side != N:
+                raise ValueError(f"cannot infer a grid for {N} tokens; pass grid=model.feature_grid(x)")
+            grid = self.grid_size if N == self.num_tokens else (side, side)
         if grid[0] * grid[1] != N:
             raise ValueError(f"grid {grid} does not hold {N} tokens")
         return tokens.transpose(1, 2).reshape(B, D, grid[0], grid[1])
@@ -296,45 +217,21 @@ class CNNTransformer(nn.Module):
         x = self.blocks(x)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens ``(B, N, D)`` → mean over tokens → dropout → logits (or the pooled ``(B, D)`` if ``pre_logits``)."""
-        x = x.mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    # ------------------------------------------------------------ classifier
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            self._init_weights(self.head)
+        super().reset_classifier(num_classes)
+        init_weights(self.head)
 
 
-@register_model(
-    family="cnn_transformer",
-    paper="A CNN + Transformer model for Medical MNIST (technical report; MedicalMNISTCNN)",
-    default_img_size=64,
-    min_img_size=28,
-)
-def cnn_transformer(
-    *, num_classes: int = 6, in_chans: int = 1, img_size: int = 64, drop_rate: float = 0.3,
-    drop_path_rate: float = 0.0, widths: Sequence[int] = (32, 64, 128), embed_dim: int | None = None,
-    depth: int = 1, num_heads: int = 4, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-    pos_embed: PosEmbedKind = "learned", conv_drop_rate: float = 0.1, proj_drop_rate: float = 0.0,
-    attn_drop_rate: float = 0.0,
-) -> CNNTransformer:
+@register_model(family="cnn_transformer",
+                paper="A CNN + Transformer model for Medical MNIST (technical report; MedicalMNISTCNN)",
+                default_img_size=64, min_img_size=28)
+def cnn_transformer(**kwargs) -> CNNTransformer:
     """CNN + Transformer: conv blocks 32/64/128, 1 block with 4 heads, d=128, FFN 512; 300,390 params at 64 px.
 
-    Extra keywords are listed explicitly so :func:`create_model` rejects misspelt ones with a ``ConfigError``.
+    Takes the keywords of :class:`CNNTransformer`, whose signature it carries, so :func:`create_model` rejects
+    misspelt ones with a ``ConfigError``.
     """
-    return CNNTransformer(num_classes=num_classes, in_chans=in_chans, img_size=img_size, drop_rate=drop_rate,
-                          drop_path_rate=drop_path_rate, widths=widths, embed_dim=embed_dim, depth=depth,
-                          num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, pos_embed=pos_embed,
-                          conv_drop_rate=conv_drop_rate, proj_drop_rate=proj_drop_rate,
-                          attn_drop_rate=attn_drop_rate)
+    return CNNTransformer(**kwargs)
+
+
+cnn_transformer.__signature__ = inspect.signature(CNNTransformer)  # type: ignore[attr-defined]

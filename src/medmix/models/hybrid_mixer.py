@@ -9,10 +9,10 @@ a residual), which is what "MLP with GELU across all tokens" describes.
 
 Shape of the model::
 
-    ConvStage (conv3x3-BN-GELU x d, maxpool /2)  x2     -> B x C x H/4 x W/4
-    PatchEmbed (conv k=p, s=p == cut into p x p patches + shared linear)  -> B x N x D, N = (H/4p)^2
-    MixerBlock x depth                                   -> B x N x D
-    LayerNorm, mean over tokens, dropout, Linear         -> logits
+    ConvStage (conv3x3-BN-GELU x d, maxpool /2)  x2                              -> B x C x H/4 x W/4
+    timm PatchEmbed (conv k=p, s=p == cut into p x p patches + shared linear)     -> B x N x D, N = (H/4p)^2
+    MixerBlock x depth                                                            -> B x N x D
+    LayerNorm, mean over tokens, dropout, Linear                                  -> logits
 
 The patch size defaults to the one that gives a token grid of about 7 x 7 at the configured ``img_size``
 (1 at 28 px, 2 at 64 px, 8 at 224 px). The model returns logits: the paper's LogSoftmax + NLL is the
@@ -20,12 +20,14 @@ The patch size defaults to the one that gives a token grid of about 7 x 7 at the
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 
 from ..errors import ConfigError
-from ._registry import register_model
+from ._registry import Classifier, init_weights, register_model
 
 __all__ = ["ConvStage", "PatchEmbed", "MixerBlock", "HybridMixer", "hybrid_mixer_small", "hybrid_mixer_base"]
 
@@ -46,18 +48,6 @@ class ConvStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.convs(x))
-
-
-class PatchEmbed(nn.Module):
-    """Cut a feature map into ``patch_size`` squares and embed each linearly (a strided conv does exactly that)."""
-
-    def __init__(self, in_chs: int, embed_dim: int, patch_size: int) -> None:
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chs, embed_dim, patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # B, N, D
 
 
 class MixerBlock(nn.Module):
@@ -82,7 +72,7 @@ def auto_patch_size(feature_size: int, target_grid: int = 7) -> int:
     return max(1, round(feature_size / target_grid))
 
 
-class HybridMixer(nn.Module):
+class HybridMixer(Classifier):
     """Conv backbone -> patch tokens -> global token mixer -> average pool -> linear head."""
 
     def __init__(self, *, num_classes: int = 2, in_chans: int = 1, img_size: int = 28,
@@ -94,11 +84,8 @@ class HybridMixer(nn.Module):
         self.num_features = self.embed_dim = embed_dim
         if len(conv_depths) != len(conv_widths):
             raise ConfigError("conv_depths and conv_widths need one entry per stage")
-        stages, chs = [], in_chans
-        for w, d in zip(conv_widths, conv_depths):
-            stages.append(ConvStage(chs, w, d))
-            chs = w
-        self.backbone = nn.Sequential(*stages)
+        chs = (in_chans, *conv_widths)
+        self.backbone = nn.Sequential(*[ConvStage(c, w, d) for c, w, d in zip(chs, conv_widths, conv_depths)])
         self.reduction = 2 ** len(conv_widths)
         feat = img_size // self.reduction
         if feat < 1:
@@ -108,28 +95,14 @@ class HybridMixer(nn.Module):
         if self.grid_size < 1:
             raise ConfigError(f"patch_size {self.patch_size} is larger than the {feat}x{feat} feature map")
         self.num_tokens = self.grid_size ** 2
-        self.patch_embed = PatchEmbed(chs, embed_dim, self.patch_size)
+        self.patch_embed = PatchEmbed(None, self.patch_size, chs[-1], embed_dim)  # any input size: checked above
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.Sequential(*[MixerBlock(embed_dim, self.num_tokens, token_mlp_ratio, channel_mlp_ratio,
                                                  drop=0.0, drop_path=dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(partial(init_weights, trunc_normal=trunc_normal_))
 
     @property
     def gradcam_layer(self) -> nn.Module:
@@ -149,16 +122,6 @@ class HybridMixer(nn.Module):
         self._check_input(x)
         x = self.patch_embed(self.backbone(x))
         return self.norm(self.blocks(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x.mean(dim=1))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
 
 
 @register_model(family="hybrid_mixer", paper=_PAPER, default_img_size=28, min_img_size=8)

@@ -11,6 +11,7 @@ per dataset reads the same pre-logit features (``forward_head(..., pre_logits=Tr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 import torch.nn as nn
@@ -22,12 +23,8 @@ __all__ = ["MultiHeadClassifier", "head_layout"]
 
 def head_layout(head_sizes: Sequence[int]) -> list[tuple[int, int]]:
     """Column ranges ``[(start, stop), ...]``: first the modality head (one column per head), then each head."""
-    n = len(head_sizes)
-    spans, start = [(0, n)], n
-    for k in head_sizes:
-        spans.append((start, start + int(k)))
-        start += int(k)
-    return spans
+    ends = list(accumulate((int(k) for k in head_sizes), initial=len(head_sizes)))
+    return [(0, ends[0]), *zip(ends[:-1], ends[1:])]
 
 
 class MultiHeadClassifier(nn.Module):
@@ -40,14 +37,11 @@ class MultiHeadClassifier(nn.Module):
         self.backbone = create_model(backbone, num_classes=len(self.head_sizes), in_chans=in_chans,
                                      img_size=img_size, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
                                      **backbone_kwargs)
-        with torch.no_grad():  # the width of the pre-logit features, whatever the backbone
-            was = self.backbone.training
-            self.backbone.eval()
-            dim = self.backbone.forward_head(self.backbone.forward_features(torch.zeros(1, in_chans, img_size,
-                                                                                          img_size)),
-                                             pre_logits=True).reshape(1, -1).shape[1]
-            self.backbone.train(was)
-        self.num_features = int(dim)
+        was = self.backbone.training
+        with torch.no_grad():  # the width of the pre-logit features, whatever the backbone (eval: no BN update)
+            x = self.backbone.eval().forward_features(torch.zeros(1, in_chans, img_size, img_size))
+            self.num_features = int(self.forward_head(x, pre_logits=True).shape[1])
+        self.backbone.train(was)
         self.heads = nn.ModuleList(nn.Linear(self.num_features, k) for k in self.head_sizes)
         for h in self.heads:
             nn.init.trunc_normal_(h.weight, std=0.02)

@@ -43,19 +43,16 @@ from typing import Literal
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import Bottleneck
 from torchvision.ops import stochastic_depth
 
-from ._registry import register_model
+from ._registry import Classifier, register_model
 
 __all__ = ["BatchNormDropPath", "ResNetClassifier", "resnet18_28", "resnet18_224", "resnet50_28", "resnet50_224"]
 
 Stem = Literal["cifar", "imagenet"]
 
-_ARCHS: dict[str, Callable[..., torchvision.models.ResNet]] = {
-    "resnet18": torchvision.models.resnet18,
-    "resnet50": torchvision.models.resnet50,
-}
+_ARCHS = ("resnet18", "resnet50")  # torchvision.models builders
 
 _PAPER = ("He et al., Deep Residual Learning for Image Recognition (CVPR 2016); "
           "MedMNIST v2 baseline (Yang et al., Sci. Data 2023)")
@@ -82,12 +79,14 @@ class BatchNormDropPath(nn.BatchNorm2d):
         return f"{super().extra_repr()}, drop_prob={self.drop_prob}"
 
 
-class ResNetClassifier(nn.Module):
+class ResNetClassifier(Classifier):
     """A torchvision ResNet with an adaptable stem and head.
 
     ``forward_features(x)`` → layer4 map ``(B, C, h, w)`` (C = 512 for ResNet-18, 2048 for ResNet-50);
     ``forward_head(x, pre_logits=False)`` → global average pool → dropout → ``fc``; ``forward(x)`` → logits.
     """
+
+    head_attr = "fc"
 
     def __init__(self, arch: str = "resnet18", *, num_classes: int = 2, in_chans: int = 1, stem: Stem = "cifar",
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, img_size: int = 28) -> None:
@@ -96,7 +95,7 @@ class ResNetClassifier(nn.Module):
             raise ValueError(f"arch must be one of {sorted(_ARCHS)}, got {arch!r}")
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
-        body = _ARCHS[arch](weights=None, num_classes=max(num_classes, 1))
+        body = getattr(torchvision.models, arch)(weights=None, num_classes=max(num_classes, 1))
         if stem == "cifar":
             body.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
             body.maxpool = nn.Identity()
@@ -157,57 +156,31 @@ class ResNetClassifier(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.fc(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
 
 def _add_drop_path(body: torchvision.models.ResNet, drop_path_rate: float) -> None:
     blocks = [b for layer in (body.layer1, body.layer2, body.layer3, body.layer4) for b in layer]
-    n = len(blocks)
     for i, block in enumerate(blocks):
-        p = drop_path_rate * i / max(n - 1, 1)
-        if isinstance(block, Bottleneck):
-            block.bn3 = BatchNormDropPath.from_bn(block.bn3, p)
-        elif isinstance(block, BasicBlock):
-            block.bn2 = BatchNormDropPath.from_bn(block.bn2, p)
+        bn = "bn3" if isinstance(block, Bottleneck) else "bn2"  # the last BatchNorm of the residual branch
+        setattr(block, bn, BatchNormDropPath.from_bn(getattr(block, bn), drop_path_rate * i / max(len(blocks) - 1, 1)))
 
 
-def _build(arch: str, stem: Stem, num_classes: int, in_chans: int, img_size: int, drop_rate: float,
-           drop_path_rate: float) -> ResNetClassifier:
-    return ResNetClassifier(arch, num_classes=num_classes, in_chans=in_chans, stem=stem, drop_rate=drop_rate,
-                            drop_path_rate=drop_path_rate, img_size=img_size)
+_STEMS = {"cifar": "CIFAR stem (3×3 s1 conv, no max pool) for 28 px",
+          "imagenet": "ImageNet stem (7×7 s2 conv + max pool) for 224 px"}
 
 
-@register_model(family="resnet", paper=_PAPER, default_img_size=28, min_img_size=28, tags=("baseline", "medmnist"))
-def resnet18_28(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 28, drop_rate: float = 0.0,
-                drop_path_rate: float = 0.0) -> ResNetClassifier:
-    """ResNet-18, CIFAR stem (3×3 s1 conv, no max pool) for 28 px; 11,168,706 params (2 classes, 1 ch)."""
-    return _build("resnet18", "cifar", num_classes, in_chans, img_size, drop_rate, drop_path_rate)
+def _register(arch: str, stem: Stem, size: int, params: str) -> Callable[..., ResNetClassifier]:
+    def build(*, num_classes: int = 2, in_chans: int = 1, img_size: int = size, drop_rate: float = 0.0,
+              drop_path_rate: float = 0.0) -> ResNetClassifier:
+        return ResNetClassifier(arch, num_classes=num_classes, in_chans=in_chans, stem=stem, drop_rate=drop_rate,
+                                drop_path_rate=drop_path_rate, img_size=img_size)
+
+    build.__name__ = build.__qualname__ = f"{arch}_{size}"
+    build.__doc__ = f"ResNet-{arch[6:]}, {_STEMS[stem]}; {params} params (2 classes, 1 ch)."
+    return register_model(family="resnet", paper=_PAPER, default_img_size=size, min_img_size=28,
+                          tags=("baseline", "medmnist"))(build)
 
 
-@register_model(family="resnet", paper=_PAPER, default_img_size=28, min_img_size=28, tags=("baseline", "medmnist"))
-def resnet50_28(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 28, drop_rate: float = 0.0,
-                drop_path_rate: float = 0.0) -> ResNetClassifier:
-    """ResNet-50, CIFAR stem (3×3 s1 conv, no max pool) for 28 px; 23,503,298 params (2 classes, 1 ch)."""
-    return _build("resnet50", "cifar", num_classes, in_chans, img_size, drop_rate, drop_path_rate)
-
-
-@register_model(family="resnet", paper=_PAPER, default_img_size=224, min_img_size=28, tags=("baseline", "medmnist"))
-def resnet18_224(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 224, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0) -> ResNetClassifier:
-    """ResNet-18, ImageNet stem (7×7 s2 conv + max pool) for 224 px; 11,171,266 params (2 classes, 1 ch)."""
-    return _build("resnet18", "imagenet", num_classes, in_chans, img_size, drop_rate, drop_path_rate)
-
-
-@register_model(family="resnet", paper=_PAPER, default_img_size=224, min_img_size=28, tags=("baseline", "medmnist"))
-def resnet50_224(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 224, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0) -> ResNetClassifier:
-    """ResNet-50, ImageNet stem (7×7 s2 conv + max pool) for 224 px; 23,505,858 params (2 classes, 1 ch)."""
-    return _build("resnet50", "imagenet", num_classes, in_chans, img_size, drop_rate, drop_path_rate)
+resnet18_28 = _register("resnet18", "cifar", 28, "11,168,706")
+resnet50_28 = _register("resnet50", "cifar", 28, "23,503,298")
+resnet18_224 = _register("resnet18", "imagenet", 224, "11,171,266")
+resnet50_224 = _register("resnet50", "imagenet", 224, "23,505,858")
