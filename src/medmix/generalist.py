@@ -219,44 +219,21 @@ class MixtureTask(Task):
         return self.sampler.batches(self.steps_per_epoch)
 
     def step(self, net: nn.Module, batch: list) -> Step | None:
-        if self.ctx.world_size > 1:
-            return self._shard_step(net, batch)
-        members, n_d = self.members, len(self.members)
-        xs, targets = [], []
-        for d, idx in batch:
-            xs.append(self.train_tfs[d](members[d].splits["train"].images[idx], train=True, generator=self.gen))
-            targets.append(torch.full((len(idx),), d, dtype=torch.long))
-        x = torch.cat(xs).contiguous(memory_format=torch.channels_last)
-        with autocast(self.precision):
-            logits = net(x)
-        logits = logits.float()
-        n = x.shape[0]
-        mod_loss = F.cross_entropy(logits[:, :n_d], torch.cat(targets))
-        loss = self.cfg.modality_weight * mod_loss
-        row = 0
-        for d, idx in batch:
-            a, b = self.datasets_meta[d]["columns"]
-            part = logits[row:row + len(idx), a:b]
-            loss = loss + self.losses[d](part, members[d].splits["train"].labels[idx]) * (len(idx) / n)
-            row += len(idx)
-        return Step(loss, loss, n, {"modality_loss": mod_loss})
-
-    def _shard_step(self, net: nn.Module, batch: list) -> Step | None:
-        """Data-parallel: this process trains on its contiguous slice of the mixed global batch. Every process
-        draws every augmentation (the generator advances identically) and keeps its rows; the objective is the
-        global batch's per-image sum over this slice, scaled so that DDP's gradient average is the gradient of the
-        one-process loss, (1/n) sum_i (w ce_router_i + loss_i)."""
+        """The mixed batch's loss, mean over its images of ``modality_weight`` x the router's cross-entropy plus each
+        image's own head loss. Data-parallel: this process trains on its contiguous slice of the global batch (every
+        process draws every augmentation, so the generator advances identically, and keeps its rows); its loss is
+        scaled by its share of the batch so that DDP's gradient average is the one-process gradient."""
         ctx, members, n_d = self.ctx, self.members, len(self.members)
-        n = sum(len(idx) for _, idx in batch)
-        if n < ctx.world_size:  # too small to give every process an image (the same on every process)
+        n, sharded = sum(len(idx) for _, idx in batch), ctx.world_size > 1
+        if sharded and n < ctx.world_size:  # too small to give every process an image (the same on every process)
             return None
-        mine = distributed.shard(n, ctx.rank, ctx.world_size)
+        mine = distributed.shard(n, ctx.rank, ctx.world_size) if sharded else slice(0, n)
         xs, targets, parts, offset = [], [], [], 0
         for d, idx in batch:
             lo, hi = max(mine.start, offset) - offset, min(mine.stop, offset + len(idx)) - offset
             tf, images = self.train_tfs[d], members[d].splits["train"].images[idx]
             if hi > lo:
-                xs.append(tf(images, train=True, generator=self.gen, rows=slice(lo, hi)))
+                xs.append(tf(images, train=True, generator=self.gen, rows=slice(lo, hi) if sharded else None))
                 targets.append(torch.full((hi - lo,), d, dtype=torch.long))
                 parts.append((d, idx[lo:hi]))
             elif not tf.augment.identity:  # none of these rows is ours: draw their augmentation all the same
@@ -265,18 +242,15 @@ class MixtureTask(Task):
         x = torch.cat(xs).contiguous(memory_format=torch.channels_last).to(ctx.device)
         with autocast(self.precision):
             logits = net(x)
-        logits = logits.float()
-        m = x.shape[0]
-        y = torch.cat(targets).to(ctx.device)
-        mod_sum = F.cross_entropy(logits[:, :n_d], y, reduction="sum")
-        total = self.cfg.modality_weight * mod_sum
-        row = 0
+        logits, m = logits.float(), x.shape[0]
+        mod_loss = F.cross_entropy(logits[:, :n_d], torch.cat(targets).to(ctx.device))
+        loss, row = self.cfg.modality_weight * mod_loss, 0
         for d, idx in parts:
             a, b = self.datasets_meta[d]["columns"]
             labels = members[d].splits["train"].labels[idx].to(ctx.device)
-            total = total + self.losses[d](logits[row:row + len(idx), a:b], labels) * len(idx)  # mean -> sum
+            loss = loss + self.losses[d](logits[row:row + len(idx), a:b], labels) * (len(idx) / m)
             row += len(idx)
-        return Step(total * (ctx.world_size / n), total / m, m, {"modality_loss": mod_sum / m})
+        return Step(loss * (m * ctx.world_size / n) if sharded else loss, loss, m, {"modality_loss": mod_loss})
 
     def validate(self) -> Validation:
         val = evaluate_heads(self.model, self.members, "val", self.eval_tf, self.meta,
