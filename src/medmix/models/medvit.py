@@ -93,7 +93,7 @@ stages with ``ceil_mode`` pooling). Training needs a batch of at least 2 at 28 p
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -513,34 +513,20 @@ class MedViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _create_medvit(depths: Sequence[int], *, num_classes: int, in_chans: int, img_size: int, drop_rate: float,
-                   drop_path_rate: float, **kwargs) -> MedViT:
-    return MedViT(num_classes=num_classes, in_chans=in_chans, img_size=img_size, stem_chs=(64, 32, 64),
-                  depths=depths, drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
-
-
 _PAPER = "Manzari et al. 2023, MedViT"
 
 
-@register_model(family="medvit", paper=_PAPER, default_img_size=224, min_img_size=28)
-def medvit_small(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 224, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.1, **kwargs) -> MedViT:
-    """MedViT-S (official MedViT_small): depths [3, 4, 10, 3], 31.1 M parameters."""
-    return _create_medvit((3, 4, 10, 3), num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                          drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
+def _register(size: str, depths: tuple[int, ...], drop_path_rate: float, params: str) -> Callable[..., MedViT]:
+    def build(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 224, drop_rate: float = 0.0,
+              drop_path_rate: float = drop_path_rate, **kwargs) -> MedViT:
+        return MedViT(num_classes=num_classes, in_chans=in_chans, img_size=img_size, stem_chs=(64, 32, 64),
+                      depths=depths, drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
+
+    build.__name__ = build.__qualname__ = f"medvit_{size}"
+    build.__doc__ = f"MedViT-{size[0].upper()} (official MedViT_{size}): depths {list(depths)}, {params} parameters."
+    return register_model(family="medvit", paper=_PAPER, default_img_size=224, min_img_size=28)(build)
 
 
-@register_model(family="medvit", paper=_PAPER, default_img_size=224, min_img_size=28)
-def medvit_base(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 224, drop_rate: float = 0.0,
-                drop_path_rate: float = 0.2, **kwargs) -> MedViT:
-    """MedViT-B (official MedViT_base): depths [3, 4, 20, 3], 44.4 M parameters."""
-    return _create_medvit((3, 4, 20, 3), num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                          drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
-
-
-@register_model(family="medvit", paper=_PAPER, default_img_size=224, min_img_size=28)
-def medvit_large(*, num_classes: int = 2, in_chans: int = 1, img_size: int = 224, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.2, **kwargs) -> MedViT:
-    """MedViT-L (official MedViT_large): depths [3, 4, 30, 3], 57.7 M parameters."""
-    return _create_medvit((3, 4, 30, 3), num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                          drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
+medvit_small = _register("small", (3, 4, 10, 3), 0.1, "31.1 M")
+medvit_base = _register("base", (3, 4, 20, 3), 0.2, "44.4 M")
+medvit_large = _register("large", (3, 4, 30, 3), 0.2, "57.7 M")
