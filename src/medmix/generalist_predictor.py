@@ -10,10 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .run import Run
-from .data.tasks import MULTI_CLASS, MULTI_LABEL, TaskInfo
+from .data.images import load_image
+from .data.tasks import MULTI_CLASS, TaskInfo
 from .errors import ConfigError, check_top_k
-from .inference import extract
+from .imaging import as_inputs, describe, per_class
+from .inference import extract, probabilities
+from .ood import EXTRA_MEANS, EXTRA_PRECISION, mahalanobis_score, pixel_std
+from .run import Run
 
 
 class GeneralistPredictor:
@@ -27,8 +30,6 @@ class GeneralistPredictor:
     """
 
     def __init__(self, checkpoint: str | os.PathLike | Run, *, threshold: float | None = None) -> None:
-        from .ood import EXTRA_MEANS, EXTRA_PRECISION
-
         run = Run.of(checkpoint)
         self.run, self.path, self.meta, extras = run, run.path, run.meta, run.extras
         if not run.is_generalist:
@@ -46,20 +47,13 @@ class GeneralistPredictor:
             EXTRA_MEANS in extras else None
 
     def load(self, src: Any, name: str | None = None) -> torch.Tensor:
-        from .data.images import load_image
-
         return load_image(src, self.channels, self.img_size, name)
 
     def analyse(self, images: torch.Tensor, dataset: str | None = None, batch_size: int = 256) -> dict[str, Any]:
         """uint8 images in the common format ``(N, C, S, S)`` -> ``{"logits" (N, columns), "router" (N, datasets)
         calibrated router probabilities, "dataset_index" (N,) the routed (or forced) dataset, "ood_score" and
         "in_distribution" (N,) numpy arrays, or None without OOD data}``."""
-        from .inference import probabilities
-        from .ood import mahalanobis_score, pixel_std
-
-        if dataset is not None and dataset not in self.names:
-            raise ConfigError(f"--dataset {dataset!r} is not one of this generalist's datasets: "
-                              f"{', '.join(self.names)}")
+        self._check_dataset(dataset)
         logits, feats = extract(self.model, images, self.transform, batch_size, features=self.stats is not None)
         n_d = len(self.names)
         router = probabilities(logits[:, :n_d], MULTI_CLASS, self.meta["generalist"].get("modality_temperature", 1.0))
@@ -77,17 +71,9 @@ class GeneralistPredictor:
         return out
 
     def predict(self, inputs: Iterable[Any], dataset: str | None = None, top_k: int | None = None) -> list[dict]:
-        from .inference import probabilities
-        from .inference import single_input as _single_input
-
         check_top_k(top_k)
-        if dataset is not None and dataset not in self.names:
-            raise ConfigError(f"--dataset {dataset!r} is not one of this generalist's datasets: "
-                              f"{', '.join(self.names)}")
-        items = [inputs] if _single_input(inputs) else list(inputs)
-        if not items:
-            raise ConfigError("no images given")
-        names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image[{i}]" for i, x in enumerate(items)]
+        self._check_dataset(dataset)
+        items, names = as_inputs(inputs)
         a = self.analyse(torch.stack([self.load(x, n) for x, n in zip(items, names)]), dataset)
         out = []
         for i, name in enumerate(names):
@@ -98,24 +84,19 @@ class GeneralistPredictor:
             r = {"file": name, "dataset": d["name"], "dataset_confidence": round(float(a["router"][i, k]), 6),
                  "routed": dataset is None,
                  "dataset_probabilities": {n: round(float(a["router"][i, j]), 6) for j, n in enumerate(self.names)}}
-            r.update(self._answer(p, info, d, top_k))
+            t = self.threshold if self.threshold is not None else d.get("threshold", 0.5)
+            answer = describe(p, info.class_names, info.task, per_class(t, len(p)), top_k)
+            r.update((key, v) for key, v in answer.items() if key not in ("present", "thresholds", "expected_grade"))
             if a["ood_score"] is not None:
                 r["in_distribution"] = bool(a["in_distribution"][i])
                 r["ood_score"] = round(float(a["ood_score"][i]), 6)
             out.append(r)
         return out
 
-    def _answer(self, p: torch.Tensor, info: TaskInfo, d: dict, top_k: int | None) -> dict:
-        order = torch.argsort(p, descending=True).tolist()[:top_k or None]
-        dist = {info.class_names[j]: round(float(p[j]), 6) for j in order}
-        if info.task == MULTI_LABEL:
-            t = self.threshold if self.threshold is not None else d.get("threshold", 0.5)
-            ts = [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * len(p)
-            yes = [info.class_names[j] for j in order if float(p[j]) > ts[j]]
-            return {"label": ", ".join(yes) if yes else "(none)", "index": None, "labels": yes,
-                    "confidence": round(float(p.max()), 6), "probabilities": dist}
-        j = int(torch.argmax(p))
-        return {"label": info.class_names[j], "index": j, "confidence": round(float(p[j]), 6), "probabilities": dist}
+    def _check_dataset(self, dataset: str | None) -> None:
+        if dataset is not None and dataset not in self.names:
+            raise ConfigError(f"--dataset {dataset!r} is not one of this generalist's datasets: "
+                              f"{', '.join(self.names)}")
 
 
 def format_routed(r: dict) -> str:

@@ -11,6 +11,9 @@ nothing else: the decoder path is fuzzed with random and mutated image bytes in 
 ``max_pixels`` pixels (default ``MAX_PIXELS``, width x height, e.g. 10000x10000 = 100 M) raise
 :class:`ImageTooLarge` from their header, before any pixel is decoded, which also stops decompression bombs (a
 small file declaring huge dimensions).
+
+The answer of one image (:func:`describe`: label, confidence, distribution) is here too, torch-free, so the torch
+predictors and the ONNX Runtime one report it with the same code.
 """
 from __future__ import annotations
 
@@ -20,15 +23,18 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ConfigError, ImageError
+from .task_kinds import MULTI_LABEL, ORDINAL
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "ImageTooLarge", "image_size", "load_image_np", "open_image"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "ImageTooLarge", "as_inputs", "describe", "image_size", "load_image_np",
+           "open_image", "per_class"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".npy"}
 MAX_PIXELS = 50_000_000  # decompression-bomb guard: refuse images with more pixels than this
@@ -44,21 +50,7 @@ class ImageTooLarge(ImageError):
 def image_size(data: bytes, name: str = "image") -> tuple[int, int] | None:
     """``(width, height)`` read from the image header without decoding the pixels; None for .npy arrays.
     Raises :class:`ImageError` when the bytes are no image PIL can identify."""
-    if not data:
-        raise ImageError(f"{name}: the file is empty")
-    if data[:6] == b"\x93NUMPY":
-        return None
-    try:
-        with _DECODE_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as img:
-                return img.size
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"{name}: refused as a possible decompression bomb ({e})") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not a readable image (unknown or unsupported format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+    return _decode_bytes(data, name, 0, header_only=True)
 
 
 def _to_uint8(a: np.ndarray, what: str) -> np.ndarray:
@@ -124,11 +116,12 @@ def _native_stderr_silenced(data: bytes):
         os.close(saved)
 
 
-def _decode_bytes(data: bytes, what: str, max_pixels: int) -> Image.Image:
+def _decode_bytes(data: bytes, what: str, max_pixels: int, header_only: bool = False) -> Any:
+    """The decoded image, or with ``header_only`` its ``(width, height)`` (None for a .npy array)."""
     if not data:
         raise ImageError(f"{what}: the file is empty")
     if data[:6] == b"\x93NUMPY":
-        return _array_to_pil(_load_npy(data, what), what, max_pixels)
+        return None if header_only else _array_to_pil(_load_npy(data, what), what, max_pixels)
     try:
         with _DECODE_LOCK, warnings.catch_warnings(), _native_stderr_silenced(data):
             # PIL warns on stderr about damaged files ("Truncated File Read", "Corrupt EXIF data") and above its own
@@ -136,6 +129,8 @@ def _decode_bytes(data: bytes, what: str, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
             w, h = img.size
+            if header_only:
+                return w, h
             if w * h > max_pixels:
                 raise ImageTooLarge(f"{what}: {w}x{h} pixels is more than the limit of {max_pixels:,}")
             img = ImageOps.exif_transpose(img)
@@ -207,3 +202,44 @@ def load_image_np(src: Any, n_channels: int, size: int | None = None, name: str 
     a = np.asarray(img, dtype=np.uint8)
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     return np.array(a, order="C", copy=True)  # writable and contiguous (PIL's buffer is read-only)
+
+
+# ----------------------------------------------------------------------------------------------- answers
+def as_inputs(inputs: Any) -> tuple[list, list[str]]:
+    """One input (a path, bytes or a PIL image, not its characters) or a collection of them -> the list of inputs
+    and their names (the path, else ``image[i]``)."""
+    items = [inputs] if isinstance(inputs, (str, bytes, bytearray, os.PathLike, Image.Image)) else list(inputs)
+    if not items:
+        raise ConfigError("no images given")
+    return items, [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image[{i}]" for i, x in enumerate(items)]
+
+
+def per_class(t: float | Sequence[float], k: int) -> list[float]:
+    """A threshold (one number, or one per class) as ``k`` floats."""
+    return [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * k
+
+
+def describe(p: Any, class_names: Sequence[str], task: str, thresholds: Sequence[float], top_k: int | None = None,
+             ordinal_mode: str = "argmax") -> dict:
+    """One image's answer from its calibrated probabilities ``(K,)`` (an array or a CPU tensor): ``label``,
+    ``index``, ``confidence`` (rounded to 6 digits) and ``probabilities`` (the ``top_k`` most probable first, all
+    when None). Multi-label: ``label`` joins the classes above their threshold (``labels``, ``present``,
+    ``thresholds``); ordinal adds ``expected_grade`` and, with ``ordinal_mode="expected"``, answers its rounding."""
+    p = np.asarray(p, np.float64)
+    order = np.argsort(-p, kind="stable")[:top_k or None].tolist()
+    dist = {class_names[k]: round(float(p[k]), 6) for k in order}
+    if task == MULTI_LABEL:
+        present = {class_names[k]: float(p[k]) > thresholds[k] for k in range(len(p))}
+        yes = [c for c in dist if present[c]]
+        return {"label": ", ".join(yes) if yes else "(none)", "index": None, "confidence": round(float(p.max()), 6),
+                "labels": yes, "present": present, "thresholds": dict(zip(class_names, thresholds)),
+                "probabilities": dist}
+    k = int(np.argmax(p))
+    out = {"label": class_names[k], "index": k, "confidence": round(float(p[k]), 6), "probabilities": dist}
+    if task == ORDINAL:
+        grade = float((p * np.arange(len(p))).sum())
+        out["expected_grade"] = round(grade, 4)
+        if ordinal_mode == "expected":
+            k = min(len(p) - 1, int(grade + 0.5))
+            out.update(label=class_names[k], index=k, confidence=round(float(p[k]), 6))
+    return out

@@ -22,11 +22,12 @@ import torch
 
 from .calibrate import stored_temperature
 from .data.images import load_image
-from .data.tasks import MULTI_LABEL
 from .errors import ConfigError, check_top_k
-from .inference import predict_logits, probabilities
+from .imaging import as_inputs, describe, per_class
+from .generalist_predictor import GeneralistPredictor
+from .inference import extract, predict_logits, probabilities
+from .ood import Detector
 from .run import Run
-from .inference import single_input as _single_input
 
 
 class Predictor:
@@ -37,8 +38,6 @@ class Predictor:
         """``threshold``: multi-label decision threshold (default: the checkpoint's, tuned on val, else 0.5).
         ``ordinal_mode``: for ordinal tasks, report the argmax grade or the rounded expected grade.
         ``ood_method``: the OOD score (``mahalanobis`` or ``energy``; default: the checkpoint's)."""
-        from .ood import Detector
-
         if ordinal_mode not in ("argmax", "expected"):
             raise ConfigError(f"unknown ordinal mode {ordinal_mode!r}; use argmax or expected")
         self.ordinal_mode = ordinal_mode
@@ -52,7 +51,7 @@ class Predictor:
         if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
             raise ConfigError(f"--threshold must be in [0, 1], got {threshold!r}")
         t = threshold if threshold is not None else self.meta.get("threshold", 0.5)
-        self.thresholds = [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * len(self.class_names)
+        self.thresholds = per_class(t, len(self.class_names))
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -69,10 +68,7 @@ class Predictor:
 
     def predict(self, inputs: Iterable[Any], top_k: int | None = None) -> list[dict]:
         check_top_k(top_k)
-        items = [inputs] if _single_input(inputs) else list(inputs)  # one path/bytes/image, not its characters
-        if not items:
-            raise ConfigError("no images given")
-        names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image[{i}]" for i, x in enumerate(items)]
+        items, names = as_inputs(inputs)
         batch = torch.stack([self.load(x, n) for x, n in zip(items, names)])
         logits, ood = self.logits_and_ood(batch)
         probs = probabilities(logits, self.info.task, self.temperature)
@@ -84,46 +80,18 @@ class Predictor:
         if self.ood is None:
             return predict_logits(self.model, images, self.transform), [None] * len(images)
         if self.ood.needs_features:
-            from .inference import extract
-
             logits, features = extract(self.model, images, self.transform)
         else:
             logits, features = predict_logits(self.model, images, self.transform), None
         return logits, self.ood(logits, features, images)
 
     def _describe(self, name: str, p: torch.Tensor, top_k: int | None, ood: dict | None = None) -> dict:
-        out = self._describe_probs(name, p, top_k)
-        if ood is not None:
-            out.update(ood)
-        return out
-
-    def _describe_probs(self, name: str, p: torch.Tensor, top_k: int | None) -> dict:
-        order = torch.argsort(p, descending=True).tolist()
-        if top_k:
-            order = order[:top_k]
-        dist = {self.class_names[k]: round(float(p[k]), 6) for k in order}
-        if self.info.task == MULTI_LABEL:
-            present = {self.class_names[k]: float(p[k]) > self.thresholds[k] for k in range(len(p))}
-            yes = [c for c in dist if present[c]]
-            return {"file": name, "label": ", ".join(yes) if yes else "(none)", "index": None,
-                    "confidence": round(float(p.max()), 6), "labels": yes, "present": present,
-                    "thresholds": dict(zip(self.class_names, self.thresholds)), "probabilities": dist}
-        k = int(torch.argmax(p))
-        out = {"file": name, "label": self.class_names[k], "index": k, "confidence": round(float(p[k]), 6),
-               "probabilities": dist}
-        if self.info.ordinal:
-            grade = float((p * torch.arange(len(p), dtype=p.dtype)).sum())
-            out["expected_grade"] = round(grade, 4)
-            if self.ordinal_mode == "expected":
-                k = min(len(p) - 1, int(grade + 0.5))
-                out.update(label=self.class_names[k], index=k, confidence=round(float(p[k]), 6))
-        return out
+        answer = describe(p, self.class_names, self.info.task, self.thresholds, top_k, self.ordinal_mode)
+        return {"file": name, **answer, **(ood or {})}
 
 
 def load_predictor(checkpoint: str | os.PathLike, **kwargs: Any):
     """A :class:`Predictor`, or a :class:`medmix.generalist.GeneralistPredictor` for a generalist checkpoint."""
-    from .generalist_predictor import GeneralistPredictor
-
     run = Run.of(checkpoint)  # read once, handed to the predictor
     if run.is_generalist:
         return GeneralistPredictor(run, threshold=kwargs.get("threshold"))

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import io
-import json
 import math
 import os
 import queue
@@ -49,6 +49,7 @@ import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -56,16 +57,13 @@ from .._version import __version__
 from ..cam_methods import DEFAULT_METHOD as DEFAULT_CAM_METHOD
 from ..cam_methods import METHODS as CAM_METHODS
 from ..errors import CheckpointError, ConfigError, ImageError, MedmixError
-from .onnx_backend import MAX_PIXELS, ImageTooLarge, OnnxPredictor, image_size
+from ..imaging import MAX_PIXELS, ImageTooLarge, image_size
+from .onnx_backend import OnnxPredictor
 
 STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_UPLOAD = 10 * 1024 * 1024
 DEFAULT_MAX_FILES = 32
 BACKENDS = ("torch", "onnx")
-
-
-class PayloadTooLarge(MedmixError):
-    """An upload over the size limit or an image over the pixel limit (HTTP 413)."""
 
 
 class BadRequest(MedmixError):
@@ -78,9 +76,11 @@ class NotAvailable(MedmixError):
 
 # ----------------------------------------------------------------------------------------------- backends
 class TorchBackend:
-    """The checkpoint in torch (:class:`medmix.predict.Predictor`): predictions and Grad-CAM."""
+    """The checkpoint in torch (:class:`medmix.predict.Predictor`): predictions and Grad-CAM. The app uses it, or an
+    :class:`~medmix.serve.onnx_backend.OnnxPredictor`, by their common ``backend``, ``meta``, ``path``, ``load``,
+    ``predict_arrays`` and ``explain_available``."""
 
-    name = "torch"
+    backend = "torch"
     explain_available = True
 
     def __init__(self, checkpoint: str | os.PathLike, threads: int | None = None) -> None:
@@ -95,18 +95,13 @@ class TorchBackend:
         run = Run.load(checkpoint)
         self.generalist = run.is_generalist  # routed: every answer names the dataset the router chose
         self.pred = GeneralistPredictor(run) if self.generalist else Predictor(run)
-        self.meta = self.pred.meta
-        self.source = str(self.pred.path)
+        self.meta, self.path = self.pred.meta, self.pred.path
         self.lock = threading.Lock()
 
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return tuple(self.pred.names) if self.generalist else self.pred.class_names
-
-    def decode(self, data: bytes, name: str) -> Any:
+    def load(self, data: bytes, name: str) -> Any:
         return self.pred.load(data, name)
 
-    def predict(self, images: Sequence[Any], names: Sequence[str]) -> list[dict]:
+    def predict_arrays(self, images: Sequence[Any], names: Sequence[str]) -> list[dict]:
         with self.lock:
             results = self.pred.predict(list(images))  # keeps every field Predictor reports (OOD included)
         for r, n in zip(results, names):
@@ -114,56 +109,26 @@ class TorchBackend:
         return results
 
     def explain(self, image: Any, name: str, method: str, target_class: str | None) -> tuple[bytes, dict]:
-        import torch
-
         from ..explain import cam_array, resolve_class, routed_cams
 
-        if self.generalist:
-            with self.lock:
-                a, [(k, j, p)], cams = routed_cams(self.pred, image[None], target_class, method)
-            d, classes = self.pred.datasets[k], self.pred.infos[k].class_names
-            best = int(torch.argmax(p))
-            info = {"file": name, "dataset": d["name"], "dataset_confidence": round(float(a["router"][0, k]), 6),
-                    "label": classes[best], "confidence": round(float(p[best]), 6), "explained_class": classes[j],
-                    "explained_index": j, "explained_probability": round(float(p[j]), 6), "method": method}
-            return overlay_png(image.numpy(), cams[0]), info
-        fixed = resolve_class(target_class, self.class_names)
+        info: dict[str, Any] = {"file": name}
         with self.lock:
-            batch = image[None]
-            r = self.pred.predict([image])[0]
-            probs = self.pred.probabilities(batch)[0]
-            k = fixed if fixed is not None else int(torch.argmax(probs))
-            cam = cam_array(self.pred.model, self.pred.transform(batch), [k], method=method)[0]
-        info = {"file": name, "label": r["label"], "confidence": r["confidence"], "explained_class":
-                self.class_names[k], "explained_index": k, "explained_probability": round(float(probs[k]), 6),
-                "method": method}
-        return overlay_png(image.numpy(), cam), info
-
-
-class OnnxBackend:
-    """An exported ``.onnx`` file in ONNX Runtime (no torch imported); no Grad-CAM."""
-
-    name = "onnx"
-    explain_available = False
-
-    def __init__(self, onnx_path: str | os.PathLike, threads: int | None = None, max_pixels: int = MAX_PIXELS,
-                 ) -> None:
-        self.pred = OnnxPredictor(onnx_path, threads=threads, max_pixels=max_pixels)
-        self.meta = self.pred.meta
-        self.source = str(self.pred.path)
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.pred.class_names
-
-    def decode(self, data: bytes, name: str) -> np.ndarray:
-        return self.pred.load(data, name)
-
-    def predict(self, images: Sequence[np.ndarray], names: Sequence[str]) -> list[dict]:
-        return self.pred.predict_arrays(images, names)
-
-    def explain(self, image: Any, name: str, method: str, target_class: str | None) -> tuple[bytes, dict]:
-        raise NotAvailable("Grad-CAM needs the model's gradients: start the server with --backend torch")
+            if self.generalist:  # the routed head's classes: label and confidence are its most probable class
+                a, [(k, j, p)], cams = routed_cams(self.pred, image[None], target_class, method)
+                classes, best = self.pred.infos[k].class_names, int(p.argmax())
+                info.update(dataset=self.pred.datasets[k]["name"], label=classes[best],
+                            dataset_confidence=round(float(a["router"][0, k]), 6), confidence=round(float(p[best]), 6))
+            else:
+                classes = self.pred.class_names
+                fixed = resolve_class(target_class, classes)
+                p = self.pred.probabilities(image[None])[0]
+                j = fixed if fixed is not None else int(p.argmax())
+                cams = cam_array(self.pred.model, self.pred.transform(image[None]), [j], method=method)
+                r = self.pred._describe(name, p, None)
+                info.update(label=r["label"], confidence=r["confidence"])
+        info.update(explained_class=classes[j], explained_index=j, explained_probability=round(float(p[j]), 6),
+                    method=method)
+        return overlay_png(image.numpy(), cams[0]), info
 
 
 def export_for_serving(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -187,15 +152,12 @@ def load_backend(checkpoint: str | os.PathLike, backend: str = "torch", onnx_pat
         if ckpt.suffix.lower() == ".onnx":
             raise ConfigError(f"{ckpt} is an ONNX file: serve it with --backend onnx, or pass the checkpoint")
         return TorchBackend(ckpt, threads)
-    if onnx_path is not None:
-        return OnnxBackend(onnx_path, threads, max_pixels)
-    if ckpt.suffix.lower() == ".onnx":
-        return OnnxBackend(ckpt, threads, max_pixels)
+    if onnx_path is not None or ckpt.suffix.lower() == ".onnx":
+        return OnnxPredictor(ckpt if onnx_path is None else onnx_path, threads=threads, max_pixels=max_pixels)
     tmp = tempfile.mkdtemp(prefix="medmix-onnx-")
-    backend_obj = OnnxBackend(export_for_serving(ckpt, tmp), threads, max_pixels)
-    backend_obj.source = f"{ckpt} (exported to {backend_obj.source})"
-    backend_obj.tmpdir = tmp  # removed when the app shuts down
-    return backend_obj
+    model = OnnxPredictor(export_for_serving(ckpt, tmp), threads=threads, max_pixels=max_pixels)
+    model.checkpoint, model.tmpdir = ckpt, tmp  # the tmpdir is removed when the app shuts down
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- batching
@@ -208,16 +170,13 @@ class Batcher:
         self.q: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self.batches = 0
-        self.images = 0
 
     def submit(self, images: list, names: list[str]) -> Future:
         fut: Future = Future()
-        if self._thread is None:
-            with self._start_lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._loop, name="medmix-batcher", daemon=True)
-                    self._thread.start()
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="medmix-batcher", daemon=True)
+                self._thread.start()
         self.q.put((images, names, fut))
         return fut
 
@@ -228,24 +187,19 @@ class Batcher:
             self._thread = None
 
     def _loop(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            jobs, n, stop = [item], len(item[0]), False
-            while n < self.max_batch:
+        stop = False
+        while not stop:
+            jobs = [self.q.get()]  # wait for one request, then take the others already waiting (None: close)
+            while jobs[-1] is not None and sum(len(j[0]) for j in jobs) < self.max_batch:
                 try:
-                    nxt = self.q.get_nowait()
+                    jobs.append(self.q.get_nowait())
                 except queue.Empty:
                     break
-                if nxt is None:
-                    stop = True
-                    break
-                jobs.append(nxt)
-                n += len(nxt[0])
-            self._run(jobs)
+            stop = jobs[-1] is None
             if stop:
-                return
+                jobs.pop()
+            if jobs:
+                self._run(jobs)
 
     def _run(self, jobs: list) -> None:
         images = [im for j in jobs for im in j[0]]
@@ -256,8 +210,6 @@ class Batcher:
             for _, _, fut in jobs:
                 fut.set_exception(e)
             return
-        self.batches += 1
-        self.images += len(images)
         start = 0
         for imgs, _, fut in jobs:
             fut.set_result(results[start:start + len(imgs)])
@@ -265,20 +217,9 @@ class Batcher:
 
 
 # ----------------------------------------------------------------------------------------------- Grad-CAM picture
-def _jet(v: np.ndarray) -> np.ndarray:
-    """The jet colour map (blue -> red) of values in [0, 1], as float RGB."""
-    v = np.clip(v, 0.0, 1.0)[..., None]
-    r = np.clip(1.5 - np.abs(4.0 * v - 3.0), 0, 1)
-    g = np.clip(1.5 - np.abs(4.0 * v - 2.0), 0, 1)
-    b = np.clip(1.5 - np.abs(4.0 * v - 1.0), 0, 1)
-    return np.concatenate([r, g, b], axis=-1)
-
-
 def overlay_png(image: np.ndarray, cam: np.ndarray, side: int = 280, image_weight: float = 0.55) -> bytes:
-    """uint8 ``(C, H, W)`` image and a ``(h, w)`` heatmap in [0, 1] -> PNG of the heatmap over the image, enlarged
-    (nearest neighbour for the image, bilinear for the heatmap) to at least ``side`` pixels."""
-    from PIL import Image
-
+    """uint8 ``(C, H, W)`` image and a ``(h, w)`` heatmap in [0, 1] -> PNG of the heatmap (the jet colour map) over
+    the image, enlarged (nearest neighbour for the image, bilinear for the heatmap) to at least ``side`` pixels."""
     a = image.astype(np.float32) / 255.0
     a = np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a[:3]
     a = a.transpose(1, 2, 0)
@@ -286,7 +227,7 @@ def overlay_png(image: np.ndarray, cam: np.ndarray, side: int = 280, image_weigh
     big = np.repeat(np.repeat(a, f, axis=0), f, axis=1)
     h, w = big.shape[:2]
     m = Image.fromarray(np.asarray(cam, np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR)
-    heat = _jet(np.asarray(m))
+    heat = np.clip(1.5 - np.abs(4.0 * np.clip(np.asarray(m), 0.0, 1.0)[..., None] - np.float32([3, 2, 1])), 0, 1)  # jet
     out = image_weight * big + (1.0 - image_weight) * heat
     buf = io.BytesIO()
     Image.fromarray(np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)).save(buf, format="PNG")
@@ -300,48 +241,36 @@ class BodyLimitMiddleware:
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, int(limit)
 
-    def _message(self, size: int | None) -> bytes:
+    async def _reject(self, scope, send, size: int | None) -> None:
         got = f"{size:,} bytes" if size is not None else "the request body"
-        return json.dumps({"detail": f"{got} is more than the upload limit of {self.limit:,} bytes "
-                                     f"({self.limit / 2 ** 20:.1f} MB); send a smaller image",
-                           "error": "payload_too_large"}).encode()
-
-    async def _reject(self, send, size: int | None) -> None:
-        body = self._message(size)
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        response = _error(413, "payload_too_large", f"{got} is more than the upload limit of {self.limit:,} bytes "
+                                                    f"({self.limit / 2 ** 20:.1f} MB); send a smaller image")
+        response.headers["connection"] = "close"
+        await response(scope, None, send)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None:
-            try:
-                n = int(length)
-            except ValueError:
-                n = -1
-            if n > self.limit:
-                return await self._reject(send, n)
+        try:
+            n = int(dict(scope.get("headers") or []).get(b"content-length", -1))
+        except ValueError:
+            n = -1
+        if n > self.limit:
+            return await self._reject(scope, send, n)
         state = {"received": 0, "exceeded": False, "started": False}
 
         async def limited_receive():
-            if state["exceeded"]:
-                return {"type": "http.disconnect"}
-            msg = await receive()
+            msg = {"type": "http.disconnect"} if state["exceeded"] else await receive()
             if msg["type"] == "http.request":
                 state["received"] += len(msg.get("body", b""))
-                if state["received"] > self.limit:
-                    state["exceeded"] = True
-                    return {"type": "http.disconnect"}
-            return msg
+                state["exceeded"] = state["received"] > self.limit
+            return {"type": "http.disconnect"} if state["exceeded"] else msg
 
         async def guarded_send(msg):
             if state["exceeded"]:
                 if not state["started"]:
                     state["started"] = True
-                    await self._reject(send, None)
+                    await self._reject(scope, send, None)
                 return
             await send(msg)
 
@@ -352,7 +281,7 @@ class BodyLimitMiddleware:
                 raise
             if not state["started"]:
                 state["started"] = True
-                await self._reject(send, None)
+                await self._reject(scope, send, None)
 
 
 # ----------------------------------------------------------------------------------------------- the app
@@ -360,12 +289,8 @@ def _error(status: int, code: str, detail: Any, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": detail, "error": code, **extra}, status_code=status)
 
 
-def _validation_message(errors: Sequence[dict]) -> str:
-    parts = []
-    for e in errors:
-        where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query"))
-        parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg", "invalid")))
-    return "; ".join(parts) or "invalid request"
+async def _answer(status: int, code: str, request: Request, e: MedmixError) -> JSONResponse:
+    return _error(status, code, str(e))
 
 
 def _meta_doc(backend, settings: dict) -> dict:
@@ -374,13 +299,13 @@ def _meta_doc(backend, settings: dict) -> dict:
     metrics = meta.get("metrics") or {"val": meta.get("val_metrics"), "test": meta.get("test_metrics")}
     ood = meta.get("ood")
     return {
-        "model": meta["model"], "backend": backend.name, "task": task["task"], "classes": list(task["class_names"]),
+        "model": meta["model"], "backend": backend.backend, "task": task["task"], "classes": list(task["class_names"]),
         "n_channels": int(task["n_channels"]), "dataset": meta.get("dataset"), "metrics": metrics,
         "img_size": int(meta["img_size"]), "data_size": int(meta["data_size"]),
         "temperature": meta.get("temperature", 1.0), "threshold": meta.get("threshold", 0.5),
         "ood": ood if isinstance(ood, dict) else None, "explain": backend.explain_available,
         "max_upload_bytes": settings["max_upload_bytes"], "max_pixels": settings["max_pixels"],
-        "max_files": settings["max_files"], "checkpoint": Path(backend.source.split(" ")[0]).name,
+        "max_files": settings["max_files"], "checkpoint": Path(getattr(backend, "checkpoint", backend.path)).name,
         "generalist": [{"dataset": d["name"], "task": d["task"]["task"], "classes": list(d["task"]["class_names"])}
                        for d in meta["generalist"]["datasets"]] if meta.get("kind") == "generalist" else None,
         "medmix_version": __version__,
@@ -399,7 +324,7 @@ def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload
     if max_upload_bytes < 1 or max_pixels < 1 or max_files < 1:
         raise ConfigError("max_upload_bytes, max_pixels and max_files must be positive")
     model = load_backend(checkpoint, backend, onnx_path, threads, max_pixels)
-    batcher = Batcher(model.predict, max_batch=max_batch)
+    batcher = Batcher(model.predict_arrays, max_batch=max_batch)
     settings = {"max_upload_bytes": int(max_upload_bytes), "max_pixels": int(max_pixels), "max_files": max_files}
     page = (STATIC / "index.html").read_text(encoding="utf-8")
     started = time.time()
@@ -413,29 +338,25 @@ def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload
 
     app = FastAPI(title="medmix", version=__version__, lifespan=lifespan,
                   description=f"Medical image classification: {model.meta['model']} on "
-                              f"{model.meta.get('dataset')} ({model.name} backend). Upload images to "
+                              f"{model.meta.get('dataset')} ({model.backend} backend). Upload images to "
                               f"`/v1/predict`; `/v1/explain` returns a Grad-CAM overlay PNG.")
     app.state.backend, app.state.batcher, app.state.settings = model, batcher, settings
     app.add_middleware(BodyLimitMiddleware, limit=max_upload_bytes)
 
     # ------------------------------------------------------------------ errors: JSON, never a 500 for bad input
-    def _answer(status: int, code: str):
-        async def handler(request: Request, e: MedmixError):
-            return _error(status, code, str(e))
-
-        return handler
-
     # the most specific class in an error's MRO picks the answer
-    for exc, status, code in ((PayloadTooLarge, 413, "payload_too_large"), (ImageTooLarge, 413, "payload_too_large"),
-                              (ImageError, 415, "unsupported_image"), (NotAvailable, 501, "not_available"),
-                              (MedmixError, 422, "invalid_request")):
-        app.add_exception_handler(exc, _answer(status, code))
+    for exc, status, code in ((ImageTooLarge, 413, "payload_too_large"), (ImageError, 415, "unsupported_image"),
+                              (NotAvailable, 501, "not_available"), (MedmixError, 422, "invalid_request")):
+        app.add_exception_handler(exc, functools.partial(_answer, status, code))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        errs = e.errors()
-        msg = _validation_message(errs)
-        if any(x.get("type") == "missing" for x in errs):
+        parts = []
+        for x in e.errors():
+            where = ".".join(str(v) for v in x.get("loc", ()) if v not in ("body", "query"))
+            parts.append(f"{where}: {x.get('msg', 'invalid')}" if where else str(x.get("msg", "invalid")))
+        msg = "; ".join(parts) or "invalid request"
+        if any(x.get("type") == "missing" for x in e.errors()):
             msg = f"{msg} (send the image as multipart/form-data in the field 'files')"
         return _error(422, "invalid_request", msg)
 
@@ -455,10 +376,7 @@ def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload
         out = []
         for i, f in enumerate(uploads):
             name = os.path.basename(f.filename or "") or f"image[{i}]"
-            data = await f.read()
-            if len(data) > max_upload_bytes:
-                raise PayloadTooLarge(f"{name}: {len(data):,} bytes is more than the upload limit of "
-                                      f"{max_upload_bytes:,} bytes")
+            data = await f.read()  # within max_upload_bytes: BodyLimitMiddleware stopped larger bodies
             if not data:
                 raise BadRequest(f"{name}: the file is empty")
             out.append((name, data))
@@ -471,7 +389,7 @@ def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload
             if wh is not None and wh[0] * wh[1] > max_pixels:
                 raise ImageTooLarge(f"{name}: {wh[0]}x{wh[1]} = {wh[0] * wh[1]:,} pixels is more than the limit "
                                       f"of {max_pixels:,} pixels")
-            arrays.append(model.decode(data, name))
+            arrays.append(model.load(data, name))
         return arrays
 
     # ------------------------------------------------------------------ endpoints
@@ -481,7 +399,7 @@ def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload
 
     @app.get("/health", summary="Liveness")
     async def health() -> dict:
-        return {"status": "ok", "backend": model.name, "model": model.meta["model"],
+        return {"status": "ok", "backend": model.backend, "model": model.meta["model"],
                 "uptime_s": round(time.time() - started, 1), "medmix_version": __version__}
 
     @app.get("/v1/model", summary="Checkpoint metadata: model, task, classes, dataset, metrics, sizes, limits")
@@ -500,7 +418,7 @@ def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload
         arrays = await run_in_threadpool(decode_all, items)
         results = await asyncio.wrap_future(batcher.submit(arrays, [n for n, _ in items]))
         latency = (time.perf_counter() - t0) * 1000.0
-        return {"model": model.meta["model"], "backend": model.name, "latency_ms": round(latency, 3),
+        return {"model": model.meta["model"], "backend": model.backend, "latency_ms": round(latency, 3),
                 "predictions": results}
 
     @app.post("/v1/explain", summary="Grad-CAM overlay PNG for one image (torch backend)",
@@ -513,12 +431,11 @@ def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload
                                                                             "explain (default: predicted)")] = None
                       ) -> Response:
         if not model.explain_available:
-            raise NotAvailable(f"Grad-CAM is not available on the {model.name} backend: it needs the model's "
+            raise NotAvailable(f"Grad-CAM is not available on the {model.backend} backend: it needs the model's "
                                f"gradients; start the server with --backend torch")
         items = await read_uploads(files, file)
         if len(items) != 1:
             raise BadRequest(f"/v1/explain takes one image, got {len(items)}")
-
         if method not in CAM_METHODS:
             raise BadRequest(f"unknown method {method!r}; use one of {', '.join(CAM_METHODS)}")
         t0 = time.perf_counter()

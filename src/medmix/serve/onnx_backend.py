@@ -10,20 +10,18 @@ batch ``(B, C, img_size, img_size)`` and returns ``logits``, calibrated ``probab
 has an out-of-distribution detector, ``ood_score`` (predictions then carry ``in_distribution`` and ``ood_score``
 exactly like the torch Predictor's).
 
-Images are decoded by :mod:`medmix.imaging`, the torch-free code the torch path uses too (EXIF orientation,
-16-bit/float rescaling, alpha on black, grayscale/RGB conversion, BOX resize when shrinking and BICUBIC when
-enlarging to the stored data size); the resize and normalisation here reproduce the evaluation path of
-:class:`medmix.data.transforms.BatchTransform` (bilinear resize to the model
-input size only when it differs from the data size, antialiased when shrinking, as ``F.interpolate`` does; then
-``(x - 255 mean) / (255 std)``) with PIL and NumPy. ``tests/test_export.py`` checks it against the torch
+Images are decoded by :mod:`medmix.imaging`, the torch path's own code, and answered with its ``describe``. The
+resize and normalisation reproduce the evaluation path of :class:`medmix.data.transforms.BatchTransform` in NumPy
+(bilinear resize to the model input size when it differs from the data size, antialiased when shrinking, as
+``F.interpolate``; then ``(x - 255 mean) / (255 std)``); ``tests/test_export.py`` checks them against the torch
 :class:`~medmix.predict.Predictor` (probabilities within 1e-4).
 
 This module must not import torch (a test blocks the import and loads it).
 """
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -32,38 +30,29 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, require_extra
-from ..imaging import MAX_PIXELS, ImageTooLarge, image_size, load_image_np  # noqa: F401  (re-exported for the app)
-from ..task_kinds import MULTI_LABEL, ORDINAL
+from ..imaging import MAX_PIXELS, as_inputs, describe, load_image_np, per_class
 
 META_KEY = "medmix"
 
 
 # ----------------------------------------------------------------------------------------------- resize + normalise
-def _linear_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
-    """``(n_out, n_in)`` matrix of ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis; with
-    ``antialias`` and shrinking, the triangle filter widened by the scale (PyTorch's ``_upsample_bilinear2d_aa``,
-    itself PIL's)."""
+@functools.lru_cache(maxsize=None)
+def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """The float32 ``(n_out, n_in)`` matrix of ``F.interpolate(mode="bilinear", antialias=True)`` along one axis:
+    the triangle filter, widened by the scale when shrinking (PyTorch's ``_upsample_bilinear2d_aa``, itself PIL's);
+    plain bilinear interpolation (``align_corners=False``, edges clamped) when enlarging."""
     scale = n_in / n_out
+    support = max(scale, 1.0)
+    inv = 1.0 / support
     w = np.zeros((n_out, n_in), np.float64)
-    if antialias and scale > 1.0:
-        support, inv = scale, 1.0 / scale
-        for i in range(n_out):
-            center = scale * (i + 0.5)
-            lo = max(int(center - support + 0.5), 0)
-            hi = min(int(center + support + 0.5), n_in)
-            js = np.arange(lo, hi)
-            ws = np.clip(1.0 - np.abs((js - center + 0.5) * inv), 0.0, None)
-            if ws.sum() > 0:
-                w[i, lo:hi] = ws / ws.sum()
-        return w
     for i in range(n_out):
-        src = max((i + 0.5) * scale - 0.5, 0.0)
-        i0 = min(math.floor(src), n_in - 1)
-        i1 = min(i0 + 1, n_in - 1)
-        frac = src - i0
-        w[i, i0] += 1.0 - frac
-        w[i, i1] += frac
-    return w
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), n_in)
+        ws = np.clip(1.0 - np.abs((np.arange(lo, hi) - center + 0.5) * inv), 0.0, None)
+        if ws.sum() > 0:
+            w[i, lo:hi] = ws / ws.sum()
+    return w.astype(np.float32)
 
 
 class NumpyTransform:
@@ -73,13 +62,6 @@ class NumpyTransform:
         self.img_size = int(img_size)
         self.mean = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
-        self._weights: dict[tuple[int, int], np.ndarray] = {}
-
-    def _w(self, n_in: int) -> np.ndarray:
-        key = (n_in, self.img_size)
-        if key not in self._weights:
-            self._weights[key] = _linear_weights(n_in, self.img_size, self.img_size < n_in).astype(np.float32)
-        return self._weights[key]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if x.dtype != np.uint8 or x.ndim != 4:
@@ -87,42 +69,16 @@ class NumpyTransform:
         xf = x.astype(np.float32)
         h, w = x.shape[-2:]
         if h != self.img_size or w != self.img_size:
-            xf = np.einsum("ih,bchw,jw->bcij", self._w(h), xf, self._w(w), optimize=True).astype(np.float32)
+            s = self.img_size
+            xf = np.einsum("ih,bchw,jw->bcij", _linear_weights(h, s), xf, _linear_weights(w, s), optimize=True)
         return np.ascontiguousarray((xf - self.mean * 255.0) / (self.std * 255.0), dtype=np.float32)
 
 
-# ----------------------------------------------------------------------------------------------- describing
 def pixel_std_np(images: np.ndarray) -> np.ndarray:
     """Per uint8 image ``(C, H, W)``: the pixel standard deviation within each channel, averaged over channels (as
     :func:`medmix.ood.pixel_std`; 0 for a blank image)."""
     x = np.asarray(images)
     return x.reshape(len(x), x.shape[1], -1).astype(np.float64).std(2).mean(1) if len(x) else np.zeros(0)
-
-
-def describe(name: str, p: np.ndarray, class_names: Sequence[str], task: str, thresholds: Sequence[float],
-             top_k: int | None = None, ordinal_mode: str = "argmax") -> dict:
-    """One prediction as :meth:`medmix.predict.Predictor.predict` reports it (same keys and rounding)."""
-    p = np.asarray(p, np.float64)
-    order = [int(k) for k in np.argsort(-p, kind="stable")]
-    if top_k:
-        order = order[:top_k]
-    dist = {class_names[k]: round(float(p[k]), 6) for k in order}
-    if task == MULTI_LABEL:
-        present = {class_names[k]: float(p[k]) > thresholds[k] for k in range(len(p))}
-        yes = [c for c in dist if present[c]]
-        return {"file": name, "label": ", ".join(yes) if yes else "(none)", "index": None,
-                "confidence": round(float(p.max()), 6), "labels": yes, "present": present,
-                "thresholds": dict(zip(class_names, thresholds)), "probabilities": dist}
-    k = int(np.argmax(p))
-    out = {"file": name, "label": class_names[k], "index": k, "confidence": round(float(p[k]), 6),
-           "probabilities": dist}
-    if task == ORDINAL:
-        grade = float((p * np.arange(len(p))).sum())
-        out["expected_grade"] = round(grade, 4)
-        if ordinal_mode == "expected":
-            k = min(len(p) - 1, int(grade + 0.5))
-            out.update(label=class_names[k], index=k, confidence=round(float(p[k]), 6))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- the predictor
@@ -152,6 +108,7 @@ class OnnxPredictor:
     on NumPy arrays. Safe to call from several threads (ONNX Runtime sessions are thread-safe)."""
 
     backend = "onnx"
+    explain_available = False  # Grad-CAM needs gradients: the app answers 501
 
     def __init__(self, path: str | os.PathLike, *, threshold: float | None = None, ordinal_mode: str = "argmax",
                  threads: int | None = None, max_pixels: int = MAX_PIXELS) -> None:
@@ -166,12 +123,11 @@ class OnnxPredictor:
         self.max_pixels = int(max_pixels)
         task = self.meta["task"]
         self.task = task["task"]
-        self._class_names = tuple(task["class_names"])
+        self.class_names = tuple(task["class_names"])
         self.n_channels = int(task["n_channels"])
         self.transform = NumpyTransform(self.meta["img_size"], self.meta["mean"], self.meta["std"])
         t = threshold if threshold is not None else self.meta.get("threshold", 0.5)
-        k = len(self._class_names)
-        self.thresholds = [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * k
+        self.thresholds = per_class(t, len(self.class_names))
         opts = ort.SessionOptions()
         n = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         opts.intra_op_num_threads = max(1, int(n))
@@ -186,10 +142,6 @@ class OnnxPredictor:
         ood = self.meta.get("ood")
         self.ood_threshold = (float(ood["threshold"]) if isinstance(ood, dict) and ood.get("threshold") is not None
                               and ood.get("output", "ood_score") in self.output_names else None)
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self._class_names
 
     def load(self, src: Any, name: str | None = None) -> np.ndarray:
         """One input -> uint8 ``(C, H, W)`` at the stored data size."""
@@ -223,7 +175,7 @@ class OnnxPredictor:
         if self.meta.get("generalist"):
             return self._routed(batch, outs, names, top_k)
         oods = self.ood(outs, batch)
-        return [{**describe(n, p, self.class_names, self.task, self.thresholds, top_k, self.ordinal_mode), **o}
+        return [{"file": n, **describe(p, self.class_names, self.task, self.thresholds, top_k, self.ordinal_mode), **o}
                 for n, p, o in zip(names, outs["probabilities"], oods)]
 
     def _routed(self, batch: np.ndarray, outs: dict[str, np.ndarray], names: Sequence[str], top_k: int | None
@@ -243,10 +195,8 @@ class OnnxPredictor:
             k = int(np.argmax(router[i]))
             d = datasets[k]
             a, b = d["columns"]
-            task = d["task"]
-            t = d.get("threshold", 0.5)
-            ts = [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)] * (b - a)
-            r = describe(name, probs[i, a:b], task["class_names"], task["task"], ts, top_k, self.ordinal_mode)
+            r = {"file": name, **describe(probs[i, a:b], d["task"]["class_names"], d["task"]["task"],
+                                          per_class(d.get("threshold", 0.5), b - a), top_k, self.ordinal_mode)}
             r.update(dataset=d["name"], dataset_confidence=round(float(router[i, k]), 6), routed=True,
                      dataset_probabilities={e["name"]: round(float(router[i, j]), 6) for j, e in enumerate(datasets)})
             if scores is not None:
@@ -258,8 +208,5 @@ class OnnxPredictor:
         return out
 
     def predict(self, inputs: Iterable[Any], top_k: int | None = None) -> list[dict]:
-        items = list(inputs)
-        if not items:
-            raise ConfigError("no images given")
-        names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image[{i}]" for i, x in enumerate(items)]
+        items, names = as_inputs(inputs)
         return self.predict_arrays([self.load(x, n) for x, n in zip(items, names)], names, top_k)
