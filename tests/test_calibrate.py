@@ -10,7 +10,7 @@ import torch
 from _quadrant import make_images, write_run
 from PIL import Image
 
-from medmix.calibrate import T_MAX, T_MIN, _Weights, calibrate, calibration_metrics, fit_temperature, stored_temperature
+from medmix.calibrate import T_MAX, T_MIN, calibrate, calibration_metrics, fit_temperature, stored_temperature
 from medmix.checkpoint import load_checkpoint, save_checkpoint
 from medmix.cli import main
 from medmix.data.tasks import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL
@@ -204,7 +204,7 @@ def test_calibrate_multi_label_stores_one_temperature_per_label(chest_ckpt):
 def test_predictor_uses_per_label_temperatures(chest_ckpt):
     state, meta, _ = load_checkpoint(chest_ckpt)
     temps = [0.5 + 0.25 * k for k in range(14)]  # what calibrate() stores for a multi-label task
-    save_checkpoint(chest_ckpt, _Weights(state), {**meta, "temperature": temps})
+    save_checkpoint(chest_ckpt, state, {**meta, "temperature": temps})
     images, _ = make_images(2, seed=0)
     p = Predictor(chest_ckpt)
     got = p.predict(list(images))[0]

@@ -463,9 +463,8 @@ def test_calibrate_a_generalist_refits_every_head_and_the_router(gen_run, tmp_pa
     g0 = meta0["generalist"]
     g0["modality_temperature"] = 7.0  # as if never fitted: calibrate must replace it
     from medmix.checkpoint import save_checkpoint
-    from medmix.calibrate import _Weights
 
-    save_checkpoint(run_dir / "best_model.pth", _Weights(state0), meta0,
+    save_checkpoint(run_dir / "best_model.pth", state0, meta0,
                     extras=load_checkpoint(run_dir / "best_model.pth", extras=True)[3])
     rc, out, err = run(["calibrate", run_dir, "--data-dir", root, "--json"], capsys)
     assert rc == 0, err

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medmix import Predictor, ood
-from medmix.calibrate import _Weights, calibrate
+from medmix.calibrate import calibrate
 from medmix.checkpoint import load_checkpoint, save_checkpoint
 from medmix.cli import build_parser, main, train_kwargs
 from medmix.data import load_dataset
@@ -107,7 +107,7 @@ def test_ood_block_and_statistics_round_trip_with_weights_only_loading(trained_r
     # re-saving (what `medmix calibrate` does) keeps them bit-identical
     copy = path.with_name("copy.pth")
     try:
-        save_checkpoint(copy, _Weights(state), meta, ts, extras)
+        save_checkpoint(copy, state, meta, ts, extras)
         _, _, _, again = load_checkpoint(copy, extras=True)
         assert all(torch.equal(again[k], extras[k]) for k in extras)
     finally:
@@ -159,7 +159,7 @@ def test_checkpoints_without_ood_data_omit_the_fields(trained_run, tmp_path):
     shutil.copytree(trained_run.run_dir, run)
     state, meta, ts = load_checkpoint(run)
     meta.pop("ood")
-    save_checkpoint(run / "best_model.pth", _Weights(state), meta, ts)  # no extras: as written before medmix.ood
+    save_checkpoint(run / "best_model.pth", state, meta, ts)  # no extras: as written before medmix.ood
     p = Predictor(run)
     assert p.ood is None
     (r,) = p.predict([noise_images(1)[0]])
@@ -167,7 +167,7 @@ def test_checkpoints_without_ood_data_omit_the_fields(trained_run, tmp_path):
     assert "ood_flagged" not in medmix.evaluate(run, split="val", precision="fp32")
     # statistics lost but the block kept: falls back to the energy score
     meta["ood"] = {"method": "mahalanobis", "threshold": 1.0, "thresholds": {"mahalanobis": 1.0, "energy": -0.5}}
-    save_checkpoint(run / "best_model.pth", _Weights(state), meta, ts)
+    save_checkpoint(run / "best_model.pth", state, meta, ts)
     assert Predictor(run).ood.method == "energy"
 
 

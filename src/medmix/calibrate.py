@@ -21,7 +21,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .data.tasks import MULTI_LABEL, TASKS
@@ -133,17 +132,6 @@ def stored_temperature(meta: dict) -> float | list[float]:
     return 1.0 if t is None else float(t)
 
 
-class _Weights(nn.Module):
-    """Hands ``save_checkpoint`` the loaded tensors themselves, so the re-saved weights are bit-identical."""
-
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self._state = state
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return self._state
-
-
 def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None = None, *,
               batch_size: int = 512) -> dict:
     """Fit the temperature on the validation split of the data the checkpoint was trained on and store it.
@@ -184,7 +172,7 @@ def calibrate(run_or_ckpt: str | os.PathLike, data_dir: str | os.PathLike | None
 
     previous = stored_temperature(meta)
     meta["temperature"], meta["calibration"] = temperature, block
-    save_checkpoint(path, _Weights(run.state), meta, run.train_state, run.extras)  # keeps the OOD statistics
+    save_checkpoint(path, run.state, meta, run.train_state, run.extras)  # keeps the OOD statistics
     return {"checkpoint": str(path), "dataset": bundle.name, "model": meta["model"], "split": "val",
             "n": int(len(val)), "task": task, "temperature": temperature, "previous_temperature": previous,
             **{k: block[k] for k in ("nll_before", "nll_after", "ece_before", "ece_after", "n_bins")},

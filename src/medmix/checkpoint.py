@@ -33,14 +33,16 @@ FORMAT = 1
 REQUIRED_META = ("model", "model_kwargs", "task", "img_size", "data_size", "mean", "std")
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict, train_state: dict | None = None,
-                    extras: dict[str, torch.Tensor] | None = None) -> None:
-    """Write ``model``'s weights with ``meta`` (JSON), an optional ``train_state`` and optional ``extras``: named
-    tensors that belong to the model without being weights (e.g. fitted OOD statistics)."""
+def save_checkpoint(path: str | os.PathLike, model: nn.Module | dict[str, torch.Tensor], meta: dict,
+                    train_state: dict | None = None, extras: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``model``'s weights (or a state dict itself, re-saved bit-identical) with ``meta`` (JSON), an optional
+    ``train_state`` and optional ``extras``: named tensors that belong to the model without being weights (e.g.
+    fitted OOD statistics)."""
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing}")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = model if isinstance(model, dict) else model.state_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     payload: dict[str, Any] = {"medmix_format": FORMAT, "meta": json.dumps({**meta, "medmix_version": __version__}),
                                "state_dict": state}
     if train_state is not None:

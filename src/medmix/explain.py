@@ -223,7 +223,7 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
     ``in_distribution`` (last) when it has an OOD threshold.
     """
     from .generalist_predictor import GeneralistPredictor
-    from .inference import single_input as _single_input
+    from .imaging import as_inputs
     from .metrics import save_figure
     from .predict import Predictor
     from .run import Run
@@ -235,10 +235,7 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
     if not isinstance(checkpoint, (Predictor, GeneralistPredictor)):
         run = Run.of(checkpoint)
         checkpoint = GeneralistPredictor(run) if run.is_generalist else Predictor(run)
-    items = [images] if _single_input(images) else list(images)  # one path/bytes/image, not its characters
-    if not items:
-        raise ConfigError("no images given")
-    names = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"image[{i}]" for i, x in enumerate(items)]
+    items, names = as_inputs(images)
     # per image: (class names, probabilities, explained class, label, confidence, routing text, extra result fields
     # placed after "png", extra fields placed last)
     if isinstance(checkpoint, GeneralistPredictor):  # each image explained in the head it is routed to

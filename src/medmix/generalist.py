@@ -368,7 +368,6 @@ def fit_temperatures(members: Sequence[_Member], val_logits: Sequence[torch.Tens
 def calibrate_generalist(run: Any, data_dir: str | os.PathLike | None = None, batch_size: int = 512) -> dict:
     """`medmix calibrate` for a generalist: refit every head's temperature and the router's on the validation splits
     and store them in the checkpoint (same weights, rewritten atomically)."""
-    from .calibrate import _Weights
 
     meta = run.meta
     members = _members_of(meta, run.dir, data_dir)
@@ -381,7 +380,7 @@ def calibrate_generalist(run: Any, data_dir: str | os.PathLike | None = None, ba
                   for m in members]
     n_warned = len(meta.get("warnings", []))
     fit_temperatures(members, val_logits, meta)
-    save_checkpoint(run.path, _Weights(run.state), meta, run.train_state, run.extras)  # keeps the OOD statistics
+    save_checkpoint(run.path, run.state, meta, run.train_state, run.extras)  # keeps the OOD statistics
     heads = {d["name"]: {"n": len(m.splits["val"]), "task": m.info.task, "temperature": d.get("temperature", 1.0),
                          "previous_temperature": previous[d["name"]], **(d.get("calibration") or {})}
              for m, d in zip(members, g["datasets"])}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -85,13 +84,6 @@ def extract(model: nn.Module, images: torch.Tensor, transform, batch_size: int =
     if not logits:
         return torch.empty(0), (torch.empty(0) if features else None)
     return torch.cat(logits), (torch.cat(feats) if features else None)
-
-
-def single_input(x: Any) -> bool:
-    """One image (a path, bytes or a PIL image), not a collection of them."""
-    from PIL import Image
-
-    return isinstance(x, (str, bytes, bytearray, os.PathLike, Image.Image))
 
 
 # ----------------------------------------------------------------------------------------------- the machine
