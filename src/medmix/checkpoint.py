@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ._version import __version__
-from .atomic import atomic_file, atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
+from .atomic import atomic_file
 from .errors import CheckpointError
 
 FORMAT = 1

@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from . import distributed
 from ._version import __version__
-from .checkpoint import GENERALIST, atomic_write_text, is_generalist, load_checkpoint, save_checkpoint
+from .atomic import atomic_write_text
+from .checkpoint import GENERALIST, is_generalist, load_checkpoint, save_checkpoint
 from .config import RecipeConfig, TrainConfig  # noqa: F401  (medmix.engine.TrainConfig, as before)
 from .data import (NORMALIZATIONS, BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset,
                    normalization)

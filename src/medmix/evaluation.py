@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import atomic_write_text, load_training_data
+from .atomic import atomic_write_text
+from .checkpoint import load_training_data
 from .data import BatchTransform, Split
 from .data.mixture import to_common_format
 from .data.tasks import BINARY, MULTI_LABEL, TaskInfo

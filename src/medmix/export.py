@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._version import __version__
-from .checkpoint import atomic_write_bytes
+from .atomic import atomic_write_bytes
 from .data.tasks import MULTI_LABEL
 from .errors import ConfigError, MedmixError, require_extra
 from .paths import check_writable_file

@@ -266,7 +266,7 @@ def write_evaluation_report(out: Path, m: dict, probs, labels, images, info: Tas
         lines += [f"| {r['index']} | {r['true']} | {r['pred']} | {r['confidence']:.1%} |" for r in mistakes]
         lines.append("")
     path = out / "report.md"
-    from .checkpoint import atomic_write_text
+    from .atomic import atomic_write_text
 
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
