@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -117,6 +119,14 @@ def test_explain_other_methods_and_array_inputs(ckpt, tmp_path):
     assert [x["png"] for x in r] == [str(tmp_path / "image0_gradcampp.png"), str(tmp_path / "image1_gradcampp.png")]
     assert len(r[0]["probabilities"]) == 2  # top-k capped by the number of classes
     np.testing.assert_allclose(r[0]["cam"], r[1]["cam"], atol=1e-6)
+
+
+def test_out_dir_with_a_tilde_is_under_home(ckpt, image_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "..")
+    r = explain(ckpt, image_files[:1], "~/panels")[0]
+    assert Path(r["png"]).parent == tmp_path / "panels" and Path(r["png"]).is_file()
+    assert not (tmp_path / ".." / "~").exists()
 
 
 def test_class_by_name_and_index(ckpt, image_files, tmp_path):

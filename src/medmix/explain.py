@@ -231,7 +231,7 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
     _cam_class(method)  # fail on an unknown method before loading anything
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
-    check_writable_dir(out_dir, "--out")
+    out = check_writable_dir(out_dir, "--out")  # (~ expanded)
     if not isinstance(checkpoint, (Predictor, GeneralistPredictor)):
         run = Run.of(checkpoint)
         checkpoint = GeneralistPredictor(run) if run.is_generalist else Predictor(run)
@@ -258,7 +258,6 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
         rows = [(checkpoint.class_names, p, k, d["label"], float(d["confidence"]), "", {}, {})
                 for p, k, d in zip(probs, targets, described)]
 
-    out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
