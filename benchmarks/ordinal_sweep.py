@@ -77,7 +77,9 @@ def main() -> None:
         old = committed_runs("ordinal_sweep", lambda r: (*spec(r), r["variant"], r["alpha"], r["seed"]),
                              lambda r: spec(r) in specs and (r["variant"], r["alpha"]) in variants
                              and r["seed"] in a.seeds, runs)
-        runs += [{"model": "hybrid_mixer_small", "recipe": "medmix", **r} for r in old]
+        # (and were measured on the AVX2 machine, before the rows recorded it)
+        runs += [{"model": "hybrid_mixer_small", "recipe": "medmix",
+                  "machine": {"description": "AVX2 machine", "native_bf16": False}, **r} for r in old]
     total = time.perf_counter() - t0
 
     m = machine()
