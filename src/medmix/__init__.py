@@ -19,7 +19,7 @@ from .errors import MedmixError
 # public name -> the module defining it, imported on first use (`import medmix` stays cheap for the CLI's --help)
 _LAZY = {"train": "engine", "TrainConfig": "engine", "TrainResult": "engine", "evaluate": "evaluation",
          "Predictor": "predict", "load_predictor": "predict", "train_generalist": "generalist",
-         "GeneralistConfig": "generalist", "GeneralistPredictor": "generalist", "evaluate_generalist": "generalist"}
+         "GeneralistConfig": "generalist", "GeneralistPredictor": "generalist", "evaluate_generalist": "evaluation"}
 
 
 def __getattr__(name: str):

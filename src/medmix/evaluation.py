@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .atomic import atomic_write_text
-from .checkpoint import load_training_data
+from .checkpoint import GENERALIST, load_training_data
 from .data import BatchTransform, Split
 from .data.mixture import to_common_format
 from .data.tasks import BINARY, MULTI_LABEL, TaskInfo
@@ -23,7 +23,7 @@ from .metrics import compute_metrics, predict_labels
 from .paths import check_writable_dir, ensure_dir
 from .run import Run
 
-KIND = "generalist"
+KIND = GENERALIST
 
 
 def _check_split(split: str) -> None:

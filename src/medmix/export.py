@@ -44,6 +44,7 @@ from torch import nn
 
 from ._version import __version__
 from .atomic import atomic_write_bytes
+from .checkpoint import is_generalist
 from .data.tasks import MULTI_LABEL
 from .errors import ConfigError, MedmixError, require_extra
 from .paths import check_writable_file
@@ -113,7 +114,7 @@ def onnx_metadata(meta: dict, opset: int, detector=None) -> dict:
         out["ood"] = {"method": detector.method, "threshold": detector.threshold, "output": OOD_OUTPUT,
                       "tpr": meta["ood"].get("tpr"), "split": meta["ood"].get("split"),
                       "min_pixel_std": detector.min_pixel_std}  # the blank-image guard
-    if meta.get("kind") == "generalist":  # what the ONNX Runtime backend needs to route
+    if is_generalist(meta):  # what the ONNX Runtime backend needs to route
         g, ood = meta["generalist"], meta.get("ood") if isinstance(meta.get("ood"), dict) else {}
         out["generalist"] = {
             "datasets": [{k: d[k] for k in ("name", "task", "columns", "threshold") if k in d} for d in g["datasets"]],
