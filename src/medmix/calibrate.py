@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.tasks import MULTI_LABEL, TASKS
+from .data.tasks import MULTI_LABEL, check_task
 from .errors import ConfigError
 
 __all__ = ["T_MAX", "T_MIN", "calibrate", "calibration_metrics", "fit_calibration", "fit_temperature",
@@ -57,11 +57,6 @@ def _as_targets(labels: Any, task: str, n: int, c: int) -> torch.Tensor:
     return y
 
 
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
-
-
 def _fit_1d(loss) -> float:
     """argmin over ``T`` in [T_MIN, T_MAX] of a loss that is unimodal in log T (cross-entropy is convex in 1/T)."""
     from scipy.optimize import minimize_scalar
@@ -79,7 +74,7 @@ def fit_temperature(logits: Any, labels: Any, task: str) -> float | list[float]:
     ``T`` per label for that label's sigmoid binary cross-entropy. ``logits`` ``(N, C)``; ``labels`` ``(N,)``
     class indices, or ``(N, L)`` 0/1 for multi-label. Temperatures lie in [0.01, 100].
     """
-    _check_task(task)
+    check_task(task)
     z = _as_logits(logits)
     y = _as_targets(labels, task, *z.shape)
     if task == MULTI_LABEL:
@@ -93,12 +88,10 @@ def _calibration_view(logits: Any, labels: Any, task: str, temperature: float | 
     """Probabilities of ``logits / temperature`` and labels, as :mod:`medmix.metrics` scores them; multi-label
     probabilities ``(N, L)`` become every label decision as a two-class problem ``(N * L, 2)``."""
     from .inference import probabilities
+    from .metrics import label_decisions
 
-    probs, lab = probabilities(logits, task, temperature).double().numpy(), np.asarray(labels)
-    if task != MULTI_LABEL:
-        return probs, lab
-    p = probs.reshape(-1)
-    return np.stack([1.0 - p, p], axis=1), lab.reshape(-1).astype(np.int64)
+    probs = probabilities(logits, task, temperature).double().numpy()
+    return label_decisions(probs, labels) if task == MULTI_LABEL else (probs, np.asarray(labels))
 
 
 def calibration_metrics(logits: Any, labels: Any, task: str, temperature: float | Sequence[float] = 1.0,
@@ -107,7 +100,7 @@ def calibration_metrics(logits: Any, labels: Any, task: str, temperature: float 
     count every (image, label) decision as one binary prediction: ``nll`` is then the mean binary cross-entropy."""
     from .metrics import expected_calibration_error, nll
 
-    _check_task(task)
+    check_task(task)
     z = _as_logits(logits)
     probs, lab = _calibration_view(z, _as_targets(labels, task, *z.shape), task, temperature)
     return {"nll": nll(probs, lab), "ece": expected_calibration_error(probs, lab, n_bins)}

@@ -36,8 +36,7 @@ REQUIRED_META = ("model", "model_kwargs", "task", "img_size", "data_size", "mean
 def save_checkpoint(path: str | os.PathLike, model: nn.Module | dict[str, torch.Tensor], meta: dict,
                     train_state: dict | None = None, extras: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``model``'s weights (or a state dict itself, re-saved bit-identical) with ``meta`` (JSON), an optional
-    ``train_state`` and optional ``extras``: named tensors that belong to the model without being weights (e.g.
-    fitted OOD statistics)."""
+    ``train_state`` and optional ``extras`` (named tensors that belong to the model without being weights)."""
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing}")

@@ -203,24 +203,20 @@ def cmd_train(a: argparse.Namespace) -> None:
              help="run: the precision the run was trained and evaluated in (so figures match metrics.json); auto: "
                   "bf16 where the CPU has native bf16"), JSON, threads=True)
 def cmd_evaluate(a: argparse.Namespace) -> None:
-    from .evaluation import evaluate
+    from .evaluation import evaluate, format_generalist, format_temperature
     from .report import format_metrics
 
     m = evaluate(a.checkpoint, data_dir=a.data_dir, split=a.split, out=a.out, report=a.report, precision=a.precision)
     if a.json:
         return _print_json(m)
     if m.get("kind") == "generalist":
-        from .generalist import format_generalist
-
         print(format_generalist(m))
         if m.get("routing_confusion_png"):
             print(f"routing confusion matrix: {m['routing_confusion_png']}")
         return
     print(format_metrics(m, f"{m['dataset']} {m['split']} split, {m['model']} ({m['float_precision']}):"))
-    t = m["temperature"]
-    shown = f"{t:.4f}" if isinstance(t, float) else "per label"
-    print(f"calibration (T = {shown}): ECE {m['ece_before']:.4f} -> {m['ece_after']:.4f} ({m['n_bins']} bins), "
-          f"NLL {m['nll_before']:.4f} -> {m['nll_after']:.4f}")
+    print(f"calibration (T = {format_temperature(m['temperature'])}): ECE {m['ece_before']:.4f} -> "
+          f"{m['ece_after']:.4f} ({m['n_bins']} bins), NLL {m['nll_before']:.4f} -> {m['nll_after']:.4f}")
     if "ood_flagged" in m:
         print(f"flagged out of distribution ({m['ood_method']}): {m['ood_flagged']:.1%}")
     for key, what in (("confusion_png", "confusion matrix"), ("reliability_png", "reliability diagram"),
@@ -277,6 +273,7 @@ def cmd_explain(a: argparse.Namespace) -> None:
          threads=True)
 def cmd_calibrate(a: argparse.Namespace) -> None:
     from .calibrate import calibrate
+    from .evaluation import format_temperature
     from .run import Run
 
     run = Run.load(a.checkpoint)
@@ -293,11 +290,9 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
         print(f"{r['dataset']} (generalist, {r['model']}), val splits: router temperature "
               f"{r['previous_router_temperature']:.4f} -> {r['router_temperature']:.4f}")
         for name, h in r["heads"].items():
-            t = h["temperature"]
-            shown = f"{t:.4f}" if isinstance(t, float) else "per label"
             fitted = f"NLL {h['nll_before']:.4f} -> {h['nll_after']:.4f}, ECE {h['ece_before']:.4f} -> " \
                      f"{h['ece_after']:.4f}" if "nll_before" in h else "not fitted (too few val images)"
-            print(f"  {name} ({h['n']} images): temperature {shown}; {fitted}")
+            print(f"  {name} ({h['n']} images): temperature {format_temperature(h['temperature'])}; {fitted}")
         print(f"stored in {r['checkpoint']}")
         return
     t = r["temperature"]

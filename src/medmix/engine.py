@@ -3,13 +3,10 @@
 ``train(TrainConfig(...))`` loads the data, builds the model, trains with Adam/AdamW and a per-step schedule,
 evaluates on the validation split after every epoch, keeps the best weights (by the monitored validation metric) as
 ``best_model.pth`` and the latest as ``last.pth``, stops early after ``patience`` epochs without improvement, then
-reads the test split once with the best weights. The run is built in ``<out>.partial`` and renamed to ``<out>``
-when complete, so a run directory is never half-written.
-
-Every epoch's randomness (data order, augmentation, dropout) is derived from ``(seed, epoch)``, and ``last.pth``
-holds the whole training state after each epoch (optimiser, schedule, early stopping, history), so ``resume=``
-continues a killed or finished run exactly where it stopped. Under ``torchrun`` training is data-parallel
-(:mod:`medmix.distributed`).
+reads the test split once with the best weights. The loop is :func:`medmix.training.fit`: the run is built in
+``<out>.partial`` (never half-written), every epoch's randomness (data order, augmentation, dropout) derives from
+``(seed, epoch)`` and ``last.pth`` holds the whole training state, so ``resume=`` continues a killed or finished run
+exactly where it stopped. Under ``torchrun`` training is data-parallel (:mod:`medmix.distributed`).
 """
 from __future__ import annotations
 
@@ -17,7 +14,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -155,11 +152,10 @@ def _score(metrics: dict, monitor: str) -> float:
 # ----------------------------------------------------------------------------------------------- resuming
 # settings a resumed run may change: they do not alter the epochs already trained
 RESUME_MAY_CHANGE = ("epochs", "patience", "eval_batch_size", "tune_threshold", "bn_recalibrate", "calibrate", "ood",
-                     "data_dir",
-                     "download", "overwrite", "quiet", "out", "resume", "ddp")
-def _non_default_fields(cfg: RecipeConfig) -> set[str]:
-    from dataclasses import fields
+                     "data_dir", "download", "overwrite", "quiet", "out", "resume", "ddp")
 
+
+def _non_default_fields(cfg: RecipeConfig) -> set[str]:
     default = type(cfg)()
     return {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
 
@@ -167,8 +163,6 @@ def _non_default_fields(cfg: RecipeConfig) -> set[str]:
 def _resumed_config(cfg: RecipeConfig, resume: ResumePoint, given: set[str]) -> RecipeConfig:
     """``cfg`` as the resumed run stored it, with the settings a resumed run may change taken from ``cfg``; a
     different value for any other setting given explicitly is refused."""
-    from dataclasses import fields
-
     kind = type(cfg)
     names = {f.name for f in fields(kind)}
     stored = {k: v for k, v in resume.meta["train_config"].items() if k in names}
@@ -188,28 +182,14 @@ def _as_json(v: Any) -> Any:
     return json.loads(json.dumps(v, default=str))
 
 
-def build_meta(cfg: TrainConfig, bundle: DataBundle, model_kwargs: dict, img_size: int, mean, std, loss_name: str,
-               augment: str) -> dict:
-    return {
-        "model": cfg.model, "model_kwargs": model_kwargs, "task": bundle.info.to_dict(), "dataset": bundle.name,
-        "data_source": bundle.source, "data_size": bundle.image_size, "img_size": img_size, "mean": mean, "std": std,
-        "temperature": 1.0, "seed": cfg.seed, "loss": loss_name, "augment": augment,
-        "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("quiet", "resume", "ddp")},
-    }
-
-
 def train(cfg: TrainConfig | None = None, *, log: Callable[[str], None] | None = None, **kwargs: Any) -> TrainResult:
     """Train a model; see :class:`TrainConfig` for the arguments (also accepted as keywords).
 
-    ``resume``: continue the run in this directory (its ``.partial`` build directory when a run was killed, else the
-    finished run, for more ``epochs``) from its ``last.pth``: weights, optimiser, schedule, early-stopping state,
-    history and data order, so the result is the one an uninterrupted run would have given. ``resume=True``
-    continues ``out`` when it holds a resumable run, else starts it. Settings given explicitly must match the
-    run's, except those in ``RESUME_MAY_CHANGE`` (``epochs``, ``patience``, ...).
-
-    Launched by ``torchrun`` with several processes (or with ``ddp=True``), trains data-parallel; see
-    :mod:`medmix.distributed`. Only process 0 writes; every process returns the result.
-    """
+    ``resume``: continue the run in this directory (a killed run's ``.partial`` build directory, else the finished
+    run, for more ``epochs``) from its ``last.pth``, exactly as an uninterrupted run (:mod:`medmix.training`);
+    ``resume=True`` continues ``out`` when it holds a resumable run, else starts it. Settings given explicitly must
+    match the run's, except ``RESUME_MAY_CHANGE`` (``epochs``, ``patience``, ...). Under ``torchrun`` (or with
+    ``ddp=True``) trains data-parallel (:mod:`medmix.distributed`); process 0 writes, every process returns."""
     given = set(kwargs) if cfg is None else _non_default_fields(cfg)
     return launch(cfg or TrainConfig(**kwargs), given, log, SingleTask)
 
@@ -265,11 +245,10 @@ class SingleTask(Task):
         self.precision = resolve_precision(cfg.precision)
         torch.manual_seed(cfg.seed)
         split_file = resume.source / "split.json" if resume is not None else None
-        bundle = load_dataset(cfg.dataset, data_dir=cfg.data_dir, size=cfg.size, seed=cfg.seed,
-                              download=cfg.download,
+        bundle = load_dataset(cfg.dataset, data_dir=cfg.data_dir, size=cfg.size, seed=cfg.seed, download=cfg.download,
                               split_file=split_file if split_file is not None and split_file.is_file() else None)
-        self.bundle, info = bundle, bundle.info
-        self.info = info
+        self.bundle, self.info = bundle, bundle.info
+        info = bundle.info
         self.img_size = cfg.img_size or bundle.image_size
         self.augment = cfg.augment or default_augment(bundle.name)
         mean, std = normalization(cfg.normalize, [bundle.splits["train"].images])
@@ -286,8 +265,12 @@ class SingleTask(Task):
             model = distributed.convert_sync_batchnorm(model, ctx.device)
         self.model = model.to(ctx.device)
         self.monitor = _monitor(cfg.monitor, info.task)
-        self.meta = build_meta(cfg, bundle, self.model_kwargs, self.img_size, mean, std, loss_name, self.augment)
-        self.meta["monitor"], self.meta["precision"] = self.monitor, self.precision
+        self.meta = {"model": cfg.model, "model_kwargs": self.model_kwargs, "task": info.to_dict(),
+                     "dataset": bundle.name, "data_source": bundle.source, "data_size": bundle.image_size,
+                     "img_size": self.img_size, "mean": mean, "std": std, "temperature": 1.0, "seed": cfg.seed,
+                     "loss": loss_name, "augment": self.augment,
+                     "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("quiet", "resume", "ddp")},
+                     "monitor": self.monitor, "precision": self.precision}
         self.small_val = len(bundle.splits["val"]) < MIN_VAL_FOR_MODEL_SELECTION
         if self.small_val:
             warn(f"the validation split has {len(bundle.splits['val'])} images (fewer than "
@@ -342,10 +325,12 @@ class SingleTask(Task):
         loss = self.loss_fn(logits.float(), y)
         return Step(loss * weight if rows is not None else loss, loss, len(y))
 
+    def _evaluate(self, model: nn.Module, split: str, **kw: Any) -> dict:
+        return evaluate_split(model, self.bundle.splits[split], self.eval_tf, self.info.task, self.info.class_names,
+                              self.eval_loss, self.cfg.eval_batch_size, self.precision, **kw)
+
     def validate(self) -> Validation:
-        info = self.info
-        val = evaluate_split(self.model, self.bundle.splits["val"], self.eval_tf, info.task, info.class_names,
-                             self.eval_loss, self.cfg.eval_batch_size, self.precision)
+        val = self._evaluate(self.model, "val")
         # too few val images to choose an epoch: every epoch "improves", so the last one is kept, none stops early
         score = float(self._epoch) if self.small_val else _score(val, self.monitor)
         return Validation({"val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"]}, score,
@@ -357,31 +342,26 @@ class SingleTask(Task):
     def finish(self, run: Path, final: Path, best_epoch: int, history: list[dict], seconds: float,
                say: Callable[[str], None]) -> TrainResult:
         # the test split is read once, with the weights chosen on val
-        cfg, ctx, info, bundle, meta, precision = self.cfg, self.ctx, self.info, self.bundle, self.meta, \
-            self.precision
-        eval_tf, eval_loss = self.eval_tf, self.eval_loss
-        final_model = best_model(self.model, ctx, lambda: create_model(cfg.model, **self.model_kwargs), run)
+        cfg, info, bundle, meta, eval_tf = self.cfg, self.info, self.bundle, self.meta, self.eval_tf
+        final_model = best_model(self.model, self.ctx, lambda: create_model(cfg.model, **self.model_kwargs), run)
         if cfg.bn_recalibrate and not get_policy(self.augment).identity and \
                 recalibrate_batchnorm(final_model, self.train.images, eval_tf):
             meta["bn_recalibrated"] = True
         extras = fit_confidence(final_model, bundle, eval_tf, info.task, meta, calibrate=cfg.calibrate, ood=cfg.ood,
                                 batch_size=cfg.eval_batch_size, seed=cfg.seed, say=say)
-        val = evaluate_split(final_model, bundle.splits["val"], eval_tf, info.task, info.class_names, eval_loss,
-                             cfg.eval_batch_size, precision, return_probs=True)
+        val = self._evaluate(final_model, "val", return_probs=True)
         threshold: float | list[float] = 0.5
         if cfg.tune_threshold and info.task == MULTI_LABEL:
             threshold = tune_thresholds(val.pop("_probs"), bundle.splits["val"].labels.numpy(), info.class_names,
-                                        meta, show=ctx.is_main)
-            val = evaluate_split(final_model, bundle.splits["val"], eval_tf, info.task, info.class_names, eval_loss,
-                                 cfg.eval_batch_size, precision, threshold=threshold)
+                                        meta, show=self.ctx.is_main)
+            val = self._evaluate(final_model, "val", threshold=threshold)
         val.pop("_probs", None)
-        test = evaluate_split(final_model, bundle.splits["test"], eval_tf, info.task, info.class_names, eval_loss,
-                              cfg.eval_batch_size, precision, threshold=threshold)
+        test = self._evaluate(final_model, "test", threshold=threshold)
         meta.update(threshold=threshold, epoch=best_epoch, epochs_run=len(history), val_metrics=_slim(val),
                     test_metrics=_slim(test), train_seconds=seconds, machine=machine_description())
         save_checkpoint(run / "best_model.pth", final_model, meta, extras=extras)
         metrics_doc = {"dataset": bundle.name, "model": cfg.model, "seed": cfg.seed, "best_epoch": best_epoch,
-                       "epochs_run": len(history), "monitor": self.monitor, "float_precision": precision,
+                       "epochs_run": len(history), "monitor": self.monitor, "float_precision": self.precision,
                        "train_seconds": seconds, "machine": machine_description(), "native_bf16": bf16_supported(),
                        "medmix_version": __version__, "warnings": meta.get("warnings", []), "val": val, "test": test}
         write_run_files(run, metrics_doc, history)
@@ -417,7 +397,7 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, transform: Bat
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return False
-    saved = [(m.momentum, m.training) for m in bns]
+    momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches
@@ -427,7 +407,7 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, transform: Bat
         m.train()
     for idx in iterate_batches(len(images), batch_size, torch.Generator().manual_seed(0)):
         model(transform(images[idx]))
-    for m, (momentum, _) in zip(bns, saved):
+    for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     model.train(was_training)
     return True
@@ -452,22 +432,20 @@ def fit_confidence(model: nn.Module, bundle: DataBundle, transform: BatchTransfo
     logits, features = extract(model, val.images, transform, batch_size)
     extras: dict[str, torch.Tensor] = {}
     if calibrate:
-        meta["temperature"], meta["calibration"] = fit_calibration(logits, val.labels, task)
-        c = meta["calibration"]
-        t = meta["temperature"]
+        t, c = fit_calibration(logits, val.labels, task)
+        meta["temperature"], meta["calibration"] = t, c
         if say is not None:
             say(f"calibration on val: T = {t:.3f}  NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}  ECE "
                 f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}" if isinstance(t, float) else
                 f"calibration on val: per-label T, NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}")
     if ood:
-        tr = bundle.splits["train"]
-        if len(val) < MIN_VAL_FOR_OOD_THRESHOLD:
+        tr, pool = bundle.splits["train"], len(val) < MIN_VAL_FOR_OOD_THRESHOLD
+        if pool:
             warn(f"the validation split has {len(val)} images (fewer than {MIN_VAL_FOR_OOD_THRESHOLD}): the "
                  f"out-of-distribution threshold is set on the training and validation images together "
                  f"(stricter: more images flagged)", meta, show=say is not None)
         meta["ood"], extras = ood_mod.fit(model, tr.images, tr.labels, val.images, transform, task,
-                                          batch_size=batch_size, seed=seed, val=(logits, features),
-                                          pool_train=len(val) < MIN_VAL_FOR_OOD_THRESHOLD)
+                                          batch_size=batch_size, seed=seed, val=(logits, features), pool_train=pool)
     return extras
 
 

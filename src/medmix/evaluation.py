@@ -43,6 +43,11 @@ def score_logits(logits: torch.Tensor, labels: torch.Tensor, task: str, class_na
     return m, probs
 
 
+def format_temperature(t: Any, digits: int = 4) -> str:
+    """A temperature for printing: the number, or "per label" (multi-label: one per label)."""
+    return f"{t:.{digits}f}" if isinstance(t, float) else "per label"
+
+
 def calibration_fields(logits: torch.Tensor, labels: torch.Tensor, task: str, temperature: Any) -> dict:
     """ECE and NLL before (T = 1) and after ``temperature``."""
     from .calibrate import N_BINS, calibration_metrics
@@ -87,22 +92,19 @@ def evaluate(ckpt_or_run: str | os.PathLike, *, data_dir: str | os.PathLike | No
     if run.is_generalist:
         return evaluate_generalist(run, data_dir=data_dir, split=split, out=out, batch_size=batch_size,
                                    precision=precision, report=report)
-    model = run.build_model()
-    info = run.task
+    model, info = run.build_model(), run.task
     out_dir = ensure_dir(out, "--out") if out is not None else None
     report_dir = ensure_dir(report, "--report") if report is not None else None
-    bundle = run.training_data(data_dir)
-    tf = run.transform()
+    bundle, tf = run.training_data(data_dir), run.transform()
     loss = build_loss(default_loss_name(info.task), info.task, info.num_classes)
     data = bundle.splits[split]
     detector = Detector.from_checkpoint(meta, run.extras)
-    features = None
-    if detector is not None and detector.needs_features and precision == "fp32":
+    needs_features = detector is not None and detector.needs_features
+    if needs_features and precision == "fp32":
         logits, features = extract(model, data.images, tf, batch_size)
-    else:
+    else:  # the OOD statistics were fitted on fp32 features
         logits = predict_logits(model, data.images, tf, batch_size, precision)
-        if detector is not None and detector.needs_features:  # the OOD statistics were fitted on fp32 features
-            _, features = extract(model, data.images, tf, batch_size)
+        features = extract(model, data.images, tf, batch_size)[1] if needs_features else None
     temperature = stored_temperature(meta)
     m, probs = score_logits(logits, data.labels, info.task, info.class_names, temperature, meta.get("threshold", 0.5),
                             loss)
@@ -180,17 +182,13 @@ def evaluate_heads(model: nn.Module, members: Sequence[Any], split: str, transfo
     monitored metrics, "n"}``. End-to-end: the router picks the head; an image routed to the wrong dataset counts
     as wrong.
     """
-    g = meta["generalist"]
-    layout = {d["name"]: d for d in g["datasets"]}
-    names = [d["name"] for d in g["datasets"]]
-    n_d = len(names)
+    layout = {d["name"]: d for d in meta["generalist"]["datasets"]}
+    names, n_d = list(layout), len(layout)
     out: dict[str, Any] = {"datasets": {}}
     confusion = np.zeros((n_d, n_d), dtype=np.int64)
     correct_total, n_total, scores = 0.0, 0, []
     for mem in members:
-        d = layout[mem.name]
-        k = names.index(mem.name)
-        data = mem.splits[split]
+        d, k, data = layout[mem.name], names.index(mem.name), mem.splits[split]
         logits, _ = extract(model, data.images, transform, batch_size, precision=precision, features=False)
         a, b = d["columns"]
         head = logits[:, a:b]
@@ -198,27 +196,21 @@ def evaluate_heads(model: nn.Module, members: Sequence[Any], split: str, transfo
         task = mem.info.task
         loss = build_loss(default_loss_name(task), task, mem.info.num_classes) if with_loss else None
         m, probs = score_logits(head, data.labels, task, mem.info.class_names, t, d.get("threshold", 0.5), loss)
-        labels = data.labels.numpy()
         routed = logits[:, :n_d].argmax(1).numpy()
         confusion[k] += np.bincount(routed, minlength=n_d)
         ok = routed == k
-        e2e = _image_correct(labels, probs, mem.info.task, d.get("threshold", 0.5)) * ok
-        m["routing_acc"] = float(ok.mean())
-        m["end_to_end_acc"] = float(e2e.mean())
-        monitor = "auc" if mem.info.task in (BINARY, MULTI_LABEL) else "acc"
+        e2e = _image_correct(data.labels.numpy(), probs, task, d.get("threshold", 0.5)) * ok
+        monitor = "auc" if task in (BINARY, MULTI_LABEL) else "acc"
         v = m[monitor] if np.isfinite(m[monitor]) else m.get("auc_defined_mean", float("nan"))
-        m["monitor"], m["score"] = monitor, float(v)
+        m.update(routing_acc=float(ok.mean()), end_to_end_acc=float(e2e.mean()), monitor=monitor, score=float(v))
         scores.append(float(v) if np.isfinite(v) else 0.0)
         out["datasets"][mem.name] = m
         correct_total += float(e2e.sum())
         n_total += len(data)
-    out["routing_confusion"] = confusion.tolist()
-    out["routing_acc"] = float(np.trace(confusion) / max(1, confusion.sum()))
-    out["end_to_end_acc"] = correct_total / max(1, n_total)
-    out["end_to_end_acc_mean"] = float(np.mean([out["datasets"][n]["end_to_end_acc"] for n in out["datasets"]]))
-    out["score"] = float(np.mean(scores)) if scores else float("nan")
-    out["n"] = n_total
-    out["dataset_names"] = names
+    out.update(routing_confusion=confusion.tolist(), routing_acc=float(np.trace(confusion) / max(1, confusion.sum())),
+               end_to_end_acc=correct_total / max(1, n_total),
+               end_to_end_acc_mean=float(np.mean([v["end_to_end_acc"] for v in out["datasets"].values()])),
+               score=float(np.mean(scores)) if scores else float("nan"), n=n_total, dataset_names=names)
     if with_loss:
         out["loss"] = float(np.mean([out["datasets"][n]["loss"] for n in out["datasets"]]))
     return out
@@ -244,10 +236,9 @@ def evaluate_generalist(ckpt_or_run: Any, *, data_dir: str | os.PathLike | None 
     path, meta = run.path, run.meta
     if not run.is_generalist:
         raise ConfigError(f"{path} is not a generalist checkpoint; use medmix.evaluate")
-    model = run.build_model()
-    members = _members_of(meta, run.dir, data_dir)
-    tf = run.transform()
-    m = evaluate_heads(model, members, split, tf, meta, batch_size=batch_size, precision=resolve_precision(precision))
+    model, members, tf = run.build_model(), _members_of(meta, run.dir, data_dir), run.transform()
+    precision = resolve_precision(precision)
+    m = evaluate_heads(model, members, split, tf, meta, batch_size=batch_size, precision=precision)
     m.update(kind=KIND, split=split, model=meta["model"], checkpoint=str(path), dataset=meta["dataset"])
     if out is not None:
         from .metrics import plot_confusion
@@ -257,7 +248,7 @@ def evaluate_generalist(ckpt_or_run: Any, *, data_dir: str | os.PathLike | None 
                                                         f"modality routing, {split} - {meta['model']}"))
     if report is not None:
         m["report"] = str(_write_generalist_report(ensure_dir(report, "--report"), run, model, members, tf, m, split,
-                                                   batch_size, resolve_precision(precision)))
+                                                   batch_size, precision))
     return m
 
 

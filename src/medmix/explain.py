@@ -30,7 +30,10 @@ import torch.nn.functional as F
 
 from .cam_methods import DEFAULT_METHOD, METHODS
 from .errors import ConfigError
+from .generalist_predictor import GeneralistPredictor
+from .imaging import as_inputs, enlarged_rgb
 from .paths import check_writable_dir
+from .predict import Predictor, load_predictor
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "cam_array", "explain", "resolve_class", "target_layer", "tokens_to_map"]
 
@@ -153,14 +156,6 @@ def resolve_class(target: int | str | None, class_names: Sequence[str]) -> int |
 
 
 # ----------------------------------------------------------------------------------------------- the panel
-def _display_image(img: torch.Tensor) -> np.ndarray:
-    """uint8 ``(C, H, W)`` -> float RGB ``(h, w, 3)`` in [0, 1], enlarged by an integer factor (nearest)."""
-    a = img.numpy().astype(np.float32) / 255.0
-    a = (np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a[:3]).transpose(1, 2, 0)
-    f = max(1, math.ceil(PANEL_SIDE / max(a.shape[:2])))
-    return np.ascontiguousarray(np.repeat(np.repeat(a, f, axis=0), f, axis=1))
-
-
 def _resize_map(m: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     if m.shape == tuple(hw):
         return m
@@ -175,7 +170,7 @@ def _panel(img: torch.Tensor, cam: np.ndarray, probs: Sequence[tuple[str, float]
 
     from .metrics import _new_figure
 
-    big = _display_image(img)
+    big = enlarged_rgb(img.numpy(), PANEL_SIDE)
     overlay = show_cam_on_image(big, _resize_map(cam, big.shape[:2]), use_rgb=True, image_weight=0.55)
     fig = _new_figure(12.0, 4.2)
     axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.25]})
@@ -184,8 +179,7 @@ def _panel(img: torch.Tensor, cam: np.ndarray, probs: Sequence[tuple[str, float]
                                (axes[1], overlay, f"{method} {what}")):
         ax.imshow(shown, interpolation="nearest")
         ax.set(title=heading, xticks=[], yticks=[])
-    names = [n for n, _ in probs][::-1]
-    vals = [p for _, p in probs][::-1]
+    names, vals = [n for n, _ in probs][::-1], [p for _, p in probs][::-1]
     ax = axes[2]
     ax.barh(range(len(vals)), vals, color=["tab:red" if n == explained else "tab:blue" for n in names])
     ax.set_yticks(range(len(vals)), labels=[n if len(n) <= 28 else n[:27] + "…" for n in names])
@@ -222,42 +216,19 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
     dataset and explains that head's class; its results add ``dataset``, ``dataset_confidence`` (after ``png``) and
     ``in_distribution`` (last) when it has an OOD threshold.
     """
-    from .generalist_predictor import GeneralistPredictor
-    from .imaging import as_inputs
     from .metrics import save_figure
-    from .predict import Predictor
-    from .run import Run
 
     _cam_class(method)  # fail on an unknown method before loading anything
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")
     out = check_writable_dir(out_dir, "--out")  # (~ expanded)
     if not isinstance(checkpoint, (Predictor, GeneralistPredictor)):
-        run = Run.of(checkpoint)
-        checkpoint = GeneralistPredictor(run) if run.is_generalist else Predictor(run)
+        checkpoint = load_predictor(checkpoint)
     items, names = as_inputs(images)
-    # per image: (class names, probabilities, explained class, label, confidence, routing text, extra result fields
-    # placed after "png", extra fields placed last)
-    if isinstance(checkpoint, GeneralistPredictor):  # each image explained in the head it is routed to
-        batch = torch.stack([checkpoint.load(x, n) for x, n in zip(items, names)])
-        a, picks, cams = routed_cams(checkpoint, batch, target_class, method)
-        rows = []
-        for i, (k, j, p) in enumerate(picks):
-            d, classes, best = checkpoint.datasets[k], checkpoint.infos[k].class_names, int(torch.argmax(p))
-            route = float(a["router"][i, k])
-            tail = {} if a["in_distribution"] is None else {"in_distribution": bool(a["in_distribution"][i])}
-            rows.append((classes, p, j, classes[best], float(p[best]), f"routed to {d['name']} ({route:.1%}) -> ",
-                         {"dataset": d["name"], "dataset_confidence": round(route, 6)}, tail))
-    else:
-        fixed = resolve_class(target_class, checkpoint.class_names)  # an unknown class fails before loading
-        batch = torch.stack([checkpoint.load(x, n) for x, n in zip(items, names)])
-        probs = checkpoint.probabilities(batch)
-        targets = [fixed if fixed is not None else int(torch.argmax(p)) for p in probs]
-        cams = cam_array(checkpoint.model, checkpoint.transform(batch), targets, method=method)
-        described = [checkpoint._describe(n, p, None) for n, p in zip(names, probs)]
-        rows = [(checkpoint.class_names, p, k, d["label"], float(d["confidence"]), "", {}, {})
-                for p, k, d in zip(probs, targets, described)]
-
+    if not isinstance(checkpoint, GeneralistPredictor):
+        resolve_class(target_class, checkpoint.class_names)  # an unknown class fails before loading
+    batch = torch.stack([checkpoint.load(x, n) for x, n in zip(items, names)])
+    cams, rows = explained(checkpoint, batch, target_class, method)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -283,22 +254,30 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
     return results
 
 
-def routed_cams(gp: Any, batch: torch.Tensor, target_class: int | str | None, method: str
-                ) -> tuple[dict, list[tuple[int, int, torch.Tensor]], np.ndarray]:
-    """A generalist's Grad-CAMs of uint8 images ``batch``: each image is routed (``gp.analyse``), its head's
-    probabilities computed, and the heatmap taken for that head's class (``target_class`` by name or index within
-    the routed head, default its most probable) at the class's column of the model output. Returns the analysis,
-    ``(dataset index, class index, head probabilities)`` per image, and the maps."""
-    from .inference import probabilities
-
-    a = gp.analyse(batch)
-    picks = []
+def explained(pred: Any, batch: torch.Tensor, target_class: int | str | None, method: str
+              ) -> tuple[np.ndarray, list[tuple]]:
+    """The heatmaps of uint8 images ``batch`` (``pred``: a Predictor or a GeneralistPredictor) for ``target_class``
+    (name or index; default each image's most probable class) and per image ``(class names, probabilities,
+    explained class index, label, confidence, routing text, result fields placed after "png", result fields placed
+    last)``. A generalist routes each image (``pred.analyse``) and explains its head's class, at that class's column
+    of the model output."""
+    if not isinstance(pred, GeneralistPredictor):
+        fixed = resolve_class(target_class, pred.class_names)
+        probs = pred.probabilities(batch)
+        targets = [fixed if fixed is not None else int(torch.argmax(p)) for p in probs]
+        cams = cam_array(pred.model, pred.transform(batch), targets, method=method)
+        answers = [pred._describe("", p, None) for p in probs]
+        return cams, [(pred.class_names, p, k, d["label"], float(d["confidence"]), "", {}, {})
+                      for p, k, d in zip(probs, targets, answers)]
+    a = pred.analyse(batch)
+    rows, columns = [], []
     for i in range(len(batch)):
-        k = int(a["dataset_index"][i])
-        d, info = gp.datasets[k], gp.infos[k]
-        lo, hi = d["columns"]
-        p = probabilities(a["logits"][i:i + 1, lo:hi], info.task, d.get("temperature", 1.0) or 1.0)[0]
-        j = resolve_class(target_class, info.class_names) if target_class is not None else int(torch.argmax(p))
-        picks.append((k, j, p))
-    columns = [gp.datasets[k]["columns"][0] + j for k, j, _ in picks]
-    return a, picks, cam_array(gp.model, gp.transform(batch), columns, method=method)
+        k, p = pred.head_probabilities(a, i)
+        d, classes, best = pred.datasets[k], pred.infos[k].class_names, int(torch.argmax(p))
+        j = resolve_class(target_class, classes) if target_class is not None else best
+        route = float(a["router"][i, k])
+        tail = {} if a["in_distribution"] is None else {"in_distribution": bool(a["in_distribution"][i])}
+        rows.append((classes, p, j, classes[best], float(p[best]), f"routed to {d['name']} ({route:.1%}) -> ",
+                     {"dataset": d["name"], "dataset_confidence": round(route, 6)}, tail))
+        columns.append(d["columns"][0] + j)
+    return cam_array(pred.model, pred.transform(batch), columns, method=method), rows

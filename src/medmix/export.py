@@ -47,6 +47,8 @@ from .atomic import atomic_write_bytes
 from .checkpoint import is_generalist
 from .data.tasks import MULTI_LABEL
 from .errors import ConfigError, MedmixError, require_extra
+from .inference import extract
+from .ood import EXTRA_MEANS, EXTRA_PRECISION, Detector, mahalanobis_score
 from .paths import check_writable_file
 from .run import Run
 
@@ -71,8 +73,6 @@ class _Exported(nn.Module):
         for i, (_, _, _, t) in enumerate(spans):
             self.register_buffer(f"t{i}", torch.as_tensor(t, dtype=torch.float32).reshape(1, -1))
         if ood == "mahalanobis":
-            from .ood import EXTRA_MEANS, EXTRA_PRECISION
-
             self.register_buffer("means", stats[EXTRA_MEANS].float().clone())
             self.register_buffer("precision", stats[EXTRA_PRECISION].float().clone())
 
@@ -102,25 +102,23 @@ class _Exported(nn.Module):
 def onnx_metadata(meta: dict, opset: int, detector=None) -> dict:
     """The JSON object embedded as ``metadata_props["medmix"]``."""
     task = meta["task"]
-    out = {
-        "format": 1, "classes": list(task["class_names"]), "task": task, "mean": meta["mean"], "std": meta["std"],
-        "temperature": meta.get("temperature", 1.0), "threshold": meta.get("threshold", 0.5),
-        "data_size": int(meta["data_size"]), "img_size": int(meta["img_size"]), "model": meta["model"],
-        "dataset": meta.get("dataset"), "metrics": {"val": meta.get("val_metrics"), "test": meta.get("test_metrics")},
-        "input_name": INPUT_NAME, "output_names": list(OUTPUT_NAMES) + ([OOD_OUTPUT] if detector else []),
-        "opset": opset, "checkpoint_medmix_version": meta.get("medmix_version"), "medmix_version": __version__,
-    }
+    out = {"format": 1, "classes": list(task["class_names"]), "task": task, "mean": meta["mean"], "std": meta["std"],
+           "temperature": meta.get("temperature", 1.0), "threshold": meta.get("threshold", 0.5),
+           "data_size": int(meta["data_size"]), "img_size": int(meta["img_size"]), "model": meta["model"],
+           "dataset": meta.get("dataset"), "metrics": {"val": meta.get("val_metrics"),
+                                                       "test": meta.get("test_metrics")},
+           "input_name": INPUT_NAME, "output_names": list(OUTPUT_NAMES) + ([OOD_OUTPUT] if detector else []),
+           "opset": opset, "checkpoint_medmix_version": meta.get("medmix_version"), "medmix_version": __version__}
     if detector is not None:
         out["ood"] = {"method": detector.method, "threshold": detector.threshold, "output": OOD_OUTPUT,
                       "tpr": meta["ood"].get("tpr"), "split": meta["ood"].get("split"),
                       "min_pixel_std": detector.min_pixel_std}  # the blank-image guard
     if is_generalist(meta):  # what the ONNX Runtime backend needs to route
         g, ood = meta["generalist"], meta.get("ood") if isinstance(meta.get("ood"), dict) else {}
-        out["generalist"] = {
-            "datasets": [{k: d[k] for k in ("name", "task", "columns", "threshold") if k in d} for d in g["datasets"]],
-            "modality_columns": g["modality_columns"],
-            "ood": {"output": OOD_OUTPUT, "thresholds_by_dataset": ood.get("thresholds_by_dataset"),
-                    "min_pixel_std_by_dataset": ood.get("min_pixel_std_by_dataset")} if ood else None}
+        out["generalist"] = {"datasets": [{k: d[k] for k in ("name", "task", "columns", "threshold") if k in d}
+                                          for d in g["datasets"]], "modality_columns": g["modality_columns"],
+                             "ood": {"output": OOD_OUTPUT, "thresholds_by_dataset": ood.get("thresholds_by_dataset"),
+                                     "min_pixel_std_by_dataset": ood.get("min_pixel_std_by_dataset")} if ood else None}
         out["output_names"] = list(OUTPUT_NAMES) + ([OOD_OUTPUT] if ood else [])
     return out
 
@@ -137,8 +135,6 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
         raise ConfigError(f"opset {opset} is not supported; use 9..21 (default 17)")
     check_writable_file(out_path, "--onnx")
     t0 = time.perf_counter()
-    from .ood import EXTRA_MEANS, EXTRA_PRECISION, Detector
-
     run = Run.of(checkpoint)
     src, meta = run.path, run.meta
     model = run.build_model().to(memory_format=torch.contiguous_format).eval()
@@ -175,11 +171,8 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
 
     proto = onnx.load_from_string(buf.getvalue())
     doc = onnx_metadata(meta, int(opset), detector)
-    del proto.metadata_props[:]
-    for k, v in {META_KEY: json.dumps(doc), "classes": json.dumps(doc["classes"]), "task": task["task"],
-                 "model": meta["model"], "medmix_version": __version__}.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
+    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(doc), "classes": json.dumps(doc["classes"]),
+                                        "task": task["task"], "model": meta["model"], "medmix_version": __version__})
     proto.producer_name, proto.producer_version = "medmix", __version__
     proto.doc_string = f"medmix {meta['model']} trained on {meta.get('dataset')}: input normalised " \
                        f"(B,{c},{s},{s}) float32; outputs logits and calibrated probabilities"
@@ -188,8 +181,7 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
     # the check: the same random uint8 batch through the same preprocessing, torch vs ONNX Runtime
     x = transform(torch.randint(0, 256, (check_batch, c, d, d), dtype=torch.uint8, generator=g))
     with torch.inference_mode():
-        t_out = wrapped(x)
-    t_logits, t_probs = t_out[0], t_out[1]
+        t_logits, t_probs = wrapped(x)[:2]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
@@ -201,25 +193,20 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
                           f"{diff_p:.3g} > {tolerance:g} (logits {diff_l:.3g}); the file was not written")
     diff_ood = None
     if detector is not None or stats is not None:  # against the detector itself (float64), as predictors apply it
-        from .inference import extract
-        from .ood import mahalanobis_score
-
         ref_logits, ref_feats = extract(model, x.contiguous(), lambda v: v)
         ref = detector.scores(ref_logits, ref_feats) if detector is not None else mahalanobis_score(ref_feats, stats)
         diff_ood = float((np.abs(o_out[2] - ref) / np.maximum(1.0, np.abs(ref))).max())
         if not diff_ood <= OOD_RTOL:
             raise MedmixError(f"{src}: the ONNX OOD score ({detector.method if detector else 'mahalanobis'}) "
-                              f"disagrees with torch: relative "
-                              f"difference {diff_ood:.3g} > {OOD_RTOL:g}; the file was not written")
+                              f"disagrees with torch: relative difference {diff_ood:.3g} > {OOD_RTOL:g}; the file "
+                              f"was not written")
 
     out = Path(out_path)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, data)
     return {"onnx": str(out), "bytes": len(data), "checkpoint": str(src), "model": meta["model"],
             "classes": doc["classes"], "task": task["task"], "opset": int(opset),
-            "input": {"name": INPUT_NAME, "shape": ["batch", c, s, s], "dtype": "float32"},
-            "outputs": outputs, "temperature": doc["temperature"], "check_batch": check_batch,
-            "ood": doc.get("ood"), "max_rel_diff_ood_score": diff_ood,
-            "max_abs_diff_probabilities": diff_p, "max_abs_diff_logits": diff_l, "tolerance": tolerance,
-            "seconds": round(time.perf_counter() - t0, 3)}
+            "input": {"name": INPUT_NAME, "shape": ["batch", c, s, s], "dtype": "float32"}, "outputs": outputs,
+            "temperature": doc["temperature"], "check_batch": check_batch, "ood": doc.get("ood"),
+            "max_rel_diff_ood_score": diff_ood, "max_abs_diff_probabilities": diff_p, "max_abs_diff_logits": diff_l,
+            "tolerance": tolerance, "seconds": round(time.perf_counter() - t0, 3)}

@@ -54,26 +54,19 @@ from .engine import (TrainResult, _as_json, _non_default_fields, all_labels, bes
                      recalibrate_batchnorm, write_run_files)
 from .errors import ConfigError
 from .evaluation import (_Member, _members_of, evaluate_generalist, evaluate_heads,  # noqa: F401  (the API, as before)
-                         format_generalist, summarize)
+                         format_generalist, format_temperature, summarize)
 from .generalist_predictor import GeneralistPredictor, format_routed  # noqa: F401  (medmix.generalist API)
 from .inference import autocast, extract, machine_description, resolve_precision
 from .losses import build_loss, default_loss_name
 from .metrics import plot_confusion
 from .models import model_info
-from .models.multihead import MultiHeadClassifier
+from .models.multihead import MultiHeadClassifier, head_layout
 from .report import plot_curves
 from .small_data import MIN_VAL_FOR_OOD_THRESHOLD, MIN_VAL_FOR_TEMPERATURE, warn
 from .training import Step, Task, Validation, epoch_seed
 
-__all__ = [
-    "GeneralistConfig",
-    "GeneralistPredictor",
-    "GeneralistResult",
-    "evaluate_generalist",
-    "is_generalist",
-    "parse_datasets",
-    "train_generalist",
-]
+__all__ = ["GeneralistConfig", "GeneralistPredictor", "GeneralistResult", "evaluate_generalist", "is_generalist",
+           "parse_datasets", "train_generalist"]
 
 KIND = GENERALIST
 MAX_RECALIBRATE_IMAGES = 16_384  # clean training images (drawn with the sampling weights) for BatchNorm statistics
@@ -122,9 +115,8 @@ def train_generalist(cfg: GeneralistConfig | None = None, *, log: Callable[[str]
                      **kwargs: Any) -> GeneralistResult:
     """Train one model on several datasets (see the module docstring); arguments as :class:`GeneralistConfig`.
 
-    ``resume`` continues a killed (or finished, for more ``epochs``) run exactly as :func:`medmix.train` does: the
-    shared loop (:mod:`medmix.training`) restores weights, optimiser, schedule, early stopping, history, the RNG and
-    the mixed-batch sampler, so the result is bit-identical to an uninterrupted run."""
+    ``resume`` continues a killed (or finished, for more ``epochs``) run bit-identically, as :func:`medmix.train`
+    does: the shared loop (:mod:`medmix.training`) also restores the RNG and the mixed-batch sampler."""
     given = set(kwargs) if cfg is None else _non_default_fields(cfg)
     return launch(cfg or GeneralistConfig(**kwargs), given, log, MixtureTask)
 
@@ -156,25 +148,21 @@ class MixtureTask(Task):
         self.losses = [build_loss(default_loss_name(m.info.task), m.info.task, m.info.num_classes,
                                   label_smoothing=cfg.label_smoothing if m.info.task != MULTI_LABEL else 0.0)
                        for m in members]
+        self.head_sizes = [m.info.num_classes for m in members]
         model_kwargs = dict(in_chans=channels, img_size=side, drop_rate=cfg.drop_rate,
                             drop_path_rate=cfg.drop_path_rate, **cfg.model_kwargs)
         try:
-            model = MultiHeadClassifier(cfg.model, [m.info.num_classes for m in members], **model_kwargs)
+            model = MultiHeadClassifier(cfg.model, self.head_sizes, **model_kwargs)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model {cfg.model!r}: {e}") from None
         model = model.to(memory_format=torch.channels_last)
         if self.ctx.world_size > 1:
             model = distributed.convert_sync_batchnorm(model, self.ctx.device)
-        self.model = model.to(self.ctx.device)
-        self.model_kwargs = model_kwargs
-        datasets_meta, start = [], len(members)
-        for m in members:
-            datasets_meta.append({"name": m.name, "task": m.info.to_dict(),
-                                  "columns": [start, start + m.info.num_classes], "data_source": m.source,
-                                  "data_size": m.data_size, "augment": m.augment, "temperature": 1.0,
-                                  "threshold": 0.5, "n_train": len(m.splits["train"])})
-            start += m.info.num_classes
-        self.datasets_meta = datasets_meta
+        self.model, self.model_kwargs = model.to(self.ctx.device), model_kwargs
+        self.datasets_meta = datasets_meta = [
+            {"name": m.name, "task": m.info.to_dict(), "columns": list(cols), "data_source": m.source,
+             "data_size": m.data_size, "augment": m.augment, "temperature": 1.0, "threshold": 0.5,
+             "n_train": len(m.splits["train"])} for m, cols in zip(members, head_layout(self.head_sizes)[1:])]
         # the checkpoint's "task" is the router's (one class per dataset); a one-dataset run (a specialist trained by
         # the same pipeline, as benchmarks/generalist.py does) has no routing question, so it records its dataset's
         modality_info = TaskInfo(MULTI_CLASS, tuple(m.name for m in members), channels) if len(members) > 1 else \
@@ -186,20 +174,18 @@ class MixtureTask(Task):
             "generalist": {"datasets": datasets_meta, "modality_columns": [0, len(members)],
                            "modality_temperature": 1.0,
                            "sampling": {"temperature": cfg.sampling_temperature, "weights": self.weights.tolist()},
-                           "channels": channels, "img_size": side,
-                           "channel_rule": "grayscale replicated to 3 channels" if channels == 3 else
-                           "colour -> BT.601 luma"},
-            "train_config": _as_json({k: v for k, v in asdict(cfg).items() if k not in ("quiet", "resume", "ddp")}),
-        }
+                           "channels": channels, "img_size": side, "channel_rule":
+                           "grayscale replicated to 3 channels" if channels == 3 else "colour -> BT.601 luma"},
+            "train_config": _as_json({k: v for k, v in asdict(cfg).items() if k not in ("quiet", "resume", "ddp")})}
         self.steps_per_epoch = cfg.steps_per_epoch or max(1, sum(self.sizes) // cfg.batch_size)
         # one generator for the whole run (data order across epochs, augmentation); its state and the sampler's
         # running permutations are part of the resumable state
-        self.gen = torch.Generator()
-        self.gen.manual_seed(epoch_seed(cfg.seed, 0))
+        self.gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, 0))
         self.sampler = MixedBatchSampler(self.sizes, cfg.batch_size, self.weights, self.gen)
 
     def default_out(self) -> str:
-        return _default_out(self.cfg)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return str(Path("runs") / f"generalist-{len(self.cfg.datasets)}sets-{self.cfg.model}-s{self.cfg.seed}-{stamp}")
 
     def describe(self, world: str) -> str:
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -280,19 +266,16 @@ class MixtureTask(Task):
                say: Callable[[str], None]) -> GeneralistResult:
         cfg, members, meta, eval_tf, precision = self.cfg, self.members, self.meta, self.eval_tf, self.precision
         # the best weights, their trust data, then the test splits, read once
-        model = best_model(self.model, self.ctx, lambda: MultiHeadClassifier(
-            cfg.model, [m.info.num_classes for m in members], **self.model_kwargs), run)
+        model = best_model(self.model, self.ctx, lambda: MultiHeadClassifier(cfg.model, self.head_sizes,
+                                                                             **self.model_kwargs), run)
         if cfg.bn_recalibrate and any(not get_policy(m.augment).identity for m in members):
             pool = _mixture_sample(members, "train", self.weights, MAX_RECALIBRATE_IMAGES, cfg.seed)
             if recalibrate_batchnorm(model, pool, eval_tf):
                 meta["bn_recalibrated"] = True
         extras = _fit_trust(model, members, eval_tf, meta, cfg, precision, say)
-        val = evaluate_heads(model, members, "val", eval_tf, meta, batch_size=cfg.eval_batch_size,
-                             precision=precision)
-        test = evaluate_heads(model, members, "test", eval_tf, meta, batch_size=cfg.eval_batch_size,
-                              precision=precision)
-        for m_, split in ((val, "val"), (test, "test")):
-            m_.update(kind=KIND, split=split, model=cfg.model)
+        val, test = ({**evaluate_heads(model, members, split, eval_tf, meta, batch_size=cfg.eval_batch_size,
+                                       precision=precision), "kind": KIND, "split": split, "model": cfg.model}
+                     for split in ("val", "test"))
         meta.update(epoch=best_epoch, epochs_run=len(history), val_metrics=summarize(val),
                     test_metrics=summarize(test), train_seconds=seconds, machine=machine_description())
         save_checkpoint(run / "best_model.pth", model, meta, extras=extras)
@@ -323,11 +306,6 @@ def _check_saved_splits(members: Sequence[_Member], run_dir: Path) -> None:
         if any(sorted(saved.get(k, [])) != sorted(np.asarray(v).tolist()) for k, v in m.split_indices.items()):
             raise ConfigError(f"{m.name}: the data found now give another split than {f}; resume with the data the "
                               f"run was trained on")
-
-
-def _default_out(cfg: GeneralistConfig) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return str(Path("runs") / f"generalist-{len(cfg.datasets)}sets-{cfg.model}-s{cfg.seed}-{stamp}")
 
 
 def _mixture_sample(members: Sequence[_Member], split: str, weights: np.ndarray, limit: int, seed: int
@@ -368,12 +346,10 @@ def fit_temperatures(members: Sequence[_Member], val_logits: Sequence[torch.Tens
 def calibrate_generalist(run: Any, data_dir: str | os.PathLike | None = None, batch_size: int = 512) -> dict:
     """`medmix calibrate` for a generalist: refit every head's temperature and the router's on the validation splits
     and store them in the checkpoint (same weights, rewritten atomically)."""
-
-    meta = run.meta
+    meta, g = run.meta, run.meta["generalist"]
     members = _members_of(meta, run.dir, data_dir)
     model, tf = run.build_model(), run.transform()
     precision = resolve_precision(meta.get("precision") or "auto")
-    g = meta["generalist"]
     previous = {d["name"]: d.get("temperature", 1.0) for d in g["datasets"]}
     previous_router = g.get("modality_temperature", 1.0)
     val_logits = [extract(model, m.splits["val"].images, tf, batch_size, precision=precision, features=False)[0]
@@ -400,45 +376,39 @@ def _fit_trust(model: nn.Module, members: Sequence[_Member], tf: BatchTransform,
                for m in members]
     if cfg.calibrate:
         fit_temperatures(members, [lo for lo, _ in val_out], meta)
-        say("calibration on val: router T = {:.3f}; heads {}".format(
-            g["modality_temperature"], ", ".join(f"{d['name']} T = {_fmt_t(d['temperature'])}" for d in g["datasets"])))
+        say("calibration on val: router T = {:.3f}; heads {}".format(g["modality_temperature"], ", ".join(
+            f"{d['name']} T = {format_temperature(d['temperature'], 3)}" for d in g["datasets"])))
     if not cfg.ood:
         return {}
     gen = torch.Generator().manual_seed(cfg.seed)
-    feats, labels, offset, stds = [], [], 0, []
+    feats, labels, offset = [], [], 0
     for m in members:
         tr = m.splits["train"]
         idx = torch.randperm(len(tr), generator=gen)[:MAX_OOD_IMAGES_PER_DATASET]
-        _, f = extract(model, tr.images[idx], tf, cfg.eval_batch_size, precision=precision)
-        feats.append(f)
-        y = tr.labels[idx]
+        feats.append(extract(model, tr.images[idx], tf, cfg.eval_batch_size, precision=precision)[1])
         # classes of the Mahalanobis model: the (dataset, class) pairs; multi-label datasets get one Gaussian
-        cls = torch.zeros(len(idx), dtype=torch.long) if m.info.task == MULTI_LABEL else y.reshape(len(idx), -1)[:, 0]
+        ml = m.info.task == MULTI_LABEL
+        cls = torch.zeros(len(idx), dtype=torch.long) if ml else tr.labels[idx].reshape(len(idx), -1)[:, 0]
         labels.append(cls + offset)
-        offset += 1 if m.info.task == MULTI_LABEL else m.info.num_classes
-        stds.append(ood_mod.pixel_std(tr.images))
+        offset += 1 if ml else m.info.num_classes
     stats = ood_mod.fit_mahalanobis(torch.cat(feats), torch.cat(labels), MULTI_CLASS)
     thresholds, splits = {}, {}
     for m, (_, f), ft in zip(members, val_out, feats):
-        scores = ood_mod.mahalanobis_score(f, stats)
-        splits[m.name] = "val"
-        if len(m.splits["val"]) < MIN_VAL_FOR_OOD_THRESHOLD:
+        pool = len(m.splits["val"]) < MIN_VAL_FOR_OOD_THRESHOLD
+        if pool:
             warn(f"{m.name}: the validation split has {len(m.splits['val'])} images (fewer than "
                  f"{MIN_VAL_FOR_OOD_THRESHOLD}): its out-of-distribution threshold is set on its training and "
                  f"validation images together (stricter)", meta)
-            scores, splits[m.name] = np.concatenate([ood_mod.mahalanobis_score(ft, stats), scores]), "train+val"
-        thresholds[m.name] = ood_mod.threshold_at_tpr(scores, ood_mod.TPR)
+        thresholds[m.name] = ood_mod.threshold_at_tpr(ood_mod.mahalanobis_score(f, stats), ood_mod.TPR,
+                                                      ood_mod.mahalanobis_score(ft, stats) if pool else None)
+        splits[m.name] = "train+val" if pool else "val"
     # the blank guard per dataset, applied to the dataset an image is routed to: pooled, one dataset that holds
     # blank images (MedNIST has constant slices) switched it off for all (measured: 71% of blank images flagged)
-    min_std = {m.name: round(0.5 * float(np.quantile(v, ood_mod.MIN_STD_QUANTILE)), 4) for m, v in zip(members, stds)}
+    min_std = {m.name: ood_mod.min_pixel_std(m.splits["train"].images) for m in members}
     meta["ood"] = {"method": "mahalanobis", "per_dataset": True, "thresholds_by_dataset": thresholds,
                    "tpr": ood_mod.TPR, "split": "val", "split_by_dataset": splits, "min_pixel_std_by_dataset": min_std,
                    "n_fit": int(sum(len(f) for f in feats)), "n_means": int(stats[ood_mod.EXTRA_MEANS].shape[0]),
                    "feature_dim": int(stats[ood_mod.EXTRA_MEANS].shape[1])}
     return stats
-
-
-def _fmt_t(t: Any) -> str:
-    return f"{t:.3f}" if isinstance(t, float) else "per label"
 
 

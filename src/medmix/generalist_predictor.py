@@ -13,9 +13,9 @@ import torch
 from .data.images import load_image
 from .data.tasks import MULTI_CLASS, TaskInfo
 from .errors import ConfigError, check_top_k
-from .imaging import as_inputs, describe, per_class
+from .imaging import as_inputs, describe, format_answer, per_class, pixel_std
 from .inference import extract, probabilities
-from .ood import EXTRA_MEANS, EXTRA_PRECISION, mahalanobis_score, pixel_std
+from .ood import EXTRA_MEANS, EXTRA_PRECISION, mahalanobis_score
 from .run import Run
 
 
@@ -77,10 +77,8 @@ class GeneralistPredictor:
         a = self.analyse(torch.stack([self.load(x, n) for x, n in zip(items, names)]), dataset)
         out = []
         for i, name in enumerate(names):
-            k = int(a["dataset_index"][i])
+            k, p = self.head_probabilities(a, i)
             d, info = self.datasets[k], self.infos[k]
-            lo, hi = d["columns"]
-            p = probabilities(a["logits"][i:i + 1, lo:hi], info.task, d.get("temperature", 1.0) or 1.0)[0]
             r = {"file": name, "dataset": d["name"], "dataset_confidence": round(float(a["router"][i, k]), 6),
                  "routed": dataset is None,
                  "dataset_probabilities": {n: round(float(a["router"][i, j]), 6) for j, n in enumerate(self.names)}}
@@ -93,6 +91,13 @@ class GeneralistPredictor:
             out.append(r)
         return out
 
+    def head_probabilities(self, a: dict[str, Any], i: int) -> tuple[int, torch.Tensor]:
+        """Image ``i`` of an :meth:`analyse` result -> its dataset's index and that head's calibrated probabilities."""
+        k = int(a["dataset_index"][i])
+        d = self.datasets[k]
+        lo, hi = d["columns"]
+        return k, probabilities(a["logits"][i:i + 1, lo:hi], self.infos[k].task, d.get("temperature", 1.0) or 1.0)[0]
+
     def _check_dataset(self, dataset: str | None) -> None:
         if dataset is not None and dataset not in self.names:
             raise ConfigError(f"--dataset {dataset!r} is not one of this generalist's datasets: "
@@ -102,12 +107,6 @@ class GeneralistPredictor:
 def format_routed(r: dict) -> str:
     """A readable block for one routed prediction."""
     how = "routed to" if r["routed"] else "forced head"
-    lines = [f"{r['file']}: {r['dataset']} ({how}; router confidence {r['dataset_confidence']:.2%}) -> "
-             f"{r['label']}  (confidence {r['confidence']:.2%})"]
-    if r.get("in_distribution") is False:
-        lines.append(f"  WARNING: out of distribution (OOD score {r['ood_score']:.4g}): this image looks like none of "
-                     f"the training datasets; do not trust the label")
-    w = max(len(c) for c in r["probabilities"])
-    for c, p in r["probabilities"].items():
-        lines.append(f"  {c:<{w}}  {p:7.2%}  {'#' * int(round(p * 30))}")
-    return "\n".join(lines)
+    first = (f"{r['file']}: {r['dataset']} ({how}; router confidence {r['dataset_confidence']:.2%}) -> "
+             f"{r['label']}  (confidence {r['confidence']:.2%})")
+    return format_answer(r, first, "looks like none of the training datasets")

@@ -12,13 +12,15 @@ nothing else: the decoder path is fuzzed with random and mutated image bytes in 
 :class:`ImageTooLarge` from their header, before any pixel is decoded, which also stops decompression bombs (a
 small file declaring huge dimensions).
 
-The answer of one image (:func:`describe`: label, confidence, distribution) is here too, torch-free, so the torch
-predictors and the ONNX Runtime one report it with the same code.
+The answer of one image (:func:`describe`: label, confidence, distribution; :func:`format_answer`: as text), the
+blank-image statistic (:func:`pixel_std`) and the picture under a Grad-CAM heatmap (:func:`enlarged_rgb`) are here
+too, torch-free, so the torch predictors and the ONNX Runtime one (and the server) share the code.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import sys
 import threading
@@ -33,8 +35,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ConfigError, ImageError
 from .task_kinds import MULTI_LABEL, ORDINAL
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "ImageTooLarge", "as_inputs", "describe", "image_size", "load_image_np",
-           "open_image", "per_class"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "ImageTooLarge", "as_inputs", "describe", "enlarged_rgb",
+           "format_answer", "image_size", "load_image_np", "open_image", "per_class", "pixel_std"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".npy"}
 MAX_PIXELS = 50_000_000  # decompression-bomb guard: refuse images with more pixels than this
@@ -204,6 +206,25 @@ def load_image_np(src: Any, n_channels: int, size: int | None = None, name: str 
     return np.array(a, order="C", copy=True)  # writable and contiguous (PIL's buffer is read-only)
 
 
+def pixel_std(images: Any) -> np.ndarray:
+    """Per uint8 image ``(C, H, W)`` (or ``(H, W)``), the float64 population standard deviation of its pixel values
+    within each channel, averaged over the channels (0 for a constant image of any colour): the statistic of the
+    blank-image guard of :mod:`medmix.ood`."""
+    x = np.asarray(images)
+    if len(x) == 0:
+        return np.zeros(0)
+    return x.reshape(len(x), x.shape[1] if x.ndim == 4 else 1, -1).astype(np.float64).std(2).mean(1)
+
+
+def enlarged_rgb(image: np.ndarray, side: int) -> np.ndarray:
+    """uint8 ``(C, H, W)`` -> float32 RGB ``(h, w, 3)`` in [0, 1], enlarged by an integer factor (nearest neighbour)
+    to at least ``side`` pixels (the server's Grad-CAM overlay and the explain panel draw on it)."""
+    a = image.astype(np.float32) / 255.0
+    a = (np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a[:3]).transpose(1, 2, 0)
+    f = max(1, math.ceil(side / max(a.shape[:2])))
+    return np.repeat(np.repeat(a, f, axis=0), f, axis=1)
+
+
 # ----------------------------------------------------------------------------------------------- answers
 def as_inputs(inputs: Any) -> tuple[list, list[str]]:
     """One input (a path, bytes or a PIL image, not its characters) or a collection of them -> the list of inputs
@@ -243,3 +264,19 @@ def describe(p: Any, class_names: Sequence[str], task: str, thresholds: Sequence
             k = min(len(p) - 1, int(grade + 0.5))
             out.update(label=class_names[k], index=k, confidence=round(float(p[k]), 6))
     return out
+
+
+def format_answer(r: dict, first: str, unlike: str) -> str:
+    """A readable block of one answer: the line ``first``, a warning when out of distribution (the image ``unlike``
+    the training data), the expected grade and the distribution sorted by probability (multi-label: yes/no)."""
+    lines = [first]
+    if r.get("in_distribution") is False:
+        lines.append(f"  WARNING: out of distribution (OOD score {r['ood_score']:.4g}): this image {unlike}; do not "
+                     f"trust the label")
+    if "expected_grade" in r:
+        lines.append(f"  expected grade {r['expected_grade']:.2f}")
+    w = max(len(c) for c in r["probabilities"])
+    for c, p in r["probabilities"].items():
+        mark = ("  yes" if r["present"][c] else "  no") if "present" in r else ""
+        lines.append(f"  {c:<{w}}  {p:7.2%}  {'#' * int(round(p * 30))}{mark}")
+    return "\n".join(lines)

@@ -56,18 +56,6 @@ def probabilities(logits: torch.Tensor, task: str, temperature: float | list[flo
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, transform, batch_size: int = 512,
-                   precision: str = "fp32") -> torch.Tensor:
-    model.eval()
-    device = next(model.parameters(), torch.empty(0)).device
-    out = []
-    for idx in iterate_batches(len(images), batch_size):
-        with autocast(precision):
-            out.append(model(transform(images[idx]).to(device)).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
-
-
-@torch.inference_mode()
 def extract(model: nn.Module, images: torch.Tensor, transform, batch_size: int = 256, *, precision: str = "fp32",
             features: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 images -> ``(logits (N, K), penultimate features (N, D) or None)`` in float32, one forward pass per batch
@@ -84,6 +72,13 @@ def extract(model: nn.Module, images: torch.Tensor, transform, batch_size: int =
     if not logits:
         return torch.empty(0), (torch.empty(0) if features else None)
     return torch.cat(logits), (torch.cat(feats) if features else None)
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, transform, batch_size: int = 512,
+                   precision: str = "fp32") -> torch.Tensor:
+    """uint8 images -> logits ``(N, K)`` in float32: :func:`extract` without the features (``forward`` of every
+    medmix model is ``forward_head(forward_features(x))``, so the numbers are the same)."""
+    return extract(model, images, transform, batch_size, precision=precision, features=False)[0]
 
 
 # ----------------------------------------------------------------------------------------------- the machine

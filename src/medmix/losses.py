@@ -18,24 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .task_kinds import MULTI_LABEL, ORDINAL, TASKS
+from .task_kinds import MULTI_LABEL, ORDINAL, check_task
 
 LOSS_NAMES: tuple[str, ...] = ("ce", "nll", "bce", "ordinal")
 
 Variant = Literal["peaked", "printed"]
 PairReduction = Literal["sum", "mean"]
 
-__all__ = [
-    "LOSS_NAMES",
-    "BCEWithLogits",
-    "CrossEntropy",
-    "LogSoftmaxNLL",
-    "OrdinalLoss",
-    "build_loss",
-    "default_loss_name",
-    "rank_loss",
-    "rank_loss_terms",
-]
+__all__ = ["LOSS_NAMES", "BCEWithLogits", "CrossEntropy", "LogSoftmaxNLL", "OrdinalLoss", "build_loss",
+           "default_loss_name", "rank_loss", "rank_loss_terms"]
 
 
 # --------------------------------------------------------------------------- target checks
@@ -45,17 +36,15 @@ def _single_label_target(logits: Tensor, target: Tensor, num_classes: int) -> Te
     if target.ndim == 2 and target.shape[1] == 1:
         target = target[:, 0]
     if target.ndim != 1 or target.shape[0] != logits.shape[0]:
-        raise ConfigError(
-            f"target must have shape (N,) = ({logits.shape[0]},) of class indices; got {tuple(target.shape)}"
-        )
+        raise ConfigError(f"target must have shape (N,) = ({logits.shape[0]},) of class indices; "
+                          f"got {tuple(target.shape)}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise ConfigError(f"target must hold integer class indices (torch.long); got dtype {target.dtype}")
     if target.numel():
         lo, hi = int(target.min()), int(target.max())
         if lo < 0 or hi >= num_classes:
-            raise ConfigError(
-                f"target labels must lie in [0, {num_classes - 1}] for {num_classes} classes; got min {lo}, max {hi}"
-            )
+            raise ConfigError(f"target labels must lie in [0, {num_classes - 1}] for {num_classes} classes; "
+                              f"got min {lo}, max {hi}")
     return target.long()
 
 
@@ -63,10 +52,8 @@ def _multi_label_target(logits: Tensor, target: Tensor, num_labels: int) -> Tens
     if logits.ndim != 2 or logits.shape[1] != num_labels:
         raise ConfigError(f"logits must have shape (N, {num_labels}); got {tuple(logits.shape)}")
     if tuple(target.shape) != tuple(logits.shape):
-        raise ConfigError(
-            f"multi-label target must have the logits' shape {tuple(logits.shape)} (0/1 per label); "
-            f"got {tuple(target.shape)}"
-        )
+        raise ConfigError(f"multi-label target must have the logits' shape {tuple(logits.shape)} (0/1 per label); "
+                          f"got {tuple(target.shape)}")
     t = target.to(logits.dtype)
     if t.numel() and bool(((t < 0) | (t > 1)).any()):
         raise ConfigError("multi-label target values must lie in [0, 1]")
@@ -111,9 +98,7 @@ class BCEWithLogits(nn.BCEWithLogitsLoss):
 
 
 # --------------------------------------------------------------------------- ordinal loss
-def rank_loss_terms(
-    probs: Tensor, target: Tensor, margin: float = 0.1, variant: Variant = "peaked"
-) -> Tensor:
+def rank_loss_terms(probs: Tensor, target: Tensor, margin: float = 0.1, variant: Variant = "peaked") -> Tensor:
     """Per-pair hinge terms, shape ``(N, C(C-1)/2)``, pairs ``(i, j)`` with ``i < j`` in ``torch.triu_indices`` order
     ((0,1), (0,2), ..., (C-2,C-1)). ``probs`` are class probabilities (softmax), ``target`` (N,) long.
     See :class:`OrdinalLoss` for the definition."""
@@ -136,13 +121,8 @@ def rank_loss_terms(
     return s.abs() * F.relu(s * diff + m)
 
 
-def rank_loss(
-    probs: Tensor,
-    target: Tensor,
-    margin: float = 0.1,
-    variant: Variant = "peaked",
-    pair_reduction: PairReduction = "sum",
-) -> Tensor:
+def rank_loss(probs: Tensor, target: Tensor, margin: float = 0.1, variant: Variant = "peaked",
+              pair_reduction: PairReduction = "sum") -> Tensor:
     """RankLoss of :class:`OrdinalLoss` on probabilities: per-sample sum (or mean over all C(C-1)/2 pairs), batch
     mean."""
     if pair_reduction not in ("sum", "mean"):
@@ -194,15 +174,8 @@ class OrdinalLoss(nn.Module):
     (batch mean, optional ``label_smoothing``). ``alpha = 0`` gives CE exactly.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        alpha: float = 0.2,
-        margin: float = 0.1,
-        variant: Variant = "peaked",
-        pair_reduction: PairReduction = "sum",
-        label_smoothing: float = 0.0,
-    ) -> None:
+    def __init__(self, num_classes: int, alpha: float = 0.2, margin: float = 0.1, variant: Variant = "peaked",
+                 pair_reduction: PairReduction = "sum", label_smoothing: float = 0.0) -> None:
         super().__init__()
         if int(num_classes) != num_classes or num_classes < 2:
             raise ConfigError(f"OrdinalLoss needs num_classes >= 2; got {num_classes!r}")
@@ -238,32 +211,19 @@ class OrdinalLoss(nn.Module):
 
 
 # --------------------------------------------------------------------------- factory
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; expected one of: {', '.join(repr(t) for t in TASKS)}")
-
-
 def default_loss_name(task: str) -> str:
     """``"bce"`` for the multi-label task, ``"ce"`` for every single-label task (ordinal included: the Ordinal
     Loss is opt-in, ``--loss ordinal``)."""
-    _check_task(task)
+    check_task(task)
     return "bce" if task == MULTI_LABEL else "ce"
 
 
-def build_loss(
-    name: str,
-    task: str,
-    num_classes: int,
-    *,
-    alpha: float = 0.2,
-    margin: float = 0.1,
-    label_smoothing: float = 0.0,
-    ordinal_variant: Variant = "peaked",
-    pair_reduction: PairReduction = "sum",
-) -> nn.Module:
+def build_loss(name: str, task: str, num_classes: int, *, alpha: float = 0.2, margin: float = 0.1,
+               label_smoothing: float = 0.0, ordinal_variant: Variant = "peaked",
+               pair_reduction: PairReduction = "sum") -> nn.Module:
     """Build loss ``name`` (``"ce"``, ``"nll"``, ``"bce"``, ``"ordinal"``) for ``task``; ``num_classes`` is the
     number of logits (labels for multi-label). Incompatible combinations raise :class:`ConfigError`."""
-    _check_task(task)
+    check_task(task)
     if name not in LOSS_NAMES:
         raise ConfigError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES)}")
     if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:

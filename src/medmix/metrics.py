@@ -44,19 +44,13 @@ from numpy.typing import ArrayLike, NDArray
 
 from .atomic import atomic_file
 from .errors import ConfigError
-from .task_kinds import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASKS
+from .task_kinds import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASKS, check_task
 
 __all__ = ["TASKS", "compute_metrics", "expected_calibration_error", "expected_grade", "medmnist_acc", "medmnist_auc",
            "nll", "per_class_auc", "plot_confusion", "plot_reliability", "predict_labels", "reliability_bins"]
 
 
 # --------------------------------------------------------------------------- validation
-def _check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; expected one of: {', '.join(repr(t) for t in TASKS)}")
-    return task
-
-
 def _as_scores(y_score: ArrayLike, task: str) -> NDArray[np.float64]:
     """Return scores as float64: (N, C) for every task except binary, where it is the (N,) positive score."""
     try:
@@ -117,7 +111,7 @@ def _as_labels(y_true: ArrayLike, task: str, n: int, n_cols: int | None) -> NDAr
 
 
 def _validate(y_true: ArrayLike, y_score: ArrayLike, task: str) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
-    _check_task(task)
+    check_task(task)
     s = _as_scores(y_score, task)
     return _as_labels(y_true, task, s.shape[0], None if task == BINARY else s.shape[1]), s
 
@@ -153,7 +147,7 @@ def predict_labels(y_score: ArrayLike, task: str, threshold: Any = 0.5,
     """Hard predictions: argmax (multi-class, ordinal ``"argmax"``), ``round(E[grade])`` (ordinal ``"expected"``),
     ``positive score > threshold`` (binary, as medmnist), ``score > threshold`` per label (multi-label; the
     threshold may be one float or one value per label). Returns (N,) ints, or (N, L) 0/1 for multi-label."""
-    _check_task(task)
+    check_task(task)
     if ordinal_mode not in ("argmax", "expected"):
         raise ConfigError(f"ordinal_mode must be 'argmax' or 'expected'; got {ordinal_mode!r}")
     if ordinal_mode == "expected" and task != ORDINAL:
@@ -212,6 +206,13 @@ def medmnist_auc(y_true: ArrayLike, y_score: ArrayLike, task: str) -> float:
 def _probs_labels(probs: ArrayLike, labels: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
     p = _as_scores(probs, MULTI_CLASS)
     return p, _as_labels(labels, MULTI_CLASS, p.shape[0], p.shape[1])
+
+
+def label_decisions(probs: ArrayLike, labels: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    """Multi-label ``(N, L)`` probabilities and 0/1 labels as every (image, label) decision, a two-class problem:
+    ``(N * L, 2)`` probabilities ``[1 - p, p]`` and ``(N * L,)`` labels, for the calibration metrics and plots."""
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    return np.stack([1.0 - p, p], axis=1), np.asarray(labels).reshape(-1).astype(np.int64)
 
 
 def reliability_bins(probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> dict[str, list[float] | list[int]]:
@@ -289,10 +290,8 @@ def compute_metrics(y_true: ArrayLike, y_score: ArrayLike, task: str, class_name
     labels_arg = None if task == MULTI_LABEL else list(range(n_cols))
     p, r, f, sup = precision_recall_fscore_support(lab, pred, labels=labels_arg, average=None, zero_division=0)
     out.update(precision=float(np.mean(p)), recall=float(np.mean(r)), f1=float(np.mean(f)))
-    if task == MULTI_LABEL:
-        out["confusion"] = multilabel_confusion_matrix(lab, pred).astype(int).tolist()
-    else:
-        out["confusion"] = confusion_matrix(lab, pred, labels=labels_arg).astype(int).tolist()
+    out["confusion"] = (multilabel_confusion_matrix(lab, pred) if task == MULTI_LABEL else
+                        confusion_matrix(lab, pred, labels=labels_arg)).astype(int).tolist()
     # binary: the single AUC belongs to the positive class; report it on both rows (AUC is symmetric)
     label_auc = aucs * 2 if task == BINARY else aucs
     out["per_class"] = [{"name": names[k], "precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),

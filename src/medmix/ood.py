@@ -39,7 +39,7 @@ from .errors import ConfigError
 from .inference import extract  # noqa: F401  (ood.extract: features for the scores below)
 
 __all__ = ["DEFAULT_SCORE", "SCORES", "TPR", "Detector", "energy_score", "extract", "fit", "fit_from_features",
-           "fit_mahalanobis", "mahalanobis_score", "pixel_std", "threshold_at_tpr"]
+           "fit_mahalanobis", "mahalanobis_score", "min_pixel_std", "pixel_std", "threshold_at_tpr"]
 
 SCORES = ("mahalanobis", "energy")
 DEFAULT_SCORE = "mahalanobis"
@@ -97,23 +97,27 @@ def mahalanobis_score(features: Any, stats: dict[str, torch.Tensor]) -> np.ndarr
 
 
 def pixel_std(images: Any) -> np.ndarray:
-    """Per uint8 image ``(C, H, W)``, the standard deviation of its pixel values within each channel, averaged over
-    the channels (0 for a constant image of any colour)."""
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-    if len(x) == 0:
-        return np.zeros(0)
-    x = x.reshape(len(x), x.shape[1], -1) if x.ndim == 4 else x.reshape(len(x), 1, -1)
-    return x.double().std(2, unbiased=False).mean(1).numpy()
+    """Per uint8 image, the pixel standard deviation within each channel averaged over the channels: the torch-free
+    :func:`medmix.imaging.pixel_std`, which the ONNX Runtime backend applies too."""
+    from . import imaging
+
+    return imaging.pixel_std(images)
 
 
-def threshold_at_tpr(in_scores: Any, tpr: float = TPR) -> float:
+def threshold_at_tpr(in_scores: Any, tpr: float = TPR, train_scores: Any = None) -> float:
     """The smallest threshold with at least ``tpr`` of ``in_scores`` at or below it (``in_distribution = score <=
-    threshold``)."""
-    s = np.sort(np.asarray(in_scores, dtype=np.float64).reshape(-1))
+    threshold``); given ``train_scores`` (a validation split too small to place it on), of both pooled."""
+    parts = [in_scores] if train_scores is None else [train_scores, in_scores]
+    s = np.sort(np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for v in parts]))
     if len(s) == 0 or not np.isfinite(s).all():
         raise ConfigError("need finite in-distribution scores to fix an OOD threshold")
     k = min(len(s) - 1, max(0, int(np.ceil(tpr * len(s))) - 1))
     return float(s[k])
+
+
+def min_pixel_std(train_images: Any) -> float:
+    """Blank guard: half the ``MIN_STD_QUANTILE`` quantile of the images' :func:`pixel_std`, 4 decimals (0 if none)."""
+    return round(0.5 * float(np.quantile(pixel_std(train_images), MIN_STD_QUANTILE)), 4) if len(train_images) else 0.0
 
 
 # ----------------------------------------------------------------------------------------------- fitting
@@ -135,10 +139,9 @@ def fit_from_features(train_features: Any, train_labels: Any, val_logits: Any, v
         return {"mahalanobis": mahalanobis_score(features, stats),
                 "energy": energy_score(logits, energy_temperature, task)}
 
-    val_scores = in_scores = scores(val_logits, val_features)
-    if train_logits is not None:
-        in_scores = {k: np.concatenate([v, val_scores[k]]) for k, v in scores(train_logits, train_features).items()}
-    thresholds = {k: threshold_at_tpr(v, tpr) for k, v in in_scores.items()}
+    val_scores = scores(val_logits, val_features)
+    train_scores = scores(train_logits, train_features) if train_logits is not None else {}
+    thresholds = {k: threshold_at_tpr(v, tpr, train_scores.get(k)) for k, v in val_scores.items()}
     block = {"method": method, "threshold": thresholds[method], "thresholds": thresholds,
              "temperature": float(energy_temperature), "tpr": float(tpr),
              "split": "val" if train_logits is None else "train+val",
@@ -156,7 +159,7 @@ def fit(model: nn.Module, train_images: torch.Tensor, train_labels: Any, val_ima
     ``val`` may pass their already computed ``(logits, features)``.
     Returns ``(meta["ood"] block, checkpoint extras)``."""
     labels = torch.as_tensor(np.asarray(train_labels)) if not isinstance(train_labels, torch.Tensor) else train_labels
-    min_std = 0.5 * float(np.quantile(pixel_std(train_images), MIN_STD_QUANTILE)) if len(train_images) else 0.0
+    min_std = min_pixel_std(train_images)
     if len(train_images) > max_fit_images:
         idx = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:max_fit_images]
         train_images, labels = train_images[idx], labels[idx]
@@ -164,7 +167,7 @@ def fit(model: nn.Module, train_images: torch.Tensor, train_labels: Any, val_ima
     val_logits, val_features = val if val is not None else extract(model, val_images, transform, batch_size)
     block, stats = fit_from_features(train_features, labels.numpy(), val_logits, val_features, task, method=method,
                                      tpr=tpr, train_logits=train_logits if pool_train else None)
-    block["min_pixel_std"] = round(min_std, 4)
+    block["min_pixel_std"] = min_std
     return block, stats
 
 

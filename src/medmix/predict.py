@@ -23,7 +23,7 @@ import torch
 from .calibrate import stored_temperature
 from .data.images import load_image
 from .errors import ConfigError, check_top_k
-from .imaging import as_inputs, describe, per_class
+from .imaging import as_inputs, describe, format_answer, per_class
 from .generalist_predictor import GeneralistPredictor
 from .inference import extract, predict_logits, probabilities
 from .ood import Detector
@@ -77,13 +77,9 @@ class Predictor:
     def logits_and_ood(self, images: torch.Tensor) -> tuple[torch.Tensor, list[dict | None]]:
         """uint8 batch -> raw logits ``(B, K)`` and per image ``{"in_distribution", "ood_score"}`` (None when the
         checkpoint has no OOD data), from one forward pass."""
-        if self.ood is None:
-            return predict_logits(self.model, images, self.transform), [None] * len(images)
-        if self.ood.needs_features:
-            logits, features = extract(self.model, images, self.transform)
-        else:
-            logits, features = predict_logits(self.model, images, self.transform), None
-        return logits, self.ood(logits, features, images)
+        needs_features = self.ood is not None and self.ood.needs_features
+        logits, features = extract(self.model, images, self.transform, features=needs_features)
+        return logits, [None] * len(images) if self.ood is None else self.ood(logits, features, images)
 
     def _describe(self, name: str, p: torch.Tensor, top_k: int | None, ood: dict | None = None) -> dict:
         answer = describe(p, self.class_names, self.info.task, self.thresholds, top_k, self.ordinal_mode)
@@ -100,15 +96,5 @@ def load_predictor(checkpoint: str | os.PathLike, **kwargs: Any):
 
 def format_prediction(r: dict) -> str:
     """A readable block: the file, the answer and the distribution sorted by probability."""
-    lines = [f"{r['file']}: {r['label']}  (confidence {r['confidence']:.2%})"]
-    if r.get("in_distribution") is False:
-        lines.append(f"  WARNING: out of distribution (OOD score {r['ood_score']:.4g}): this image does not look like "
-                     f"the training data; do not trust the label")
-    if "expected_grade" in r:
-        lines.append(f"  expected grade {r['expected_grade']:.2f}")
-    w = max(len(c) for c in r["probabilities"])
-    for c, p in r["probabilities"].items():
-        bar = "#" * int(round(p * 30))
-        mark = ("  yes" if r["present"][c] else "  no") if "present" in r else ""
-        lines.append(f"  {c:<{w}}  {p:7.2%}  {bar}{mark}")
-    return "\n".join(lines)
+    return format_answer(r, f"{r['file']}: {r['label']}  (confidence {r['confidence']:.2%})",
+                         "does not look like the training data")

@@ -1,11 +1,15 @@
 """Figures and tables written next to the numbers: training curves, confusion matrices, the results table."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
-from .data.tasks import MULTI_LABEL, TaskInfo
-from .metrics import plot_confusion, save_figure
+import numpy as np
+
+from .atomic import atomic_write_text
+from .data.tasks import BINARY, MULTI_LABEL, TaskInfo
+from .metrics import _new_figure, label_decisions, plot_confusion, plot_reliability, predict_labels, save_figure
 
 # Official MedMNIST v2 benchmark (Yang et al., Scientific Data 2023, Table 3), test ACC / AUC, for the datasets
 # medmix can compare against offline. Quoted, not measured.
@@ -36,8 +40,6 @@ def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None,
                 scores: Sequence[tuple[str, str]] = (("val_acc", "val ACC"), ("val_auc", "val AUC"))) -> Path:
     """Loss curves (left) and validation scores (right) per epoch: ``(history key, label)`` pairs; a label starting
     with ``"*"`` is drawn as the headline (thick black), ``":"`` dotted black."""
-    from .metrics import _new_figure
-
     fig = _new_figure(10, 4)
     ep = [r["epoch"] for r in history]
     ax1, ax2 = fig.add_subplot(121), fig.add_subplot(122)
@@ -55,9 +57,7 @@ def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None,
 
 def write_confusion(metrics: dict, info: TaskInfo, path: Path, title: str) -> Path | None:
     """Confusion matrix PNG for single-label tasks (multi-label confusion is per label and stays in the JSON)."""
-    if info.task == MULTI_LABEL:
-        return None
-    return plot_confusion(metrics["confusion"], info.class_names, path, title)
+    return None if info.task == MULTI_LABEL else plot_confusion(metrics["confusion"], info.class_names, path, title)
 
 
 def format_metrics(m: dict, title: str = "") -> str:
@@ -80,41 +80,25 @@ def format_metrics(m: dict, title: str = "") -> str:
 
 
 # ----------------------------------------------------------------------------------------------- evaluation report
-def _reliability_view(probs, labels, info: TaskInfo):
-    """Multi-label: every (image, label) decision as a two-class prediction; otherwise unchanged."""
-    import numpy as np
-
-    if info.task != MULTI_LABEL:
-        return np.asarray(probs, dtype=np.float64), np.asarray(labels).reshape(len(probs), -1)[:, 0]
-    p = np.asarray(probs, dtype=np.float64).reshape(-1)
-    return np.stack([1.0 - p, p], axis=1), np.asarray(labels).reshape(-1).astype(np.int64)
-
-
 def write_reliability(probs, labels, info: TaskInfo, path: Path, title: str, n_bins: int = 15) -> Path:
-    """Reliability diagram PNG of (calibrated) probabilities (multi-label: all label decisions pooled)."""
-    from .metrics import plot_reliability
-
-    p, y = _reliability_view(probs, labels, info)
+    """Reliability diagram PNG of (calibrated) probabilities (multi-label: every (image, label) decision pooled as a
+    two-class prediction)."""
+    p, y = (label_decisions(probs, labels) if info.task == MULTI_LABEL else
+            (np.asarray(probs, dtype=np.float64), np.asarray(labels).reshape(len(probs), -1)[:, 0]))
     return plot_reliability(p, y, path, n_bins, title)
 
 
 def write_roc(probs, labels, info: TaskInfo, path: Path, title: str) -> Path:
     """One-vs-rest ROC curve per class (binary: the positive class; multi-label: per label), AUC in the legend."""
-    import numpy as np
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from .data.tasks import BINARY
-    from .metrics import _new_figure
-
-    p = np.asarray(probs, dtype=np.float64)
-    y = np.asarray(labels)
+    p, y, names = np.asarray(probs, dtype=np.float64), np.asarray(labels), info.class_names
     if info.task == BINARY:
-        curves = [(info.class_names[-1], (y.reshape(-1) == 1).astype(int), p[:, -1])]
+        curves = [(names[-1], (y.reshape(-1) == 1).astype(int), p[:, -1])]
     elif info.task == MULTI_LABEL:
-        curves = [(name, y[:, k].astype(int), p[:, k]) for k, name in enumerate(info.class_names)]
+        curves = [(name, y[:, k].astype(int), p[:, k]) for k, name in enumerate(names)]
     else:
-        yy = y.reshape(-1)
-        curves = [(name, (yy == k).astype(int), p[:, k]) for k, name in enumerate(info.class_names)]
+        curves = [(name, (y.reshape(-1) == k).astype(int), p[:, k]) for k, name in enumerate(names)]
     fig = _new_figure(6.0, 5.5)
     ax = fig.add_subplot(111)
     for name, yk, sk in curves:
@@ -124,9 +108,7 @@ def write_roc(probs, labels, info: TaskInfo, path: Path, title: str) -> Path:
         fpr, tpr, _ = roc_curve(yk, sk)
         ax.plot(fpr, tpr, lw=1.4, label=f"{name} (AUC {roc_auc_score(yk, sk):.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_xlim(0, 1), ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false positive rate"), ax.set_ylabel("true positive rate")
-    ax.set_title(title)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(loc="lower right", fontsize=7 if len(curves) > 6 else 9)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -136,13 +118,7 @@ def confident_mistakes(probs, labels, info: TaskInfo, threshold=0.5, k: int = 16
     """The ``k`` wrong predictions made with the highest confidence: ``index``, ``true``, ``pred`` (names; comma
     lists for multi-label) and ``confidence`` (probability of the predicted class; multi-label: of the most
     confident wrong label decision)."""
-    import numpy as np
-
-    from .metrics import predict_labels
-
-    p = np.asarray(probs, dtype=np.float64)
-    y = np.asarray(labels)
-    names = info.class_names
+    p, y, names = np.asarray(probs, dtype=np.float64), np.asarray(labels), info.class_names
     pred = predict_labels(p, info.task, threshold)
     rows = []
     if info.task == MULTI_LABEL:
@@ -164,10 +140,6 @@ def confident_mistakes(probs, labels, info: TaskInfo, threshold=0.5, k: int = 16
 
 def write_mistakes(images, mistakes: list[dict], path: Path, title: str) -> Path:
     """A grid of images (uint8 ``(N, C, H, W)``) with true/predicted label and confidence for each mistake."""
-    import numpy as np
-
-    from .metrics import _new_figure
-
     n = len(mistakes)
     cols = min(4, max(1, n))
     rows = max(1, -(-n // cols))
@@ -191,8 +163,6 @@ def write_mistakes(images, mistakes: list[dict], path: Path, title: str) -> Path
 
 def _f(v, digits: int = 4) -> str:
     try:
-        import math
-
         return "n/a" if v is None or not math.isfinite(float(v)) else f"{float(v):.{digits}f}"
     except (TypeError, ValueError):
         return str(v)
@@ -208,10 +178,8 @@ def write_evaluation_report(out: Path, m: dict, probs, labels, images, info: Tas
     out.mkdir(parents=True, exist_ok=True)
     split, dataset, model = m["split"], m["dataset"], m["model"]
     title = f"{dataset} {split} - {model}"
-    figs = {}
     conf = write_confusion(m, info, out / f"confusion_{split}.png", title)
-    if conf is not None:
-        figs["Confusion matrix"] = conf
+    figs = {} if conf is None else {"Confusion matrix": conf}
     figs["ROC curves (one vs rest)"] = write_roc(probs, labels, info, out / f"roc_{split}.png", title)
     figs["Reliability diagram (calibrated probabilities)"] = write_reliability(
         probs, labels, info, out / f"reliability_{split}.png", title)
@@ -221,12 +189,10 @@ def write_evaluation_report(out: Path, m: dict, probs, labels, images, info: Tas
 
     t = stored_temperature(meta)
     t_txt = f"{t:.4f}" if isinstance(t, float) else "per label [" + ", ".join(f"{v:.3f}" for v in t) + "]"
-    lines = [f"# Evaluation report: {model} on {dataset} ({split} split)", "",
-             f"Checkpoint: `{m['checkpoint']}`  ",
+    lines = [f"# Evaluation report: {model} on {dataset} ({split} split)", "", f"Checkpoint: `{m['checkpoint']}`  ",
              (f"Task: {m['task']}, {m['n']} images, {len(info.class_names)} classes; {_epochs(meta)}; "
               f"evaluated in {m.get('float_precision', '?')}; medmix {meta.get('medmix_version', '?')}"), "",
-             "## Headline", "",
-             "| metric | value |", "|---|---|",
+             "## Headline", "", "| metric | value |", "|---|---|",
              f"| ACC (official MedMNIST semantics) | {_f(m['acc'])} |",
              f"| AUC (official MedMNIST semantics) | {_f(m['auc'])} |",
              f"| precision / recall / F1 (macro) | {_f(m['precision'])} / {_f(m['recall'])} / {_f(m['f1'])} |"]
@@ -266,7 +232,5 @@ def write_evaluation_report(out: Path, m: dict, probs, labels, images, info: Tas
         lines += [f"| {r['index']} | {r['true']} | {r['pred']} | {r['confidence']:.1%} |" for r in mistakes]
         lines.append("")
     path = out / "report.md"
-    from .atomic import atomic_write_text
-
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path

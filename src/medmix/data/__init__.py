@@ -121,10 +121,6 @@ def dataset_spec(name: str) -> DatasetSpec:
     return specs[name]
 
 
-def _is_path(name: str) -> bool:
-    return os.sep in name or name.endswith(".npz") or Path(name).is_dir()
-
-
 def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, size: int = 28, seed: int = 0,
                  split_file: str | os.PathLike | None = None, download: bool = False,
                  img_size: int | None = None) -> DataBundle:
@@ -133,7 +129,7 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, size: 
     Data without official splits are split 70/15/15, stratified, by ``seed``; ``split_file`` (a ``split.json``
     written by a run) takes precedence so evaluation sees the very same test images.
     """
-    if _is_path(name):
+    if os.sep in name or name.endswith(".npz") or Path(name).is_dir():  # a path, not a registered name
         path = Path(name)
         if not path.exists():
             raise DataError(f"{path}: no such file or directory")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..task_kinds import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASKS  # noqa: F401  (re-exported)
+from ..task_kinds import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASKS, check_task  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -16,8 +16,7 @@ class TaskInfo:
     n_channels: int
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
+        check_task(self.task)
         if len(self.class_names) < 2 and self.task != MULTI_LABEL:
             raise ConfigError(f"a {self.task} task needs at least 2 classes, got {len(self.class_names)}")
         if self.n_channels not in (1, 3):

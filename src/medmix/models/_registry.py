@@ -60,10 +60,8 @@ def model_info(name: str) -> ModelInfo:
         raise UnknownNameError("model", name, list(_MODELS)) from None
 
 
-def create_model(
-    name: str, *, num_classes: int = 2, in_chans: int = 1, img_size: int = 28, drop_rate: float = 0.0,
-    drop_path_rate: float | None = None, **kwargs,
-) -> nn.Module:
+def create_model(name: str, *, num_classes: int = 2, in_chans: int = 1, img_size: int = 28, drop_rate: float = 0.0,
+                 drop_path_rate: float | None = None, **kwargs) -> nn.Module:
     """Build a registered model. Unknown names raise :class:`UnknownNameError` listing the known ones.
 
     ``drop_path_rate=None`` keeps the builder's own default (e.g. 0.1 for MedViT-S as in the official code)."""

@@ -90,44 +90,24 @@ def sincos_pos_embed_2d(h: int, w: int, dim: int, temperature: float = 10000.0,
 
 
 class CNNTransformer(Classifier):
-    """Conv blocks → tokens + positional encoding → transformer block(s) → LayerNorm → mean pool → dropout → linear.
+    """Conv blocks → tokens + positional encoding → transformer block(s) → LayerNorm → mean pool → dropout → linear."""
 
-    ``forward_features(x)`` returns the normalised tokens ``(B, N, D)``; ``forward_head(tokens, pre_logits)``
-    pools them (and classifies unless ``pre_logits``); ``forward(x)`` returns logits ``(B, num_classes)``.
-    """
-
-    def __init__(
-        self,
-        *,
-        num_classes: int = 6,
-        in_chans: int = 1,
-        img_size: int | tuple[int, int] = 64,
-        widths: Sequence[int] = (32, 64, 128),
-        embed_dim: int | None = None,
-        depth: int = 1,
-        num_heads: int = 4,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        pos_embed: PosEmbedKind = "learned",
-        drop_rate: float = 0.3,
-        conv_drop_rate: float = 0.1,
-        proj_drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-    ) -> None:
+    def __init__(self, *, num_classes: int = 6, in_chans: int = 1, img_size: int | tuple[int, int] = 64,
+                 widths: Sequence[int] = (32, 64, 128), embed_dim: int | None = None, depth: int = 1,
+                 num_heads: int = 4, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 pos_embed: PosEmbedKind = "learned", drop_rate: float = 0.3, conv_drop_rate: float = 0.1,
+                 proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         if not widths:
             raise ValueError("widths must name at least one conv block")
         if pos_embed not in ("learned", "sincos", "none"):
             raise ValueError(f"pos_embed must be 'learned', 'sincos' or 'none', got {pos_embed!r}")
-        self.num_classes = num_classes
-        self.in_chans = in_chans
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.widths = tuple(int(w) for w in widths)
         self.reduction = 2 ** len(self.widths)
         self.embed_dim = self.num_features = int(embed_dim or self.widths[-1])
-        self.pos_embed_kind = pos_embed
-        self.drop_rate = drop_rate
+        self.pos_embed_kind, self.drop_rate = pos_embed, drop_rate
 
         chs = (in_chans, *self.widths)
         self.stages = nn.Sequential(*[ConvBlock(chs[i], chs[i + 1], conv_drop_rate) for i in range(len(self.widths))])
@@ -150,11 +130,10 @@ class CNNTransformer(Classifier):
         self.pos_drop = nn.Dropout(proj_drop_rate)
 
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)] if depth > 1 else [drop_path_rate]
-        self.blocks = nn.Sequential(*[
-            TransformerBlock(self.embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
-                             attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=nn.LayerNorm)
-            for i in range(depth)
-        ])
+        self.blocks = nn.Sequential(*[TransformerBlock(self.embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias,
+                                                       proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+                                                       drop_path=dpr[i], norm_layer=nn.LayerNorm)
+                                      for i in range(depth)])
         self.norm = nn.LayerNorm(self.embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()

@@ -67,11 +67,6 @@ class MixerBlock(nn.Module):
         return x + self.drop_path(self.mlp_channels(self.norm2(x)))
 
 
-def auto_patch_size(feature_size: int, target_grid: int = 7) -> int:
-    """The patch size whose grid over a ``feature_size`` map is closest to ``target_grid`` tokens per side."""
-    return max(1, round(feature_size / target_grid))
-
-
 class HybridMixer(Classifier):
     """Conv backbone -> patch tokens -> global token mixer -> average pool -> linear head."""
 
@@ -90,7 +85,7 @@ class HybridMixer(Classifier):
         feat = img_size // self.reduction
         if feat < 1:
             raise ConfigError(f"img_size {img_size} is too small for {len(conv_widths)} pooling stages")
-        self.patch_size = patch_size or auto_patch_size(feat)
+        self.patch_size = patch_size or max(1, round(feat / 7))  # the grid closest to 7 x 7 tokens
         self.grid_size = feat // self.patch_size
         if self.grid_size < 1:
             raise ConfigError(f"patch_size {self.patch_size} is larger than the {feat}x{feat} feature map")

@@ -79,12 +79,12 @@ model             this module      official code   paper
 ``medvit_large``  57,684,729       57,684,729      ~45 M
 ================  ===============  ==============  ========
 
-We match the official code, not the paper: the issue asks for an official state dict to load, which fixes every
-shape, and the paper's counts do not follow from the released configuration. (In the released code the LFFNs --
-expand ratio 3 in ECB, 2 in LTB, at widths up to 1024 -- alone hold 22.0 M of MedViT-S's 31.1 M parameters, and
-stage 3 holds 16.1 M.) Checked against a transcription of the official ``MedViT.py``: identical state-dict keys
-(832 / 1232 / 1632 entries) and shapes for 3 channels, and identical logits (float32 rounding) after
-``load_state_dict(official.state_dict(), strict=True)`` at 28, 64 and 224 px.
+We match the official code, not the paper: an official state dict must load, which fixes every shape, and the
+paper's counts do not follow from the released configuration. (In the released code the LFFNs -- expand ratio 3 in
+ECB, 2 in LTB, at widths up to 1024 -- alone hold 22.0 M of MedViT-S's 31.1 M parameters, and stage 3 holds 16.1 M.)
+Checked against a transcription of the official ``MedViT.py``: identical state-dict keys (832 / 1232 / 1632 entries)
+and shapes for 3 channels, and identical logits (float32 rounding) after ``load_state_dict(official.state_dict(),
+strict=True)`` at 28, 64 and 224 px.
 
 Input sizes: any size >= 28 px works (28 -> 14 -> 7 after the stem, then 7 -> 4 -> 2 -> 1 through the stride-2
 stages with ``ceil_mode`` pooling). Training needs a batch of at least 2 at 28 px because BatchNorm then sees
@@ -102,12 +102,10 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._registry import register_model
+from ._registry import Classifier, register_model
 
-__all__ = [
-    "ECB", "E_MHSA", "LTB", "MHCA", "ConvBNReLU", "ECALayer", "LocalityFeedForward", "MedViT", "PatchEmbed",
-    "SELayer", "medvit_base", "medvit_large", "medvit_small",
-]
+__all__ = ["ECB", "E_MHSA", "LTB", "MHCA", "ConvBNReLU", "ECALayer", "LocalityFeedForward", "MedViT", "PatchEmbed",
+           "SELayer", "medvit_base", "medvit_large", "medvit_small"]
 
 NORM_EPS = 1e-5
 
@@ -136,8 +134,7 @@ class ConvBNReLU(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Downsample / re-width: 2x2 avg-pool + 1x1 conv + BN on stride 2, 1x1 conv + BN if widths differ, else
-    identity."""
+    """Downsample / re-width: 2x2 avg-pool + 1x1 conv + BN (stride 2), 1x1 conv + BN (widths differ) or identity."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
         super().__init__()
@@ -183,12 +180,8 @@ class SELayer(nn.Module):
     def __init__(self, channel: int, reduction: int = 4):
         super().__init__()
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Sequential(
-            nn.Linear(channel, channel // reduction),
-            nn.ReLU(inplace=True),
-            nn.Linear(channel // reduction, channel),
-            nn.Hardsigmoid(),
-        )
+        self.fc = nn.Sequential(nn.Linear(channel, channel // reduction), nn.ReLU(inplace=True),
+                                nn.Linear(channel // reduction, channel), nn.Hardsigmoid())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
@@ -232,14 +225,9 @@ class LocalityFeedForward(nn.Module):
             raise ValueError(f"unknown LFFN activation {act!r}")
         act_layer = nn.Hardswish if base_act == "hs" else partial(nn.ReLU6, inplace=True)
 
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_dim, hidden_dim, 1, bias=False),
-            nn.BatchNorm2d(hidden_dim),
-            act_layer(),
-            nn.Conv2d(hidden_dim, hidden_dim, 3, stride, 1, groups=hidden_dim, bias=False),
-            nn.BatchNorm2d(hidden_dim),
-            act_layer(),
-        ]
+        layers = [nn.Conv2d(in_dim, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim), act_layer(),
+                  nn.Conv2d(hidden_dim, hidden_dim, 3, stride, 1, groups=hidden_dim, bias=False),
+                  nn.BatchNorm2d(hidden_dim), act_layer()]
         if attn == "se":
             layers.append(SELayer(hidden_dim, reduction=reduction))
         elif attn in ("eca", "ecah"):
@@ -304,8 +292,7 @@ class ECB(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, path_dropout: float = 0.0,
                  head_dim: int = 32, mlp_ratio: float = 3.0):
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.patch_embed = PatchEmbed(in_channels, out_channels, stride)
         self.mhca = MHCA(out_channels, head_dim)
         self.attention_path_dropout = DropPath(path_dropout) if path_dropout > 0 else nn.Identity()
@@ -325,8 +312,7 @@ class LTB(nn.Module):
                  sr_ratio: int = 1, mlp_ratio: float = 2.0, head_dim: int = 32, mix_block_ratio: float = 0.75,
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.mix_block_ratio = mix_block_ratio
         self.mhsa_out_channels = _make_divisible(int(out_channels * mix_block_ratio), 32)
         self.mhca_out_channels = out_channels - self.mhsa_out_channels
@@ -365,7 +351,7 @@ class LTB(nn.Module):
         return x + self.conv(self.norm2(x))
 
 
-class MedViT(nn.Module):
+class MedViT(Classifier):
     """MedViT with the official block layout; ``forward`` returns logits ``(B, num_classes)``.
 
     Args:
@@ -385,58 +371,32 @@ class MedViT(nn.Module):
         use_checkpoint: gradient checkpointing over the blocks.
     """
 
-    def __init__(
-        self,
-        *,
-        num_classes: int = 1000,
-        in_chans: int = 3,
-        img_size: int = 224,
-        stem_chs: Sequence[int] = (64, 32, 64),
-        depths: Sequence[int] = (3, 4, 10, 3),
-        drop_path_rate: float = 0.1,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        drop_rate: float = 0.0,
-        strides: Sequence[int] = (1, 2, 2, 2),
-        sr_ratios: Sequence[int] = (8, 4, 2, 1),
-        head_dim: int = 32,
-        mix_block_ratio: float = 0.75,
-        use_checkpoint: bool = False,
-    ):
+    def __init__(self, *, num_classes: int = 1000, in_chans: int = 3, img_size: int = 224,
+                 stem_chs: Sequence[int] = (64, 32, 64), depths: Sequence[int] = (3, 4, 10, 3),
+                 drop_path_rate: float = 0.1, attn_drop: float = 0.0, proj_drop: float = 0.0, drop_rate: float = 0.0,
+                 strides: Sequence[int] = (1, 2, 2, 2), sr_ratios: Sequence[int] = (8, 4, 2, 1), head_dim: int = 32,
+                 mix_block_ratio: float = 0.75, use_checkpoint: bool = False):
         super().__init__()
         depths = list(depths)
         if len(depths) != 4 or len(strides) != 4 or len(sr_ratios) != 4 or len(stem_chs) != 3:
             raise ValueError("MedViT needs 4 depths, 4 strides, 4 sr_ratios and 3 stem_chs")
         if depths[0] < 1 or depths[1] < 1 or depths[3] < 1 or depths[2] < 5 or depths[2] % 5:
             raise ValueError(f"MedViT depths must be positive with depths[2] a multiple of 5, got {depths}")
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.img_size = img_size
-        self.depths = tuple(depths)
-        self.sr_ratios = tuple(sr_ratios)
-        self.drop_rate = drop_rate
+        self.num_classes, self.in_chans, self.img_size, self.drop_rate = num_classes, in_chans, img_size, drop_rate
+        self.depths, self.sr_ratios = tuple(depths), tuple(sr_ratios)
         self.grad_checkpointing = use_checkpoint
 
-        self.stage_out_channels = [
-            [96] * depths[0],
-            [192] * (depths[1] - 1) + [256],
-            [384, 384, 384, 384, 512] * (depths[2] // 5),
-            [768] * (depths[3] - 1) + [1024],
-        ]
+        self.stage_out_channels = [[96] * depths[0], [192] * (depths[1] - 1) + [256],
+                                   [384, 384, 384, 384, 512] * (depths[2] // 5), [768] * (depths[3] - 1) + [1024]]
         # "Next Hybrid Strategy": convolution blocks with a transformer block closing each group.
-        self.stage_block_types: list[list[type[nn.Module]]] = [
-            [ECB] * depths[0],
-            [ECB] * (depths[1] - 1) + [LTB],
-            [ECB, ECB, ECB, ECB, LTB] * (depths[2] // 5),
-            [ECB] * (depths[3] - 1) + [LTB],
-        ]
+        self.stage_block_types: list[list[type[nn.Module]]] = [[ECB] * depths[0], [ECB] * (depths[1] - 1) + [LTB],
+                                                               [ECB, ECB, ECB, ECB, LTB] * (depths[2] // 5),
+                                                               [ECB] * (depths[3] - 1) + [LTB]]
 
-        self.stem = nn.Sequential(
-            ConvBNReLU(in_chans, stem_chs[0], kernel_size=3, stride=2),
-            ConvBNReLU(stem_chs[0], stem_chs[1], kernel_size=3, stride=1),
-            ConvBNReLU(stem_chs[1], stem_chs[2], kernel_size=3, stride=1),
-            ConvBNReLU(stem_chs[2], stem_chs[2], kernel_size=3, stride=2),
-        )
+        self.stem = nn.Sequential(ConvBNReLU(in_chans, stem_chs[0], kernel_size=3, stride=2),
+                                  ConvBNReLU(stem_chs[0], stem_chs[1], kernel_size=3, stride=1),
+                                  ConvBNReLU(stem_chs[1], stem_chs[2], kernel_size=3, stride=1),
+                                  ConvBNReLU(stem_chs[2], stem_chs[2], kernel_size=3, stride=2))
 
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # stochastic depth decay rule
         blocks: list[nn.Module] = []
@@ -505,12 +465,7 @@ class MedViT(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(self.avgpool(x), 1)
-        if pre_logits:
-            return x
-        return self.proj_head(self.head_drop(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        return x if pre_logits else self.proj_head(self.head_drop(x))
 
 
 _PAPER = "Manzari et al. 2023, MedViT"

@@ -3,10 +3,9 @@
 Endpoints (OpenAPI docs at ``/docs``):
 
 * ``POST /v1/predict`` — multipart form, one or several image files in the field ``files`` (or ``file``) ->
-  ``{"model", "backend", "latency_ms", "predictions": [{"file", "label", "index", "confidence", "probabilities",
-  ...}]}``. Each prediction has the keys of ``medmix predict --json`` (calibrated confidence; ``probabilities`` is
-  the full distribution, most probable first; multi-label adds ``labels``/``present``/``thresholds``, ordinal
-  ``expected_grade``) and ``in_distribution``/``ood_score`` when the checkpoint carries an OOD threshold.
+  ``{"model", "backend", "latency_ms", "predictions": [{"file", "label", ...}]}``, each prediction with the keys of
+  ``medmix predict --json`` (:func:`medmix.imaging.describe`: calibrated, ``probabilities`` the full distribution)
+  and ``in_distribution``/``ood_score`` when the checkpoint carries an OOD threshold.
 * ``POST /v1/explain`` — one image -> a PNG: the input with its Grad-CAM heatmap overlaid (torch backend only; the
   ONNX backend answers 501). Query ``method`` (gradcam, gradcam++, ...) and ``target_class`` (name or index;
   default: the predicted class). The prediction travels in ``X-Medmix-*`` headers (URL-encoded).
@@ -57,7 +56,7 @@ from .._version import __version__
 from ..cam_methods import DEFAULT_METHOD as DEFAULT_CAM_METHOD
 from ..cam_methods import METHODS as CAM_METHODS
 from ..errors import CheckpointError, ConfigError, ImageError, MedmixError
-from ..imaging import MAX_PIXELS, ImageTooLarge, image_size
+from ..imaging import MAX_PIXELS, ImageTooLarge, enlarged_rgb, image_size
 from .onnx_backend import OnnxPredictor
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -86,20 +85,13 @@ class TorchBackend:
     def __init__(self, checkpoint: str | os.PathLike, threads: int | None = None) -> None:
         import torch
 
-        from ..generalist_predictor import GeneralistPredictor
-        from ..predict import Predictor
-        from ..run import Run
+        from ..predict import load_predictor
 
         if threads:
             torch.set_num_threads(int(threads))
-        run = Run.load(checkpoint)
-        self.generalist = run.is_generalist  # routed: every answer names the dataset the router chose
-        self.pred = GeneralistPredictor(run) if self.generalist else Predictor(run)
-        self.meta, self.path = self.pred.meta, self.pred.path
+        self.pred = load_predictor(checkpoint)  # a generalist's answers name the dataset the router chose
+        self.meta, self.path, self.load = self.pred.meta, self.pred.path, self.pred.load
         self.lock = threading.Lock()
-
-    def load(self, data: bytes, name: str) -> Any:
-        return self.pred.load(data, name)
 
     def predict_arrays(self, images: Sequence[Any], names: Sequence[str]) -> list[dict]:
         with self.lock:
@@ -109,25 +101,12 @@ class TorchBackend:
         return results
 
     def explain(self, image: Any, name: str, method: str, target_class: str | None) -> tuple[bytes, dict]:
-        from ..explain import cam_array, resolve_class, routed_cams
+        from ..explain import explained
 
-        info: dict[str, Any] = {"file": name}
-        with self.lock:
-            if self.generalist:  # the routed head's classes: label and confidence are its most probable class
-                a, [(k, j, p)], cams = routed_cams(self.pred, image[None], target_class, method)
-                classes, best = self.pred.infos[k].class_names, int(p.argmax())
-                info.update(dataset=self.pred.datasets[k]["name"], label=classes[best],
-                            dataset_confidence=round(float(a["router"][0, k]), 6), confidence=round(float(p[best]), 6))
-            else:
-                classes = self.pred.class_names
-                fixed = resolve_class(target_class, classes)
-                p = self.pred.probabilities(image[None])[0]
-                j = fixed if fixed is not None else int(p.argmax())
-                cams = cam_array(self.pred.model, self.pred.transform(image[None]), [j], method=method)
-                r = self.pred._describe(name, p, None)
-                info.update(label=r["label"], confidence=r["confidence"])
-        info.update(explained_class=classes[j], explained_index=j, explained_probability=round(float(p[j]), 6),
-                    method=method)
+        with self.lock:  # a generalist: the routed head's classes, label and confidence its most probable class
+            cams, [(classes, p, j, label, conf, _, head, _)] = explained(self.pred, image[None], target_class, method)
+        info = {"file": name, **head, "label": label, "confidence": round(conf, 6), "explained_class": classes[j],
+                "explained_index": j, "explained_probability": round(float(p[j]), 6), "method": method}
         return overlay_png(image.numpy(), cams[0]), info
 
 
@@ -220,11 +199,7 @@ class Batcher:
 def overlay_png(image: np.ndarray, cam: np.ndarray, side: int = 280, image_weight: float = 0.55) -> bytes:
     """uint8 ``(C, H, W)`` image and a ``(h, w)`` heatmap in [0, 1] -> PNG of the heatmap (the jet colour map) over
     the image, enlarged (nearest neighbour for the image, bilinear for the heatmap) to at least ``side`` pixels."""
-    a = image.astype(np.float32) / 255.0
-    a = np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a[:3]
-    a = a.transpose(1, 2, 0)
-    f = max(1, math.ceil(side / max(a.shape[:2])))
-    big = np.repeat(np.repeat(a, f, axis=0), f, axis=1)
+    big = enlarged_rgb(image, side)
     h, w = big.shape[:2]
     m = Image.fromarray(np.asarray(cam, np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR)
     heat = np.clip(1.5 - np.abs(4.0 * np.clip(np.asarray(m), 0.0, 1.0)[..., None] - np.float32([3, 2, 1])), 0, 1)  # jet
@@ -295,21 +270,17 @@ async def _answer(status: int, code: str, request: Request, e: MedmixError) -> J
 
 def _meta_doc(backend, settings: dict) -> dict:
     meta = backend.meta
-    task = meta["task"]
-    metrics = meta.get("metrics") or {"val": meta.get("val_metrics"), "test": meta.get("test_metrics")}
-    ood = meta.get("ood")
-    return {
-        "model": meta["model"], "backend": backend.backend, "task": task["task"], "classes": list(task["class_names"]),
-        "n_channels": int(task["n_channels"]), "dataset": meta.get("dataset"), "metrics": metrics,
-        "img_size": int(meta["img_size"]), "data_size": int(meta["data_size"]),
-        "temperature": meta.get("temperature", 1.0), "threshold": meta.get("threshold", 0.5),
-        "ood": ood if isinstance(ood, dict) else None, "explain": backend.explain_available,
-        "max_upload_bytes": settings["max_upload_bytes"], "max_pixels": settings["max_pixels"],
-        "max_files": settings["max_files"], "checkpoint": Path(getattr(backend, "checkpoint", backend.path)).name,
-        "generalist": [{"dataset": d["name"], "task": d["task"]["task"], "classes": list(d["task"]["class_names"])}
-                       for d in meta["generalist"]["datasets"]] if meta.get("kind") == "generalist" else None,
-        "medmix_version": __version__,
-    }
+    task, ood = meta["task"], meta.get("ood")
+    return {"model": meta["model"], "backend": backend.backend, "task": task["task"],
+            "classes": list(task["class_names"]), "n_channels": int(task["n_channels"]), "dataset": meta.get("dataset"),
+            "metrics": meta.get("metrics") or {"val": meta.get("val_metrics"), "test": meta.get("test_metrics")},
+            "img_size": int(meta["img_size"]), "data_size": int(meta["data_size"]),
+            "temperature": meta.get("temperature", 1.0), "threshold": meta.get("threshold", 0.5),
+            "ood": ood if isinstance(ood, dict) else None, "explain": backend.explain_available, **settings,
+            "checkpoint": Path(getattr(backend, "checkpoint", backend.path)).name,
+            "generalist": [{"dataset": d["name"], "task": d["task"]["task"], "classes": list(d["task"]["class_names"])}
+                           for d in meta["generalist"]["datasets"]] if meta.get("kind") == "generalist" else None,
+            "medmix_version": __version__}
 
 
 def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
@@ -409,9 +380,8 @@ def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload
     @app.post("/v1/predict", summary="Classify one or several images",
               responses={413: {"description": "upload or image too large"},
                          415: {"description": "not a decodable image"}, 422: {"description": "bad request"}})
-    async def predict(files: Annotated[list[UploadFile] | None, File(description="image files (PNG, JPEG, "
-                                                                                 "TIFF, BMP, GIF, WebP, .npy)")]
-                      = None,
+    async def predict(files: Annotated[list[UploadFile] | None,
+                                       File(description="image files (PNG, JPEG, TIFF, BMP, GIF, WebP, .npy)")] = None,
                       file: Annotated[UploadFile | None, File(description="one image file")] = None) -> dict:
         items = await read_uploads(files, file)
         t0 = time.perf_counter()

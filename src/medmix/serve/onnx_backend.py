@@ -4,11 +4,9 @@
 >>> p = OnnxPredictor("model.onnx")                     # written by `medmix export CKPT --onnx model.onnx`
 >>> p.predict(["scan.png"])[0]["label"]
 
-Everything the model needs is read from the ONNX file's metadata (``metadata_props["medmix"]``, a JSON object:
-classes, task, normalisation, temperature, sizes; see :mod:`medmix.export`). The graph takes the normalised float
-batch ``(B, C, img_size, img_size)`` and returns ``logits``, calibrated ``probabilities`` and, when the checkpoint
-has an out-of-distribution detector, ``ood_score`` (predictions then carry ``in_distribution`` and ``ood_score``
-exactly like the torch Predictor's).
+Everything the model needs is read from the ONNX file's metadata (classes, task, normalisation, temperature,
+sizes); it and the graph's input and outputs are described in :mod:`medmix.export`. With an ``ood_score`` output,
+predictions carry ``in_distribution`` and ``ood_score`` exactly like the torch Predictor's.
 
 Images are decoded by :mod:`medmix.imaging`, the torch path's own code, and answered with its ``describe``. The
 resize and normalisation reproduce the evaluation path of :class:`medmix.data.transforms.BatchTransform` in NumPy
@@ -30,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, require_extra
-from ..imaging import MAX_PIXELS, as_inputs, describe, load_image_np, per_class
+from ..imaging import MAX_PIXELS, as_inputs, describe, load_image_np, per_class, pixel_std
 
 META_KEY = "medmix"
 
@@ -74,13 +72,6 @@ class NumpyTransform:
         return np.ascontiguousarray((xf - self.mean * 255.0) / (self.std * 255.0), dtype=np.float32)
 
 
-def pixel_std_np(images: np.ndarray) -> np.ndarray:
-    """Per uint8 image ``(C, H, W)``: the pixel standard deviation within each channel, averaged over channels (as
-    :func:`medmix.ood.pixel_std`; 0 for a blank image)."""
-    x = np.asarray(images)
-    return x.reshape(len(x), x.shape[1], -1).astype(np.float64).std(2).mean(1) if len(x) else np.zeros(0)
-
-
 # ----------------------------------------------------------------------------------------------- the predictor
 def read_metadata(path: str | os.PathLike) -> dict:
     """The ``medmix`` JSON metadata of an exported ONNX file (cheap: the graph is read, weights are not parsed)."""
@@ -117,14 +108,10 @@ class OnnxPredictor:
 
         if ordinal_mode not in ("argmax", "expected"):
             raise ConfigError(f"unknown ordinal mode {ordinal_mode!r}; use argmax or expected")
-        self.path = Path(path)
+        self.path, self.ordinal_mode, self.max_pixels = Path(path), ordinal_mode, int(max_pixels)
         self.meta = read_metadata(self.path)
-        self.ordinal_mode = ordinal_mode
-        self.max_pixels = int(max_pixels)
         task = self.meta["task"]
-        self.task = task["task"]
-        self.class_names = tuple(task["class_names"])
-        self.n_channels = int(task["n_channels"])
+        self.task, self.class_names, self.n_channels = task["task"], tuple(task["class_names"]), int(task["n_channels"])
         self.transform = NumpyTransform(self.meta["img_size"], self.meta["mean"], self.meta["std"])
         t = threshold if threshold is not None else self.meta.get("threshold", 0.5)
         self.thresholds = per_class(t, len(self.class_names))
@@ -163,7 +150,7 @@ class OnnxPredictor:
         if self.ood_threshold is None:
             return [{} for _ in range(n)]
         floor = float(self.meta["ood"].get("min_pixel_std") or 0.0)
-        stds = pixel_std_np(images) if images is not None else np.full(n, np.inf)
+        stds = pixel_std(images) if images is not None else np.full(n, np.inf)
         scores = outputs[self.meta["ood"].get("output", "ood_score")]
         return [{"in_distribution": bool(float(v) <= self.ood_threshold and s >= floor),
                  "ood_score": round(float(v), 6)} for v, s in zip(scores, stds)]
@@ -182,14 +169,11 @@ class OnnxPredictor:
                 ) -> list[dict]:
         """A generalist: each image answered by the head of the dataset its router picks, as
         :meth:`medmix.generalist_predictor.GeneralistPredictor.predict` reports it."""
-        g = self.meta["generalist"]
-        datasets = g["datasets"]
-        lo, hi = g["modality_columns"]
-        probs = outs["probabilities"]
-        router = probs[:, lo:hi]
+        g, probs = self.meta["generalist"], outs["probabilities"]
+        datasets, router = g["datasets"], probs[:, slice(*g["modality_columns"])]
         ood = g.get("ood") or {}
         scores = outs.get(ood.get("output", "ood_score")) if ood.get("thresholds_by_dataset") else None
-        stds = pixel_std_np(batch)
+        stds = pixel_std(batch)
         out = []
         for i, name in enumerate(names):
             k = int(np.argmax(router[i]))
