@@ -36,6 +36,7 @@ from torch import nn
 
 from .data.tasks import MULTI_LABEL
 from .errors import ConfigError
+from .imaging import pixel_std  # noqa: F401  (ood.pixel_std: the blank guard's statistic, torch-free)
 from .inference import extract  # noqa: F401  (ood.extract: features for the scores below)
 
 __all__ = ["DEFAULT_SCORE", "SCORES", "TPR", "Detector", "energy_score", "extract", "fit", "fit_from_features",
@@ -94,14 +95,6 @@ def mahalanobis_score(features: Any, stats: dict[str, torch.Tensor]) -> np.ndarr
     # (f - m)^T P (f - m) = f P f - 2 f P m + m P m
     d = (fp * f).sum(1, keepdim=True) - 2.0 * fp @ means.T + (mp * means).sum(1)[None, :]
     return d.min(1).values.clamp_min(0.0).numpy()
-
-
-def pixel_std(images: Any) -> np.ndarray:
-    """Per uint8 image, the pixel standard deviation within each channel averaged over the channels: the torch-free
-    :func:`medmix.imaging.pixel_std`, which the ONNX Runtime backend applies too."""
-    from . import imaging
-
-    return imaging.pixel_std(images)
 
 
 def threshold_at_tpr(in_scores: Any, tpr: float = TPR, train_scores: Any = None) -> float:
