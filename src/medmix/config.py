@@ -46,6 +46,10 @@ class RecipeConfig:
     drop_rate: float = opt(0.0, "dropout before the classifier, 0..1")
     drop_path_rate: float | None = opt(None, "stochastic depth (default: the model's own: 0 for the CNNs, "
                                              "0.1/0.2 for MedViT S/B/L)", type=float)
+    ema: float | None = opt(None, "keep an exponential moving average of the weights, this decay per step at most "
+                                  "(e.g. 0.999; timm's ModelEmaV3 with its warm-up, so short runs average over "
+                                  "fewer steps), and validate, keep and test it as the model (default: off)",
+                            type=float)
     patience: int = opt(10, "early stopping: epochs without val improvement")
     precision: str = opt("auto", "auto: bf16 autocast where the CPU has native bf16, else fp32", choices=PRECISIONS)
     seed: int = opt(0, "random seed of the split, initialisation, data order and augmentation")

@@ -69,6 +69,7 @@ def check_recipe(cfg: RecipeConfig) -> None:
     _range("label_smoothing", cfg.label_smoothing, 0.0, 1.0, hi_open=True)
     _range("drop_rate", cfg.drop_rate, 0.0, 1.0, hi_open=True)
     _range("drop_path_rate", cfg.drop_path_rate, 0.0, 1.0, hi_open=True, optional=True)
+    _range("ema", cfg.ema, 0.0, 1.0, lo_open=True, hi_open=True, optional=True)
     if cfg.size not in (28, 64, 128, 224):
         raise ConfigError(f"--size must be 28, 64, 128 or 224 (the MedMNIST file sizes), got {cfg.size!r}")
     if cfg.img_size is not None:

@@ -137,6 +137,18 @@ def schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warm
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
+def weight_average(model: nn.Module, decay: float | None):
+    """timm's ``ModelEmaV3`` of ``model`` (parameters and buffers) at most ``decay`` per step, with its warm-up
+    (decay ``1 - (1 + step)^(-2/3)`` until that reaches ``decay``: the average forgets its random start quickly,
+    which matters in runs of a few hundred steps); None when ``decay`` is None. Kept in float32, updated after every
+    optimiser step with the step count, so a resumed run continues it exactly."""
+    if decay is None:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True, foreach=True)
+
+
 def jsonable(o: Any) -> Any:
     """Numbers as JSON has them: numpy scalars to Python, non-finite floats to null."""
     if isinstance(o, dict):
@@ -242,6 +254,7 @@ def fit(task: Task, ctx: distributed.Context, resume: ResumePoint | None, say: C
     sched = schedule(opt, cfg.schedule, steps * cfg.epochs, int(cfg.warmup_epochs * steps))
     history: list[dict] = []
     best_score, best_epoch, bad_epochs, start_epoch, seconds_before = -math.inf, 0, 0, 1, 0.0
+    ema, ema_steps = weight_average(model, getattr(cfg, "ema", None)), 0
     if resume is not None:
         ts = resume.train_state
         try:
@@ -250,6 +263,9 @@ def fit(task: Task, ctx: distributed.Context, resume: ResumePoint | None, say: C
             if sched is not None and ts.get("scheduler") is not None:
                 sched.load_state_dict(ts["scheduler"])
             task.load_state_dict(ts.get("task") or {})
+            if ema is not None:
+                ema.module.load_state_dict(ts["ema"])
+                ema_steps = int(ts["ema_steps"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{resume.source / 'last.pth'}: does not fit this run's model/optimiser "
                                   f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
@@ -301,6 +317,10 @@ def fit(task: Task, ctx: distributed.Context, resume: ResumePoint | None, say: C
     def end_epoch() -> int:
         """Process 0, after an epoch's training: validate, log, checkpoint; 1 when training stops early."""
         nonlocal best_score, best_epoch, bad_epochs
+        trained = None
+        if ema is not None:  # the average is what is validated, kept as best and tested; training goes on from
+            trained = {k: t.clone() for k, t in model.state_dict().items()}  # the trained weights
+            model.load_state_dict(ema.module.state_dict())
         v = task.validate()
         row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                **{f"train_{k}": s / max(seen, 1) for k, s in extra_sums.items()}, **v.fields,
@@ -315,6 +335,8 @@ def fit(task: Task, ctx: distributed.Context, resume: ResumePoint | None, say: C
             save_checkpoint(run / "best_model.pth", model, {**meta, "epoch": epoch, "val_metrics": v.summary})
         else:
             bad_epochs += 1
+        if trained is not None:
+            model.load_state_dict(trained)
         # written after best_model.pth: a kill in between repeats this epoch, which improves again identically
         save_checkpoint(run / "last.pth", model, {**meta, "epoch": epoch, "val_metrics": v.summary},
                         train_state={"optimizer": opt.state_dict(),
@@ -322,7 +344,8 @@ def fit(task: Task, ctx: distributed.Context, resume: ResumePoint | None, say: C
                                      "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
                                      "bad_epochs": bad_epochs, "history": history, "rng_state": torch.get_rng_state(),
                                      "seconds": seconds_before + time.perf_counter() - t_start,
-                                     "world_size": ctx.world_size, "task": task.state_dict()})
+                                     "world_size": ctx.world_size, "task": task.state_dict(),
+                                     **({"ema": ema.module.state_dict(), "ema_steps": ema_steps} if ema else {})})
         say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  {v.text}  {row['train_img_s']:.0f} img/s"
             f"{'  *' if improved else ''}")
         if bad_epochs >= cfg.patience:
@@ -352,6 +375,9 @@ def fit(task: Task, ctx: distributed.Context, resume: ResumePoint | None, say: C
             opt.step()
             if sched is not None:
                 sched.step()
+            if ema is not None:
+                ema_steps += 1
+                ema.update(model, step=ema_steps)
             seen += s.n
             loss_sum += float(s.loss.detach()) * s.n
             for k, v in s.extras.items():
