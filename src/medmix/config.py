@@ -91,6 +91,11 @@ class TrainConfig(RecipeConfig):
                                choices=("peaked", "printed"))
     augment: str | None = opt(None, "augmentation policy: " + ", ".join(AUGMENTS) + " (default: chosen by dataset)",
                               type=str)
+    mixup: float = opt(0.0, "mixup: blend each training image with another, weight ~ Beta(a, a) with this a "
+                            "(e.g. 0.2; 0 = off); the loss is the same blend of both images' losses")
+    cutmix: float = opt(0.0, "CutMix: paste a box of another training image, its area ~ Beta(a, a) with this a "
+                             "(e.g. 1.0; 0 = off); with --mixup too, each mixed batch uses one of the two")
+    mix_prob: float = opt(1.0, "share of training batches mixed when --mixup or --cutmix is on, 0..1")
     monitor: str = opt("auto", "validation metric that picks the best epoch (auto: AUC for binary/multi-label, else "
                                "ACC)", choices=("auto", "acc", "auc", "loss", "f1"))
     tune_threshold: bool = opt(False, "multi-label: choose each label's decision threshold on the validation split")

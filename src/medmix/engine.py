@@ -29,6 +29,7 @@ from .checkpoint import GENERALIST, is_generalist, load_checkpoint, save_checkpo
 from .config import RecipeConfig, TrainConfig  # noqa: F401  (medmix.engine.TrainConfig, as before)
 from .data import (NORMALIZATIONS, BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset,
                    normalization)
+from .data.mixing import BatchMix
 from .data.tasks import BINARY, MULTI_LABEL
 from .errors import ConfigError
 from .evaluation import score_logits
@@ -88,6 +89,9 @@ def check_recipe(cfg: RecipeConfig) -> None:
     if isinstance(cfg, TrainConfig):
         _range("alpha", cfg.alpha, 0.0, 1.0)
         _range("margin", cfg.margin, 0.0)
+        _range("mixup", cfg.mixup, 0.0, 100.0)
+        _range("cutmix", cfg.cutmix, 0.0, 100.0)
+        _range("mix_prob", cfg.mix_prob, 0.0, 1.0)
         _monitor(cfg.monitor, "binary-class")
         return
     if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
@@ -259,6 +263,8 @@ class SingleTask(Task):
         self.loss_fn = build_loss(loss_name, info.task, info.num_classes, alpha=cfg.alpha, margin=cfg.margin,
                                   label_smoothing=cfg.label_smoothing, ordinal_variant=cfg.ordinal_variant)
         self.eval_loss = build_loss(default_loss_name(info.task), info.task, info.num_classes)
+        mix = BatchMix(cfg.mixup, cfg.cutmix, cfg.mix_prob)
+        self.mix = mix if mix.enabled else None  # off: no random numbers drawn, runs unchanged
         self.model_kwargs = dict(num_classes=info.num_classes, in_chans=info.n_channels, img_size=self.img_size,
                                  drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, **cfg.model_kwargs)
         model = create_model(cfg.model, **self.model_kwargs).to(memory_format=torch.channels_last)
@@ -321,9 +327,14 @@ class SingleTask(Task):
         y = tr.labels[idx] if rows is None else tr.labels[idx[rows]]
         if ctx.device.type != "cpu":
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        partner, lam = None, 1.0
+        if self.mix is not None:
+            x, partner, lam = self.mix(x, len(idx), self.gen, rows)
         with autocast(self.precision):
             logits = net(x)
         loss = self.loss_fn(logits.float(), y)
+        if partner is not None:
+            loss = lam * loss + (1.0 - lam) * self.loss_fn(logits.float(), y[partner])
         return Step(loss * weight if rows is not None else loss, loss, len(y))
 
     def _evaluate(self, model: nn.Module, split: str, **kw: Any) -> dict:
