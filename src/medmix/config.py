@@ -10,6 +10,7 @@ from typing import Any
 
 SIZES = (28, 64, 128, 224)
 PRECISIONS = ("auto", "bf16", "fp32")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 AUGMENTS = ("none", "radiology", "ultrasound", "rotation_free", "rotate_flip_zoom", "medvit_paper")
 
 
@@ -37,7 +38,8 @@ class RecipeConfig:
     batch_size: int = opt(128, "images per step (the global batch under torchrun)")
     lr: float = opt(1e-3, "peak learning rate")
     weight_decay: float = opt(0.0, "weight decay of the optimiser")
-    optimizer: str = opt("adam", "adam or adamw (decoupled weight decay)", choices=("adam", "adamw"))
+    optimizer: str = opt("adam", "adam, adamw (decoupled weight decay) or sgd (Nesterov momentum 0.9)",
+                         choices=OPTIMIZERS)
     schedule: str = opt("cosine", "learning-rate schedule per step: cosine (after --warmup-epochs), step (x0.1 at "
                                   "50 %% and 75 %% of training, the official MedMNIST recipe) or none",
                         choices=("cosine", "step", "none"))

@@ -26,7 +26,7 @@ from . import distributed
 from ._version import __version__
 from .atomic import atomic_write_text
 from .checkpoint import GENERALIST, is_generalist, load_checkpoint, save_checkpoint
-from .config import RecipeConfig, TrainConfig  # noqa: F401  (medmix.engine.TrainConfig, as before)
+from .config import OPTIMIZERS, RecipeConfig, TrainConfig  # noqa: F401  (medmix.engine.TrainConfig, as before)
 from .data import (NORMALIZATIONS, BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset,
                    normalization)
 from .data.mixing import BatchMix
@@ -79,8 +79,8 @@ def check_recipe(cfg: RecipeConfig) -> None:
         need = model_info(cfg.model).min_img_size
         if cfg.img_size < need:
             raise ConfigError(f"model {cfg.model!r} needs --img-size >= {need}, got {cfg.img_size}")
-    if cfg.optimizer not in ("adam", "adamw"):
-        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use adam or adamw")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use adam, adamw or sgd")
     if cfg.schedule not in ("cosine", "step", "none"):
         raise ConfigError(f"unknown schedule {cfg.schedule!r}; use cosine, step or none")
     if cfg.normalize not in NORMALIZATIONS:

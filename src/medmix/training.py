@@ -137,6 +137,13 @@ def schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warm
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
+def optimizer(params: list[nn.Parameter], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam, AdamW (decoupled weight decay) or SGD with Nesterov momentum 0.9 (the classic recipe for CNNs)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    return (torch.optim.Adam if name == "adam" else torch.optim.AdamW)(params, lr=lr, weight_decay=weight_decay)
+
+
 def weight_average(model: nn.Module, decay: float | None):
     """timm's ``ModelEmaV3`` of ``model`` (parameters and buffers) at most ``decay`` per step, with its warm-up
     (decay ``1 - (1 + step)^(-2/3)`` until that reaches ``decay``: the average forgets its random start quickly,
@@ -248,8 +255,7 @@ def fit(task: Task, ctx: distributed.Context, resume: ResumePoint | None, say: C
     result; continue from ``resume`` when given."""
     cfg, model, meta = task.cfg, task.model, task.meta
     params = [p for p in model.parameters() if p.requires_grad]
-    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
     steps = task.steps_per_epoch
     sched = schedule(opt, cfg.schedule, steps * cfg.epochs, int(cfg.warmup_epochs * steps))
     history: list[dict] = []
