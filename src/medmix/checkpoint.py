@@ -132,6 +132,7 @@ def load_checkpoint(path: str | os.PathLike, *, extras: bool = False):
 
 
 GENERALIST = "generalist"  # meta["kind"] of a multi-dataset checkpoint (medmix.generalist)
+ENSEMBLE = "ensemble"  # meta["model"] of an ensemble / test-time-augmented checkpoint (medmix.ensemble)
 
 
 def is_generalist(meta: dict) -> bool:
@@ -167,6 +168,13 @@ def build_model(meta: dict, state: dict[str, torch.Tensor] | None = None) -> nn.
 
             sizes = [len(d["task"]["class_names"]) for d in meta["generalist"]["datasets"]]
             model = MultiHeadClassifier(meta["model"], sizes, **meta["model_kwargs"])
+        elif meta["model"] == ENSEMBLE:
+            from .models.ensemble import Averaged
+
+            kw = meta["model_kwargs"]
+            model = Averaged([create_model(m["model"], **m["model_kwargs"]) for m in kw["members"]], kw["views"],
+                             [(m["scale"], m["shift"]) for m in kw["members"]],
+                             [m["temperature"] for m in kw["members"]], kw["multi_label"])
         else:
             model = create_model(meta["model"], **meta["model_kwargs"])
     except (TypeError, ValueError, KeyError) as e:

@@ -268,6 +268,28 @@ def cmd_explain(a: argparse.Namespace) -> None:
               f"{r['explained_class']!r} -> {r['png']}{ood}")
 
 
+@command("ensemble", "average several runs (and test-time views) into one checkpoint",
+         arg("runs", nargs="+", metavar="RUN", help="run directories or checkpoints of one dataset and split"),
+         arg("--out", required=True, help="the ensemble's run directory"),
+         arg("--tta", default="none", metavar="VIEWS",
+             help="test-time views: none, auto (chosen on the validation split) or a comma-separated list of "
+                  "hflip, vflip, shift (default: none)"),
+         arg("--overwrite", action="store_true", help="replace an existing --out"), DATA_DIR, JSON, threads=True)
+def cmd_ensemble(a: argparse.Namespace) -> None:
+    from .ensemble import make_ensemble
+
+    r = make_ensemble(a.runs, a.out, tta=a.tta, data_dir=a.data_dir, overwrite=a.overwrite,
+                      say=None if a.json else lambda s: print(s, file=sys.stderr))
+    if a.json:
+        return _print_json(r)
+    for path, v, t in zip(r["members"], r["member_val"], r["member_test"]):
+        print(f"member {path}: val acc {v.get('acc', float('nan')):.4f} auc {v.get('auc', float('nan')):.4f}  "
+              f"test acc {t.get('acc', float('nan')):.4f} auc {t.get('auc', float('nan')):.4f}")
+    print(f"ensemble of {len(r['members'])} ({'+'.join(r['views'])}): val acc {r['val']['acc']:.4f} auc "
+          f"{r['val']['auc']:.4f}  test acc {r['test']['acc']:.4f} auc {r['test']['auc']:.4f}")
+    print(f"wrote {r['run_dir']}")
+
+
 @command("calibrate", "fit the confidence temperature on the validation split and store it",
          arg("checkpoint", metavar="RUN_OR_CKPT", help="a run directory or a checkpoint file"), DATA_DIR, JSON,
          threads=True)

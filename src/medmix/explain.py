@@ -112,6 +112,13 @@ def cam_array(model: nn.Module, x: torch.Tensor, target_class: int | Sequence[in
     ks = None if target_class is None else list(target_class)
     if ks is not None and len(ks) < len(x):
         raise ConfigError(f"target_class has {len(ks)} entries for {len(x)} images")
+    if callable(getattr(model, "member_inputs", None)):  # an ensemble: the mean of its members' maps
+        if ks is None:
+            with torch.no_grad():
+                ks = model.eval()(x).argmax(1).tolist()  # the ensemble's class, explained by every member
+        maps = np.mean([cam_array(m, xm, ks, method=method) for m, xm in model.member_inputs(x)], axis=0)
+        lo, hi = maps.min(axis=(1, 2), keepdims=True), maps.max(axis=(1, 2), keepdims=True)
+        return np.where(hi > lo, (maps - lo) / np.maximum(hi - lo, 1e-12), 0.0).astype(np.float32)
     layer = layer if layer is not None else target_layer(model, x)
     reshape = getattr(model, "gradcam_reshape_transform", None)  # the model's own, else a square grid
     reshape = reshape if callable(reshape) else tokens_to_map
