@@ -98,6 +98,10 @@ class TrainConfig(RecipeConfig):
     cutmix: float = opt(0.0, "CutMix: paste a box of another training image, its area ~ Beta(a, a) with this a "
                              "(e.g. 1.0; 0 = off); with --mixup too, each mixed batch uses one of the two")
     mix_prob: float = opt(1.0, "share of training batches mixed when --mixup or --cutmix is on, 0..1")
+    teacher: str | None = opt(None, "distil from this run or ensemble of the same dataset (`medmix ensemble`): the "
+                                    "loss adds the teacher's soft labels on every augmented batch", type=str)
+    distill_weight: float = opt(0.5, "--teacher: weight of the soft-label term, 0..1 (the hard labels get the rest)")
+    distill_temperature: float = opt(2.0, "--teacher: softening temperature of the soft labels")
     monitor: str = opt("auto", "validation metric that picks the best epoch (auto: AUC for binary/multi-label, else "
                                "ACC)", choices=("auto", "acc", "auc", "loss", "f1"))
     tune_threshold: bool = opt(False, "multi-label: choose each label's decision threshold on the validation split")

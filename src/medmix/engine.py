@@ -35,7 +35,7 @@ from .errors import ConfigError
 from .evaluation import score_logits
 from .inference import (autocast, bf16_supported, extract, iterate_batches, machine_description, predict_logits,
                         resolve_precision)
-from .losses import build_loss, default_loss_name
+from .losses import build_loss, default_loss_name, distillation_loss
 from .models import create_model, model_info
 from .paths import check_writable_dir
 from .small_data import (MIN_PER_SIDE_FOR_THRESHOLD, MIN_VAL_FOR_MODEL_SELECTION, MIN_VAL_FOR_OOD_THRESHOLD,
@@ -92,6 +92,8 @@ def check_recipe(cfg: RecipeConfig) -> None:
         _range("mixup", cfg.mixup, 0.0, 100.0)
         _range("cutmix", cfg.cutmix, 0.0, 100.0)
         _range("mix_prob", cfg.mix_prob, 0.0, 1.0)
+        _range("distill_weight", cfg.distill_weight, 0.0, 1.0)
+        _range("distill_temperature", cfg.distill_temperature, 0.0, 100.0, lo_open=True)
         _monitor(cfg.monitor, "binary-class")
         return
     if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
@@ -263,6 +265,7 @@ class SingleTask(Task):
         self.loss_fn = build_loss(loss_name, info.task, info.num_classes, alpha=cfg.alpha, margin=cfg.margin,
                                   label_smoothing=cfg.label_smoothing, ordinal_variant=cfg.ordinal_variant)
         self.eval_loss = build_loss(default_loss_name(info.task), info.task, info.num_classes)
+        self.teacher = self._teacher(cfg.teacher, bundle, mean, std) if cfg.teacher else None
         mix = BatchMix(cfg.mixup, cfg.cutmix, cfg.mix_prob)
         self.mix = mix if mix.enabled else None  # off: no random numbers drawn, runs unchanged
         self.model_kwargs = dict(num_classes=info.num_classes, in_chans=info.n_channels, img_size=self.img_size,
@@ -288,6 +291,36 @@ class SingleTask(Task):
         self.steps_per_epoch = len(tr) // cfg.batch_size if self.drop_last else math.ceil(len(tr) / cfg.batch_size)
         self.gen = torch.Generator()
         self._epoch = 0
+
+    def _teacher(self, path: str, bundle: DataBundle, mean: list[float], std: list[float]):
+        """The teacher's model (eval mode, on this device) and the (scale, shift) that turn this run's normalised
+        input into the teacher's; refused with one line when it was trained on other data or another input."""
+        from .models.ensemble import renormalisation
+        from .run import Run
+
+        t = Run.load(path).require_single("--teacher")
+        if t.dataset != bundle.name or t.task.class_names != bundle.info.class_names:
+            raise ConfigError(f"--teacher {path} was trained on {t.dataset!r} ({', '.join(t.task.class_names)}), "
+                              f"not on this run's {bundle.name!r}")
+        if int(t.meta["img_size"]) != self.img_size or t.task.n_channels != bundle.info.n_channels:
+            raise ConfigError(f"--teacher {path} takes {t.task.n_channels}x{t.meta['img_size']} px inputs; this run "
+                              f"trains on {bundle.info.n_channels}x{self.img_size} px")
+        if bundle.split_indices is not None:  # split by seed: the teacher must not have trained on our val/test
+            f = t.dir / "split.json"
+            theirs = json.loads(f.read_text()) if f.is_file() else {}
+            if any(list(map(int, theirs.get(k, []))) != bundle.split_indices[k].tolist() for k in ("train", "val",
+                                                                                                  "test")):
+                raise ConfigError(f"--teacher {path} was trained on another train/val/test split of {bundle.name!r} "
+                                  f"(packed and folder data are split by --seed): it may have seen this run's "
+                                  f"validation and test images; use a teacher trained with --seed {self.cfg.seed}")
+        scale, shift = renormalisation(mean, std, t.meta["mean"], t.meta["std"])
+        with torch.random.fork_rng(devices=[]):  # building it must not move the global RNG (the student's init)
+            model = t.build_model().to(self.ctx.device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        as_map = dict(device=self.ctx.device, dtype=torch.float32)
+        return (model, torch.tensor(scale, **as_map).view(1, -1, 1, 1),
+                torch.tensor(shift, **as_map).view(1, -1, 1, 1))
 
     def default_out(self) -> str:
         cfg = self.cfg
@@ -335,6 +368,13 @@ class SingleTask(Task):
         loss = self.loss_fn(logits.float(), y)
         if partner is not None:
             loss = lam * loss + (1.0 - lam) * self.loss_fn(logits.float(), y[partner])
+        if self.teacher is not None:
+            teacher, scale, shift = self.teacher
+            with torch.no_grad(), autocast(self.precision):
+                soft = teacher(x * scale + shift)
+            w = self.cfg.distill_weight
+            loss = (1.0 - w) * loss + w * distillation_loss(logits, soft, self.info.task == MULTI_LABEL,
+                                                            self.cfg.distill_temperature)
         return Step(loss * weight if rows is not None else loss, loss, len(y))
 
     def _evaluate(self, model: nn.Module, split: str, **kw: Any) -> dict:

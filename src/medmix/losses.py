@@ -251,3 +251,14 @@ def build_loss(name: str, task: str, num_classes: int, *, alpha: float = 0.2, ma
         raise ConfigError(f"loss 'ordinal' needs task {ORDINAL!r} (ordered grades); got {task!r}")
     return OrdinalLoss(num_classes, alpha=alpha, margin=margin, variant=ordinal_variant,
                        pair_reduction=pair_reduction, label_smoothing=label_smoothing)
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, multi_label: bool, temperature: float = 2.0) -> Tensor:
+    """Hinton et al.'s soft-label term: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per image, mean
+    over the batch (multi-label: the binary cross-entropy to the teacher's sigmoid at ``T``, mean over labels,
+    times ``T^2``). ``T^2`` keeps the gradient scale of the hard-label loss as ``T`` changes."""
+    t = float(temperature)
+    s, q = student.float() / t, teacher.float() / t
+    if multi_label:
+        return t * t * F.binary_cross_entropy_with_logits(s, torch.sigmoid(q))
+    return t * t * F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(q, dim=1), log_target=True, reduction="batchmean")
