@@ -27,12 +27,23 @@ The export checks itself: a random uint8 batch goes through the same preprocessi
 Runtime, and the largest probability difference must be at most ``tolerance`` (1e-4) — and OOD scores must agree
 with the torch detector's to 1e-3 (relative) — else :class:`~medmix.errors.MedmixError` is raised and no file is
 left behind.
+
+``int8=True`` (``medmix export --int8``) writes the checked graph statically quantized by ONNX Runtime instead
+(:func:`quantize_int8`: QDQ, uint8 activations and per-channel int8 weights, calibrated on a fixed, seeded sample of
+the run's own training images), after running both graphs in ONNX Runtime on the whole validation split
+(:func:`int8_parity`). If the int8 graph loses more than ``int8_tolerance`` of ACC (0.005, half a point, or one
+image of the val split when that is more) or AUC (0.005) there, the export is refused and no file is written,
+unless ``int8_force``. The numbers are stored in the metadata under ``"int8"``; everything else in the metadata,
+the input and the outputs are those of the fp32 export, so :mod:`medmix.serve.onnx_backend` serves either file.
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -48,15 +59,28 @@ from .checkpoint import is_generalist
 from .data.tasks import MULTI_LABEL
 from .errors import ConfigError, MedmixError, require_extra
 from .inference import extract
+from .metrics import medmnist_acc, medmnist_auc, predict_labels
 from .ood import EXTRA_MEANS, EXTRA_PRECISION, Detector, mahalanobis_score
 from .paths import check_writable_file
 from .run import Run
+from .small_data import warn
 
 META_KEY = "medmix"
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "probabilities")
 OOD_OUTPUT = "ood_score"
 OOD_RTOL = 1e-3
+
+# --int8. Measured on the default model (hybrid_mixer_small, BreastMNIST, 28 px): quantizing every op ONNX Runtime
+# can quantize (the residual Adds, LayerNorms, GELU pieces too) ran about as fast as quantizing the three ops below,
+# whose integer kernels carry the arithmetic, but moved the Mahalanobis OOD score by 30-40 % (median) and flipped the
+# OOD flag of 9-10 % of val images, against 9 % and 1.3 % here. Uint8 activations with int8 weights, full range: ONNX
+# Runtime's advice for x86 with VNNI (AVX512-VNNI / AVX-VNNI); per-channel weights for the convolutions.
+INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
+INT8_TOLERANCE = (0.005, 0.005)  # largest allowed val drop of (ACC, AUC), as fractions: 0.005 ACC = half a point
+INT8_MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (the axis attribute)
+CALIBRATION_BATCH = 32
+PARITY_BATCH = 256
 
 
 class _Exported(nn.Module):
@@ -124,19 +148,30 @@ def onnx_metadata(meta: dict, opset: int, detector=None) -> dict:
 
 
 def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opset: int = 17, *,
-                tolerance: float = 1e-4, check_batch: int = 8, seed: int = 0) -> dict:
+                tolerance: float = 1e-4, check_batch: int = 8, seed: int = 0, int8: bool = False,
+                calibration_images: int = 256, int8_tolerance: tuple[float, float] = INT8_TOLERANCE,
+                int8_force: bool = False, data_dir: str | os.PathLike | None = None) -> dict:
     """Write ``out_path`` (ONNX, dynamic batch) and return a summary: path, bytes, classes, input/outputs, the
-    measured ``max_abs_diff_probabilities``/``max_abs_diff_logits`` and seconds."""
+    measured ``max_abs_diff_probabilities``/``max_abs_diff_logits`` and seconds.
+
+    ``int8``: write the int8 (QDQ) graph instead, calibrated on ``calibration_images`` training images (all of them
+    when there are fewer) drawn with ``seed`` from the run's dataset (found like ``medmix evaluate`` finds it, or in
+    ``data_dir``); refused when its val ACC or AUC drop by more than ``int8_tolerance`` ``(acc, auc)`` unless
+    ``int8_force`` (then written with a warning). The summary's ``int8`` is the metadata block; ``bytes`` is the
+    int8 file's size, ``int8["fp32_bytes"]`` the fp32 graph's."""
     require_extra("onnx", "medmix export")
     import onnx
     import onnxruntime as ort
 
     if isinstance(opset, bool) or not isinstance(opset, int) or not 9 <= opset <= 21:
         raise ConfigError(f"opset {opset} is not supported; use 9..21 (default 17)")
+    if int8:
+        _check_int8_args(opset, calibration_images, int8_tolerance)
     check_writable_file(out_path, "--onnx")
     t0 = time.perf_counter()
     run = Run.of(checkpoint)
     src, meta = run.path, run.meta
+    bundle = _int8_data(run, data_dir) if int8 else None  # before the export: a missing dataset fails at once
     model = run.build_model().to(memory_format=torch.contiguous_format).eval()
     task = meta["task"]
     c, s, d = int(task["n_channels"]), int(meta["img_size"]), int(meta["data_size"])
@@ -201,12 +236,199 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
                               f"disagrees with torch: relative difference {diff_ood:.3g} > {OOD_RTOL:g}; the file "
                               f"was not written")
 
+    int8_doc = None
+    if int8:
+        train_images = bundle.splits["train"].images
+        k = min(int(calibration_images), len(train_images))
+        pick = np.sort(np.random.default_rng(seed).choice(len(train_images), k, replace=False))
+        calibration = _batched(transform, train_images[torch.from_numpy(pick)])
+        qdata = quantize_int8(data, calibration)
+        val = bundle.splits["val"]
+        parity = int8_parity(data, qdata, _batched(transform, val.images), val.labels.numpy(), task["task"],
+                             meta.get("threshold", 0.5), detector, val.images)
+        acc_tol, auc_tol = (float(v) for v in int8_tolerance)
+        # one val image may always change its label: on a small split (BreastMNIST's 78) one image is 1.3 points
+        acc_tol = max(acc_tol, 1.0 / max(parity["n"], 1) + 1e-9)
+        ok = _drop(parity["fp32_acc"], parity["int8_acc"]) <= acc_tol and \
+            _drop(parity["fp32_auc"], parity["int8_auc"]) <= auc_tol  # False on NaN
+        numbers = f"val ({parity['n']} images) ACC {_fmt(parity['fp32_acc'])} -> {_fmt(parity['int8_acc'])}, " \
+                  f"AUC {_fmt(parity['fp32_auc'])} -> {_fmt(parity['int8_auc'])} (allowed drops {acc_tol:g} ACC, " \
+                  f"{auc_tol:g} AUC)"
+        if not ok and not int8_force:
+            raise MedmixError(f"{src}: the int8 model loses too much against fp32 on {numbers}; no file was "
+                              f"written (--int8-force writes it anyway, or export without --int8)")
+        if not ok:
+            warn(f"the int8 model loses more than allowed against fp32 on {numbers}; written because of "
+                 f"--int8-force")
+        int8_doc = {"format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
+                    "reduce_range": False, "op_types": list(INT8_OP_TYPES),
+                    "float_outputs": [o for o in outputs if o != OUTPUT_NAMES[0]], "calibration_images": k,
+                    "calibration_split": "train", "calibration_seed": seed, "calibration_method": "MinMax",
+                    **parity, "acc_tolerance": acc_tol, "auc_tolerance": auc_tol, "within_tolerance": ok,
+                    "forced": not ok, "fp32_bytes": len(data), "onnxruntime_version": ort.__version__}
+        qproto = onnx.load_from_string(qdata)
+        doc["int8"] = int8_doc
+        doc["opset"] = next(o.version for o in qproto.opset_import if o.domain in ("", "ai.onnx"))
+        onnx.helper.set_model_props(qproto, {META_KEY: json.dumps(doc), "classes": json.dumps(doc["classes"]),
+                                             "task": task["task"], "model": meta["model"],
+                                             "medmix_version": __version__})
+        qproto.producer_name, qproto.producer_version = "medmix", __version__
+        qproto.doc_string = proto.doc_string.replace("; outputs", "; int8 (QDQ, ONNX Runtime static quantization); "
+                                                     "outputs", 1)
+        data = qproto.SerializeToString()
+
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, data)
     return {"onnx": str(out), "bytes": len(data), "checkpoint": str(src), "model": meta["model"],
-            "classes": doc["classes"], "task": task["task"], "opset": int(opset),
+            "classes": doc["classes"], "task": task["task"], "opset": int(doc["opset"]),
             "input": {"name": INPUT_NAME, "shape": ["batch", c, s, s], "dtype": "float32"}, "outputs": outputs,
             "temperature": doc["temperature"], "check_batch": check_batch, "ood": doc.get("ood"),
             "max_rel_diff_ood_score": diff_ood, "max_abs_diff_probabilities": diff_p, "max_abs_diff_logits": diff_l,
-            "tolerance": tolerance, "seconds": round(time.perf_counter() - t0, 3)}
+            "tolerance": tolerance, "int8": int8_doc, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# ----------------------------------------------------------------------------------------------- int8
+def _check_int8_args(opset: int, calibration_images: int, int8_tolerance) -> None:
+    """Refuse --int8 arguments that cannot work before anything is loaded (one line each)."""
+    if isinstance(calibration_images, bool) or not isinstance(calibration_images, int) or calibration_images < 1:
+        raise ConfigError(f"--calibration-images must be a positive number of training images, got "
+                          f"{calibration_images!r}")
+    if opset < INT8_MIN_OPSET:
+        raise ConfigError(f"--int8 needs --opset {INT8_MIN_OPSET} or later (per-channel QuantizeLinear), got {opset}")
+    try:
+        acc_tol, auc_tol = (float(v) for v in int8_tolerance)
+    except (TypeError, ValueError):
+        raise ConfigError(f"int8_tolerance must be two numbers (ACC drop, AUC drop), got {int8_tolerance!r}") from None
+    if math.isnan(acc_tol) or math.isnan(auc_tol):
+        raise ConfigError(f"int8_tolerance must be two numbers (ACC drop, AUC drop), got {int8_tolerance!r}")
+
+
+def _int8_data(run: Run, data_dir: str | os.PathLike | None):
+    """The run's own dataset and split, which --int8 calibrates on (train) and checks on (val), or one line saying
+    that it needs them and how to point at them."""
+    if run.is_generalist:
+        raise ConfigError(f"{run.path} is a generalist checkpoint ({run.dataset}); --int8 supports single-dataset "
+                          f"checkpoints only: export it without --int8")
+    try:
+        bundle = run.training_data(data_dir)
+    except MedmixError as e:
+        src = run.meta.get("data_source") or {}
+        if src.get("kind") == "folder" or (src.get("kind") == "packed" and run.dataset != "mednist"):
+            how = f"this run's data are read from where it was trained ({src.get('path')}): put them back there"
+        else:
+            how = "point at the folder holding them with --data-dir DIR or MEDMIX_DATA=DIR"
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"--int8 calibrates and checks the int8 model on the run's own training data "
+                          f"({run.dataset}), which cannot be loaded ({why}); {how}, or export without --int8") from None
+    if not len(bundle.splits["val"]):
+        raise ConfigError(f"{run.dataset}: the validation split is empty, so --int8 cannot check the int8 model; "
+                          f"export without --int8")
+    return bundle
+
+
+def _batched(transform, images: torch.Tensor, batch: int = PARITY_BATCH) -> list[np.ndarray]:
+    """uint8 ``(N, C, H, W)`` -> the normalised float32 batches the fp32 check feeds (the same ``transform``)."""
+    with torch.no_grad():
+        return [transform(images[i:i + batch]).numpy() for i in range(0, len(images), batch)]
+
+
+def _drop(before: float | None, after: float | None) -> float:
+    """How much a metric fell; 0 when it is undefined (None: NaN) both ways, NaN when only one side is."""
+    if before is None or after is None:
+        return 0.0 if before is after else math.nan
+    return before - after
+
+
+def _fmt(v: float | None) -> str:
+    return "nan" if v is None or math.isnan(v) else f"{v:.4f}"
+
+
+def _session(data: bytes):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+class _PreProcessingHint(logging.Filter):
+    """Drops ONNX Runtime's "Please consider (to run) pre-processing" warning, which every quantize_static call logs
+    on the root logger: its pre-processing (shape inference, basic fusions) changed neither accuracy nor speed of
+    the default model, and it fails on some graphs. Other warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not (msg.startswith("Please consider") and "pre-processing before quantization" in msg)
+
+
+def quantize_int8(data: bytes, calibration: list[np.ndarray]) -> bytes:
+    """The serialized fp32 graph ``data`` statically quantized by ONNX Runtime (QDQ; see ``INT8_OP_TYPES``),
+    activation ranges calibrated (min/max) on the normalised ``calibration`` batches. Only the nodes that compute
+    ``logits`` are quantized: the temperature and softmax, and the OOD score's subgraph (the Mahalanobis constants
+    and ops, or the energy), stay float."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    proto = onnx.load_from_string(data)
+    for i, node in enumerate(proto.graph.node):  # nodes_to_exclude works by name
+        node.name = node.name or f"medmix_node_{i}"
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    needed, todo = set(), [OUTPUT_NAMES[0]]
+    while todo:  # the ancestors of the logits
+        node = producer.get(todo.pop())
+        if node is not None and node.name not in needed:
+            needed.add(node.name)
+            todo.extend(node.input)
+    float_nodes = [n.name for n in proto.graph.node if n.name not in needed]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter({INPUT_NAME: x[i:i + CALIBRATION_BATCH]} for x in calibration
+                                for i in range(0, len(x), CALIBRATION_BATCH))
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    hint, root = _PreProcessingHint(), logging.getLogger()
+    root.addFilter(hint)
+    try:
+        with tempfile.TemporaryDirectory(prefix="medmix-int8-") as tmp:
+            out = Path(tmp) / "int8.onnx"
+            quantize_static(proto, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=False,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=list(INT8_OP_TYPES), nodes_to_exclude=float_nodes)
+            return out.read_bytes()
+    except Exception as e:  # ONNX Runtime raises many types; nothing the user passed can fix it but the model
+        raise MedmixError(f"ONNX Runtime could not quantize this model to int8 ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); export without --int8") from None
+    finally:
+        root.removeFilter(hint)
+
+
+def int8_parity(fp32: bytes, int8: bytes, batches: list[np.ndarray], labels: np.ndarray, task: str, threshold,
+                detector: Detector | None = None, images: torch.Tensor | None = None) -> dict:
+    """Both serialized graphs in ONNX Runtime on the same normalised ``batches`` (the val split): MedMNIST ACC
+    (at ``threshold``) and AUC of each (NaN -> None), ``label_agreement`` (share of images with the same predicted
+    label(s)) and, with a ``detector``, ``ood_flag_agreement`` (same in/out-of-distribution flag, the blank-image
+    guard on the uint8 ``images`` included)."""
+    outs = {}
+    for name, graph in (("fp32", fp32), ("int8", int8)):
+        sess = _session(graph)
+        names = [o.name for o in sess.get_outputs()]
+        runs = [dict(zip(names, sess.run(names, {INPUT_NAME: x}))) for x in batches]
+        outs[name] = {k: np.concatenate([r[k] for r in runs]) for k in names}
+    r: dict = {"split": "val", "n": int(len(labels))}
+    preds = {}
+    for name, o in outs.items():
+        p = o[OUTPUT_NAMES[1]]
+        r[f"{name}_acc"] = medmnist_acc(labels, p, task, threshold)
+        r[f"{name}_auc"] = medmnist_auc(labels, p, task)
+        preds[name] = predict_labels(p, task, threshold).reshape(len(p), -1)
+    r["label_agreement"] = float(np.mean((preds["fp32"] == preds["int8"]).all(axis=1)))
+    r["max_abs_diff_probabilities"] = float(np.abs(outs["fp32"][OUTPUT_NAMES[1]] - outs["int8"][OUTPUT_NAMES[1]]).max())
+    r["ood_flag_agreement"] = None
+    if detector is not None and OOD_OUTPUT in outs["fp32"]:
+        flags = [detector.flags(outs[k][OOD_OUTPUT], images) for k in ("fp32", "int8")]
+        r["ood_flag_agreement"] = float(np.mean(flags[0] == flags[1]))
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
