@@ -12,6 +12,13 @@ nothing else: the decoder path is fuzzed with random and mutated image bytes in 
 :class:`ImageTooLarge` from their header, before any pixel is decoded, which also stops decompression bombs (a
 small file declaring huge dimensions).
 
+DICOM files (the ``DICM`` marker at byte 128, or a ``.dcm`` / ``.dicom`` name) are read with pydicom on the same
+path, so predict, explain, the server and class-folder training take them alike: the modality LUT (rescale slope and
+intercept) is applied, then the file's own window (centre/width, the first when there are several; the DICOM VOI
+formula via pydicom) or, without one, a 0.5-99.5 percentile window maps the values to 0..255; MONOCHROME1 is
+inverted, PALETTE COLOR expanded and YBR converted to RGB. Files without pixels, multi-frame files and compressed
+transfer syntaxes that no installed pydicom plugin decodes are refused with one line (:class:`DicomError`).
+
 The answer of one image (:func:`describe`: label, confidence, distribution; :func:`format_answer`: as text), the
 blank-image statistic (:func:`pixel_std`) and the picture under a Grad-CAM heatmap (:func:`enlarged_rgb`) are here
 too, torch-free, so the torch predictors and the ONNX Runtime one (and the server) share the code.
@@ -25,6 +32,7 @@ import os
 import sys
 import threading
 import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,10 +43,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ConfigError, ImageError
 from .task_kinds import MULTI_LABEL, ORDINAL
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "ImageTooLarge", "as_inputs", "describe", "enlarged_rgb",
-           "format_answer", "image_size", "load_image_np", "open_image", "per_class", "pixel_std"]
+__all__ = ["DICOM_SUFFIXES", "IMAGE_SUFFIXES", "MAX_PIXELS", "DicomError", "ImageTooLarge", "as_inputs", "describe",
+           "enlarged_rgb", "format_answer", "image_header", "image_size", "is_dicom", "load_image_np", "open_image",
+           "per_class", "pixel_std"]
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".npy"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".npy", *DICOM_SUFFIXES}
 MAX_PIXELS = 50_000_000  # decompression-bomb guard: refuse images with more pixels than this
 # warnings.catch_warnings() saves and restores the process-wide warning filters: two threads decoding at once (the
 # server) could restore each other's state and leave PIL's warnings silenced, or not, for good. One decode at a time.
@@ -49,10 +59,35 @@ class ImageTooLarge(ImageError):
     """An image with more pixels than allowed (a possible decompression bomb); the server answers 413."""
 
 
+class DicomError(ImageError):
+    """A DICOM file medmix cannot take: not valid, truncated, without pixels, multi-frame or compressed in a transfer
+    syntax no installed pydicom plugin decodes. An :class:`ImageError`, so the CLI and the server treat it alike."""
+
+
 def image_size(data: bytes, name: str = "image") -> tuple[int, int] | None:
     """``(width, height)`` read from the image header without decoding the pixels; None for .npy arrays.
-    Raises :class:`ImageError` when the bytes are no image PIL can identify."""
-    return _decode_bytes(data, name, 0, header_only=True)
+    Raises :class:`ImageError` when the bytes are no image PIL (or, for DICOM, pydicom) can identify; a DICOM file
+    that would be refused on decoding (no pixels, several frames, no decoder) is refused here already."""
+    wh = _decode_bytes(data, name, 0, header_only=True)
+    return None if wh is None else wh[:2]
+
+
+_COLOUR_MODES = {"RGB", "RGBA", "P", "CMYK", "YCbCr"}  # the modes a class folder counts as colour
+
+
+def image_header(src: str | os.PathLike) -> tuple[int, int, int]:
+    """``(width, height, channels)`` of an image file from its header (channels 3 when it has colour, else 1), for
+    the class-folder probe that chooses the dataset's channels and size without decoding every image. Raises
+    :class:`ImageError` for .npy arrays and files that are no readable image."""
+    path = Path(os.fspath(src))
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    whc = _decode_bytes(data, str(path), 0, header_only=True)
+    if whc is None:
+        raise ImageError(f"{path}: a .npy array has no image header")
+    return whc
 
 
 def _to_uint8(a: np.ndarray, what: str) -> np.ndarray:
@@ -119,11 +154,13 @@ def _native_stderr_silenced(data: bytes):
 
 
 def _decode_bytes(data: bytes, what: str, max_pixels: int, header_only: bool = False) -> Any:
-    """The decoded image, or with ``header_only`` its ``(width, height)`` (None for a .npy array)."""
+    """The decoded image, or with ``header_only`` its ``(width, height, channels)`` (None for a .npy array)."""
     if not data:
         raise ImageError(f"{what}: the file is empty")
     if data[:6] == b"\x93NUMPY":
         return None if header_only else _array_to_pil(_load_npy(data, what), what, max_pixels)
+    if is_dicom(data, what):
+        return _decode_dicom(data, what, max_pixels, header_only)
     try:
         with _DECODE_LOCK, warnings.catch_warnings(), _native_stderr_silenced(data):
             # PIL warns on stderr about damaged files ("Truncated File Read", "Corrupt EXIF data") and above its own
@@ -132,7 +169,7 @@ def _decode_bytes(data: bytes, what: str, max_pixels: int, header_only: bool = F
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if header_only:
-                return w, h
+                return w, h, 3 if img.mode in _COLOUR_MODES else 1
             if w * h > max_pixels:
                 raise ImageTooLarge(f"{what}: {w}x{h} pixels is more than the limit of {max_pixels:,}")
             img = ImageOps.exif_transpose(img)
@@ -148,6 +185,189 @@ def _decode_bytes(data: bytes, what: str, max_pixels: int, header_only: bool = F
     except Exception as e:  # decoders of damaged files raise OSError, SyntaxError, ValueError, struct.error, ...  # noqa: BLE001
         raise ImageError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
     return img
+
+
+# ----------------------------------------------------------------------------------------------- DICOM
+# a deflated DICOM data set is inflated whole by pydicom before any header check: refuse one that would inflate to
+# more than the largest image allowed could need (MAX_PIXELS pixels x 3 samples x 2 bytes, plus its header)
+_DICOM_INFLATE_LIMIT = 6 * MAX_PIXELS + (16 << 20)
+_DEFLATED_UID = b"1.2.840.10008.1.2.1.99"
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+# YBR_FULL(_422) are converted to RGB by pydicom's decoders; JPEG 2000's YBR_ICT / YBR_RCT by the codec itself
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+
+
+def is_dicom(data: bytes, name: str = "") -> bool:
+    """A DICOM Part 10 file: the ``DICM`` marker after the 128-byte preamble, or a name ending ``.dcm`` / ``.dicom``
+    (so that a damaged one is refused as a DICOM file, with the reason, rather than as an unknown format)."""
+    return data[128:132] == b"DICM" or Path(name).suffix.lower() in DICOM_SUFFIXES
+
+
+def _pydicom():
+    try:
+        import pydicom
+        import pydicom.pixels
+    except ImportError:
+        raise ImageError('reading DICOM files needs pydicom: pip install "pydicom>=3.0,<4"') from None
+    return pydicom
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _check_deflated(data: bytes, what: str) -> None:
+    """Stop a deflate bomb before pydicom inflates the data set: inflate it in pieces, keeping only the count."""
+    if data[132:138] != b"\x02\x00\x00\x00UL":  # no File Meta Information Group Length: pydicom decides
+        return
+    meta_end = 144 + int.from_bytes(data[140:144], "little")
+    if _DEFLATED_UID not in data[144:meta_end]:
+        return
+    inflater, rest, total = zlib.decompressobj(-zlib.MAX_WBITS), data[meta_end:], 0
+    try:
+        while rest and not inflater.eof:
+            total += len(inflater.decompress(rest, 1 << 22))
+            rest = inflater.unconsumed_tail
+            if total > _DICOM_INFLATE_LIMIT:
+                raise ImageTooLarge(f"{what}: the deflated DICOM data set inflates to more than "
+                                    f"{_DICOM_INFLATE_LIMIT:,} bytes (a possible decompression bomb)")
+    except zlib.error as e:
+        raise DicomError(f"{what}: not a valid DICOM file (the deflated data set is damaged: {e})") from None
+
+
+def _read_dicom(data: bytes, what: str, header_only: bool) -> Any:
+    """The pydicom data set (with ``header_only``, large values such as the pixels are skipped, not read), checked
+    for everything that can be refused before decoding: truncation, no pixels, several frames, no decoder."""
+    pydicom = _pydicom()
+    if data[128:132] != b"DICM":
+        raise DicomError(f"{what}: not a valid DICOM file (no 'DICM' marker at byte 128: a DICOM file starts with a "
+                         f"128-byte preamble and 'DICM')")
+    _check_deflated(data, what)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), defer_size=1024 if header_only else None)
+            meta = ds.file_meta
+            ts = meta.get("TransferSyntaxUID")
+            elements = [ds.get_item(tag, keep_deferred=True) for tag in ds.keys()]  # raw: offsets and lengths
+        except ImageError:
+            raise
+        except MemoryError:
+            raise ImageError(f"{what}: not enough memory to read the DICOM file") from None
+        except Exception as e:  # pydicom raises InvalidDicomError, ValueError, struct.error, ... for damaged files  # noqa: BLE001
+            raise DicomError(f"{what}: not a valid DICOM file ({type(e).__name__}: {_one_line(e)})") from None
+    # pydicom reads a short value without complaint and warns when a sequence or encapsulated data runs off the end
+    if any("End of file" in str(w.message) for w in caught):
+        raise DicomError(f"{what}: truncated DICOM file (it ends inside a data element)")
+    if ts is None:
+        raise DicomError(f"{what}: not a valid DICOM file (the file meta information has no Transfer Syntax UID)")
+    if ts != pydicom.uid.DeflatedExplicitVRLittleEndian:  # offsets of a deflated data set are in the inflated one
+        for elem in elements:
+            end = getattr(elem, "value_tell", 0) + getattr(elem, "length", 0)
+            if getattr(elem, "length", 0) != 0xFFFFFFFF and end > len(data):
+                raise DicomError(f"{what}: truncated DICOM file ({elem.tag} needs {end - len(data):,} more bytes than "
+                                 f"the file has)")
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        sop = ds.get("SOPClassUID")
+        if sop is None or "Rows" in ds or "Image" in getattr(sop, "name", ""):  # an image that ends early
+            raise DicomError(f"{what}: no pixel data in this DICOM file{f' ({sop.name})' if sop else ''}; the file "
+                             f"may be truncated")
+        raise DicomError(f"{what}: no pixel data in this DICOM file ({sop.name}): medmix classifies images, this "
+                         f"DICOM object holds none")
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        samples, frames = int(ds.get("SamplesPerPixel") or 1), int(ds.get("NumberOfFrames") or 1)
+        photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+    except (TypeError, ValueError) as e:
+        raise DicomError(f"{what}: invalid DICOM image attributes ({_one_line(e)})") from None
+    if rows < 1 or cols < 1:
+        raise DicomError(f"{what}: the DICOM image has {rows} rows and {cols} columns")
+    if frames > 1:
+        raise DicomError(f"{what}: {frames} frames; medmix reads single-frame images: export the frame you want")
+    if not (samples == 1 and photometric in (*_MONOCHROME, "PALETTE COLOR") or
+            samples == 3 and photometric in _COLOUR):
+        raise DicomError(f"{what}: unsupported DICOM image: {samples} sample(s) per pixel with photometric "
+                         f"interpretation {photometric or '(none)'} (medmix reads MONOCHROME1/2, PALETTE COLOR, RGB "
+                         f"and YBR_FULL(_422)/YBR_ICT/YBR_RCT)")
+    try:
+        decoder = pydicom.pixels.get_decoder(ts)
+    except NotImplementedError:
+        raise DicomError(f"{what}: pixel data in the transfer syntax {ts.name} ({ts}), which pydicom has no decoder "
+                         f"for") from None
+    if not decoder.is_available:
+        raise DicomError(f"{what}: pixel data compressed as {ts.name} and no installed decoder handles it; install a "
+                         f"pydicom plugin: {'; '.join(decoder.missing_dependencies)}")
+    return ds, decoder, (cols, rows, 1 if samples == 1 and photometric in _MONOCHROME else 3)
+
+
+def _window(x: np.ndarray, ds: Any) -> np.ndarray:
+    """Monochrome values after the modality LUT -> float 0..255: the file's window (centre/width, the first of
+    several, its VOI LUT function) or, without one or with an unusable one, the 0.5-99.5 percentile range."""
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_windowing
+
+    if ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, ""):
+        # pydicom's windowing outputs the range of the stored values; a stand-in 8-bit unsigned, not rescaled data
+        # set makes that 0..255 (the same DICOM formula, the output range chosen)
+        voi = Dataset()
+        voi.PhotometricInterpretation, voi.BitsStored, voi.PixelRepresentation = "MONOCHROME2", 8, 0
+        voi.WindowCenter, voi.WindowWidth = ds.WindowCenter, ds.WindowWidth
+        if ds.get("VOILUTFunction"):
+            voi.VOILUTFunction = ds.VOILUTFunction
+        try:
+            return apply_windowing(x.astype(np.float64), voi, index=0)
+        except Exception:  # a window width below 1, an unknown VOI LUT function, values that are no numbers  # noqa: BLE001
+            pass
+    lo, hi = (float(v) for v in np.percentile(x, [0.5, 99.5]))
+    if hi <= lo:  # (almost) all one value but for a few outliers: the full range
+        lo, hi = float(x.min()), float(x.max())
+    return (x - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(x, dtype=np.float64)
+
+
+def _decode_dicom(data: bytes, what: str, max_pixels: int, header_only: bool) -> Any:
+    """A DICOM file -> a PIL image (L or RGB), or with ``header_only`` its ``(width, height, channels)``."""
+    with _DECODE_LOCK, warnings.catch_warnings():  # (see _decode_bytes) pydicom and NumPy warn about odd files
+        warnings.simplefilter("ignore")
+        ds, decoder, (w, h, c) = _read_dicom(data, what, header_only)
+        if header_only:
+            return w, h, c
+        if w * h > max_pixels:
+            raise ImageTooLarge(f"{what}: {w}x{h} pixels is more than the limit of {max_pixels:,}")
+        from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+        try:
+            arr, info = decoder.as_array(ds, index=0)  # YBR_FULL(_422) -> RGB
+            photometric = str(info.get("photometric_interpretation", ds.PhotometricInterpretation)).upper()
+        except MemoryError:
+            raise ImageError(f"{what}: not enough memory to decode the DICOM pixel data") from None
+        except Exception as e:  # a plugin that refuses this data (e.g. Pillow and 12-bit JPEG), damaged pixel data  # noqa: BLE001
+            others = "; ".join(decoder.missing_dependencies)
+            raise DicomError(f"{what}: cannot decode the {ds.file_meta.TransferSyntaxUID.name} pixel data "
+                             f"({_one_line(e)})" + (f"; other pydicom plugins may: {others}" if others else "")
+                             ) from None
+        try:
+            if photometric == "PALETTE COLOR":
+                arr = apply_color_lut(arr, ds)  # RGB, 8 or 16 bits as the palette's entries
+            if photometric in _MONOCHROME:
+                x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+                if not np.isfinite(x).all():
+                    raise DicomError(f"{what}: the pixel data contains NaN or infinite values")
+                y = np.clip(np.rint(_window(x, ds)), 0, 255).astype(np.uint8)
+                out = 255 - y if photometric == "MONOCHROME1" else y  # MONOCHROME1: low values are white
+            elif arr.dtype == np.uint8:  # RGB (or converted YBR, or an 8-bit palette): as it is
+                out = arr
+            elif photometric == "PALETTE COLOR":  # 16-bit palette entries: their high byte
+                out = (arr.astype(np.uint16) >> 8).astype(np.uint8)
+            else:  # RGB of more than 8 bits: scaled from the full range of its stored bits
+                full = 2.0 ** int(ds.BitsStored) - 1
+                out = np.clip(np.rint(arr.astype(np.float64) * (255.0 / full)), 0, 255).astype(np.uint8)
+            return Image.fromarray(np.ascontiguousarray(out))
+        except ImageError:
+            raise
+        except Exception as e:  # a broken modality LUT, palette, ...  # noqa: BLE001
+            raise DicomError(f"{what}: cannot convert the DICOM pixel data ({type(e).__name__}: {_one_line(e)})"
+                             ) from None
 
 
 def open_image(src: Any, what: str, max_pixels: int = MAX_PIXELS) -> Image.Image:

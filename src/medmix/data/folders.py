@@ -16,6 +16,7 @@ from sklearn.model_selection import train_test_split
 
 from ..atomic import atomic_write_text
 from ..errors import DataError, ImageError
+from ..imaging import image_header
 from .images import IMAGE_SUFFIXES, load_image
 from .medmnist import open_npz
 
@@ -44,8 +45,8 @@ def read_packed_npz(path: Path) -> tuple[torch.Tensor, np.ndarray, list[str]]:
 
 
 def read_class_folders(root: Path, size: int | None = None) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """Decode every image below ``root/<class>/``; grayscale unless some image has colour; resized to ``size``
-    (default: the most common side length)."""
+    """Decode every image below ``root/<class>/`` (PNG, JPEG, ..., DICOM: :data:`IMAGE_SUFFIXES`, mixed as they
+    come); grayscale unless some image has colour; resized to ``size`` (default: the most common side length)."""
     if not root.is_dir():
         raise DataError(f"{root}: not a directory")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -57,17 +58,15 @@ def read_class_folders(root: Path, size: int | None = None) -> tuple[torch.Tenso
         if not found:
             raise DataError(f"{root / c}: class folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         files += [(p, k) for p in found]
-    from PIL import Image
-
-    modes, sides = set(), []
-    for p, _ in files[:: max(1, len(files) // 200)]:  # a sample decides channels and size
+    colour, sides = False, []
+    for p, _ in files[:: max(1, len(files) // 200)]:  # a sample decides channels and size, from the headers
         try:
-            with Image.open(p) as im:
-                modes.add(im.mode)
-                sides.append(min(im.size))
-        except Exception:
+            w, h, c = image_header(p)  # PNG/JPEG/... by PIL, DICOM by pydicom (Rows, Columns, samples)
+        except ImageError:  # a .npy array or a broken file: the decoding below names a broken one
             continue
-    n_channels = 3 if modes & {"RGB", "RGBA", "P", "CMYK", "YCbCr"} else 1
+        colour |= c == 3
+        sides.append(min(w, h))
+    n_channels = 3 if colour else 1
     if size is None:
         size = int(np.bincount(sides).argmax()) if sides else 64
     images = torch.empty((len(files), n_channels, size, size), dtype=torch.uint8)

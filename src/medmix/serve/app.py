@@ -381,7 +381,8 @@ def create_app(checkpoint: str | os.PathLike, backend: str = "torch", max_upload
               responses={413: {"description": "upload or image too large"},
                          415: {"description": "not a decodable image"}, 422: {"description": "bad request"}})
     async def predict(files: Annotated[list[UploadFile] | None,
-                                       File(description="image files (PNG, JPEG, TIFF, BMP, GIF, WebP, .npy)")] = None,
+                                       File(description="image files (PNG, JPEG, TIFF, BMP, GIF, WebP, .npy, "
+                                                         "single-frame DICOM)")] = None,
                       file: Annotated[UploadFile | None, File(description="one image file")] = None) -> dict:
         items = await read_uploads(files, file)
         t0 = time.perf_counter()
