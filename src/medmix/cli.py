@@ -113,6 +113,9 @@ GENERALIST_ONLY = tuple(f.name for f in _cli_fields(GeneralistConfig) if f.name 
 def _train_options(parser: argparse.ArgumentParser) -> None:
     """--dataset, and an option per config field (medmix.config) with the field's help, default, type and choices."""
     parser.add_argument("--dataset", default=_Default(None), help=_help("dataset"))
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="a JSON file of these settings (e.g. `medmix tune`'s best.json, or a run's config.json); "
+                             "options given on the command line win")
     several = parser.add_argument_group("several datasets (--dataset a,b,...)")
     for f in _cli_fields(TrainConfig) + [f for f in _cli_fields(GeneralistConfig) if f.name in GENERALIST_ONLY]:
         m = f.metadata
@@ -149,11 +152,31 @@ def train_kwargs(a: argparse.Namespace) -> dict:
     """TrainConfig fields from `medmix train --dataset NAME ...`."""
     kw = _config_kwargs(a, TrainConfig, GENERALIST_ONLY, "only apply when training on several datasets "
                                                           "(--dataset a,b,...)")
+    kw = {**config_file(a.config, TrainConfig), **kw}
     if not isinstance(a.dataset, _Default):
         kw["dataset"] = a.dataset
     if "dataset" not in kw and not isinstance(kw.get("resume"), str):
         raise ConfigError("--dataset is required (or --resume RUN_DIR to continue a run)")
     return kw
+
+
+def config_file(path: str | None, cls) -> dict:
+    """The ``cls`` fields of a JSON config file (unknown keys refused with one line); {} without a file."""
+    if path is None:
+        return {}
+    try:
+        doc = json.loads(open(path, encoding="utf-8").read())
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise ConfigError(f"--config {path}: not a JSON file ({e})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of settings")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(doc) - names - {"quiet", "resume", "ddp", "overwrite"})
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
+    return {k: v for k, v in doc.items() if k in names and k not in ("resume", "ddp", "overwrite", "out")}
 
 
 def generalist_kwargs(a: argparse.Namespace) -> dict:
@@ -163,6 +186,7 @@ def generalist_kwargs(a: argparse.Namespace) -> dict:
     kw = _config_kwargs(a, GeneralistConfig, SINGLE_ONLY, "cannot be used when training on several datasets (each "
                         "dataset keeps its default loss and augmentation; the mean of the per-dataset validation "
                         "metrics picks the best epoch)")
+    kw = {**config_file(a.config, GeneralistConfig), **kw}
     if not isinstance(a.dataset, _Default):  # (a resumed run keeps its datasets)
         kw["datasets"] = parse_datasets(a.dataset)
     return kw
@@ -191,6 +215,39 @@ def cmd_train(a: argparse.Namespace) -> None:
     else:
         print(format_metrics(r.test, f"test split, best epoch {r.best_epoch} ({r.seconds:.0f} s of training):"))
         print(f"run directory: {r.run_dir}")
+
+
+@command("tune", "search models and recipes for a dataset on its validation split (Optuna)",
+         arg("dataset", help="a dataset name, a class-folder directory or an npz file"),
+         arg("--budget", default="20m", help="wall time for new trials, e.g. 20m, 90s, 1h30m (default: 20m)"),
+         arg("--trials", type=int, default=None, help="at most this many trials (default: as the budget allows)"),
+         arg("--out", default=None, help="study directory: trials/, best.json, summary.json (default "
+                                         "runs/tune/<dataset>)"),
+         arg("--storage", default=None, help="the study's storage, shared by every process that runs it: a journal "
+                                             "file (default <out>/study.journal) or a database URL "
+                                             "(sqlite:///tune.db, postgresql://...)"),
+         arg("--study", default=None, help="study name (default medmix-<dataset>)"),
+         arg("--epochs", type=int, default=30, help="epochs per trial (default 30)"),
+         arg("--models", default=",".join(("hybrid_mixer_small", "cnn_transformer")),
+             help="comma-separated models to choose from (default: hybrid_mixer_small,cnn_transformer)"),
+         arg("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=_help("precision")),
+         arg("--seed", type=int, default=0, help="seed of the sampler and of every trial's training"),
+         DATA_DIR, JSON, threads=True)
+def cmd_tune(a: argparse.Namespace) -> None:
+    from .tune import tune
+
+    r = tune(a.dataset, budget=a.budget, trials=a.trials, out=a.out or "", storage=a.storage, study_name=a.study,
+             epochs=a.epochs, seed=a.seed, data_dir=a.data_dir, precision=a.precision,
+             models=tuple(m.strip() for m in a.models.split(",") if m.strip()),
+             say=None if a.json else lambda s: print(s, file=sys.stderr))
+    if a.json:
+        return _print_json(r)
+    if "best" not in r:
+        print(f"no trial finished yet in study {r['study']} ({len(r['trials'])} started)")
+        return
+    b = r["best"]
+    print(f"study {r['study']}: {r['n_complete']} trials complete; best trial {b['number']}: val {b['value']:.4f}")
+    print(f"best recipe: {r['config']}  (train it: medmix train --config {r['config']})")
 
 
 @command("evaluate", "metrics of a checkpoint on a split", CHECKPOINT, DATA_DIR,

@@ -242,6 +242,7 @@ def best_model(model: nn.Module, ctx: distributed.Context, build: Callable[[], n
 class SingleTask(Task):
     """One dataset, one classifier: the task :func:`train` gives the loop."""
     kind = "single"
+    reads_test = True  # False for the tuner's trials (medmix.tune): they are chosen on val and never see the test
 
     @staticmethod
     def prepare(cfg: TrainConfig) -> None:
@@ -408,7 +409,7 @@ class SingleTask(Task):
                                         meta, show=self.ctx.is_main)
             val = self._evaluate(final_model, "val", threshold=threshold)
         val.pop("_probs", None)
-        test = self._evaluate(final_model, "test", threshold=threshold)
+        test = self._evaluate(final_model, "test", threshold=threshold) if self.reads_test else {}
         meta.update(threshold=threshold, epoch=best_epoch, epochs_run=len(history), val_metrics=_slim(val),
                     test_metrics=_slim(test), train_seconds=seconds, machine=machine_description())
         save_checkpoint(run / "best_model.pth", final_model, meta, extras=extras)
@@ -420,7 +421,8 @@ class SingleTask(Task):
         from .report import plot_curves, write_confusion
 
         plot_curves(history, run / "curves.png", best_epoch)
-        write_confusion(test, info, run / "confusion_test.png", f"{bundle.name} test - {cfg.model}")
+        if test:
+            write_confusion(test, info, run / "confusion_test.png", f"{bundle.name} test - {cfg.model}")
         return TrainResult(final, best_epoch, val, test, history, seconds)
 
     def result_of_finished_run(self, final: Path, rank: int) -> TrainResult:

@@ -39,7 +39,7 @@ class MissingExtraError(MedmixError, ImportError):
 
 # the optional dependencies behind each extra of pyproject.toml, by import name
 EXTRAS: dict[str, tuple[str, ...]] = {"serve": ("fastapi", "uvicorn", "python_multipart"),
-                                      "onnx": ("onnx", "onnxruntime")}
+                                      "onnx": ("onnx", "onnxruntime"), "tune": ("optuna",)}
 
 
 def require_extra(extra: str, feature: str) -> None:

@@ -1,0 +1,150 @@
+"""`medmix tune`: an Optuna study over recipes that never reads the test split, writes a config `medmix train
+--config` reproduces, is shared by several processes through one storage, and continues a trial killed mid-way."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from medmix.cli import main
+from medmix.data.medmnist import ASSETS
+from medmix.engine import SingleTask
+from medmix.tune import parse_budget
+
+pytest.importorskip("optuna")
+TUNE = ["--data-dir", str(ASSETS), "--epochs", "2", "--models", "cnn_transformer", "--precision", "fp32"]
+
+
+@pytest.mark.parametrize("text,seconds", [("20m", 1200), ("90s", 90), ("1h30m", 5400), ("1.5h", 5400), ("45", 45)])
+def test_budgets(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tune") / "study"
+    seen: list[str] = []
+    original = SingleTask._evaluate
+
+    def spy(self, model, split, **kw):
+        seen.append(split)
+        return original(self, model, split, **kw)
+
+    SingleTask._evaluate = spy
+    try:
+        assert main(["tune", "breastmnist", "--trials", "2", "--out", str(out), "--json", *TUNE]) == 0
+    finally:
+        SingleTask._evaluate = original
+    return out, seen
+
+
+def test_the_study_never_reads_the_test_split(study):
+    out, seen = study
+    assert seen and "test" not in seen and "val" in seen
+    for run in (out / "trials").iterdir():
+        assert json.loads((run / "metrics.json").read_text())["test"] == {}
+        assert not (run / "confusion_test.png").exists()
+
+
+def test_the_best_recipe_is_reproduced_by_train_config(study, tmp_path, capsys):
+    out, _ = study
+    summary = json.loads((out / "summary.json").read_text())
+    best = summary["best"]
+    assert best["value"] == max(t["value"] for t in summary["trials"] if t["value"] is not None)
+    capsys.readouterr()
+    assert main(["train", "--config", str(out / "best.json"), "--out", str(tmp_path / "again"), "--json"]) == 0
+    val = json.loads(capsys.readouterr().out)["val"]
+    trial = next(t for t in summary["trials"] if t["number"] == best["number"])
+    assert val["auc"] == trial["val"]["auc"] and val["acc"] == trial["val"]["acc"]
+
+
+def test_two_processes_share_one_study(tmp_path):
+    storage = tmp_path / "shared.journal"
+    cmd = [sys.executable, "-m", "medmix", "tune", "breastmnist", "--trials", "1", "--storage", str(storage),
+           "--out", str(tmp_path / "s"), "--json", *TUNE]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [r[1][-500:] for r in results]
+    final = max((json.loads(r[0]) for r in results), key=lambda d: d["n_complete"])
+    assert final["n_complete"] == 2
+    assert sorted(t["number"] for t in final["trials"]) == [0, 1]
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    trials = optuna.load_study(study_name="medmix-breastmnist",
+                               storage=JournalStorage(JournalFileBackend(str(storage)))).trials
+    assert len({t.user_attrs["owner"]["pid"] for t in trials}) == 2  # both processes ran trials
+
+
+KILLER = r'''
+import os, signal, sys
+import medmix.tune as tune
+
+original = tune._trial_task
+
+def killing(trial):
+    cls = original(trial)
+
+    class Killed(cls):
+        def validate(self):
+            v = super().validate()
+            if trial.number == 1 and self._epoch == 2:
+                os.kill(os.getpid(), signal.SIGKILL)  # after epoch 2's checkpoint of the second trial
+            return v
+
+    return Killed
+
+tune._trial_task = killing
+from medmix.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_killed_study_resumes_its_interrupted_trial(tmp_path):
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    args = ["tune", "breastmnist", "--trials", "2", "--out", str(tmp_path / "k"), *TUNE[:3], "3", *TUNE[4:]]
+    p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-800:]
+    partial = tmp_path / "k" / "trials" / "trial-0001.partial"
+    assert (partial / "last.pth").is_file()
+    p = subprocess.run([sys.executable, "-m", "medmix", *args[:3], "1", *args[4:], "--json"], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-800:]
+    assert "resuming interrupted trial(s) 1" not in p.stderr  # --json: quiet
+    doc = json.loads(p.stdout)
+    states = {t["number"]: t["state"] for t in doc["trials"]}
+    assert states == {0: "complete", 1: "fail", 2: "complete"}
+    run = tmp_path / "k" / "trials" / "trial-0001"
+    assert run.is_dir() and not partial.exists()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]  # epochs 1-2 from before the kill, 3 after
+
+
+def test_tune_takes_a_class_folder_dataset(tmp_path):
+    from conftest import write_class_folders
+
+    root = tmp_path / "folders"
+    write_class_folders(root, counts=(70, 70), side=28)
+    assert main(["tune", str(root), "--trials", "1", "--out", str(tmp_path / "f"), *TUNE[2:]]) == 0
+    assert json.loads((tmp_path / "f" / "best.json").read_text())["dataset"] == str(root)
+
+
+@pytest.mark.parametrize("argv,msg", [(["--budget", "soon"], "--budget 'soon' is not a duration"),
+                                      (["--trials", "0"], "--trials must be a positive integer"),
+                                      (["--models", "nope"], "unknown model")])
+def test_bad_tune_options_are_one_line(argv, msg, tmp_path, capsys):
+    assert main(["tune", "breastmnist", "--data-dir", str(ASSETS), "--out", str(tmp_path / "x"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medmix: error:") and msg in err.lower() and err.count("\n") == 1, err
+
+
+def test_a_bad_config_file_is_one_line(tmp_path, capsys):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"dataset": "breastmnist", "learning_rate": 1}))
+    assert main(["train", "--config", str(f)]) == 2
+    assert "unknown setting(s) learning_rate" in capsys.readouterr().err
