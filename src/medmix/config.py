@@ -85,7 +85,7 @@ class TrainConfig(RecipeConfig):
                                       "dataset and a modality router (medmix.generalist); required unless --resume "
                                       "RUN_DIR", cli=False)
     loss: str | None = opt(None, "training loss (default: ce for single-label tasks, bce for multi-label)",
-                           type=str, choices=("ce", "nll", "bce", "ordinal"))
+                           type=str, choices=("ce", "nll", "bce", "ordinal", "corn"))
     alpha: float = opt(0.2, "ordinal loss: weight of the rank loss, 0..1")
     margin: float = opt(0.1, "ordinal loss: ranking margin")
     ordinal_variant: str = opt("peaked", "ordinal loss: peaked (the rank loss points at the true grade) or printed "

@@ -271,6 +271,8 @@ class SingleTask(Task):
         self.mix = mix if mix.enabled else None  # off: no random numbers drawn, runs unchanged
         self.model_kwargs = dict(num_classes=info.num_classes, in_chans=info.n_channels, img_size=self.img_size,
                                  drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, **cfg.model_kwargs)
+        if loss_name == "corn":  # rank-consistent head; its outputs are class log-probabilities
+            self.model_kwargs["ordinal_head"] = "corn"
         model = create_model(cfg.model, **self.model_kwargs).to(memory_format=torch.channels_last)
         if ctx.world_size > 1:
             model = distributed.convert_sync_batchnorm(model, ctx.device)

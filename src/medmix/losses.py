@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .task_kinds import MULTI_LABEL, ORDINAL, check_task
 
-LOSS_NAMES: tuple[str, ...] = ("ce", "nll", "bce", "ordinal")
+LOSS_NAMES: tuple[str, ...] = ("ce", "nll", "bce", "ordinal", "corn")
 
 Variant = Literal["peaked", "printed"]
 PairReduction = Literal["sum", "mean"]
@@ -248,9 +248,30 @@ def build_loss(name: str, task: str, num_classes: int, *, alpha: float = 0.2, ma
             raise ConfigError("label_smoothing is not supported with 'nll'; use 'ce'")
         return LogSoftmaxNLL(num_classes)
     if task != ORDINAL:
-        raise ConfigError(f"loss 'ordinal' needs task {ORDINAL!r} (ordered grades); got {task!r}")
+        raise ConfigError(f"loss {name!r} needs task {ORDINAL!r} (ordered grades); got {task!r}")
+    if name == "corn":
+        if label_smoothing:
+            raise ConfigError("label_smoothing is not supported with 'corn'")
+        return CornLoss(num_classes)
     return OrdinalLoss(num_classes, alpha=alpha, margin=margin, variant=ordinal_variant,
                        pair_reduction=pair_reduction, label_smoothing=label_smoothing)
+
+
+class CornLoss(nn.Module):
+    """The CORN loss (coral-pytorch's ``corn_loss``) of a model with a CORN head: its outputs are class
+    log-probabilities, from which the conditional logits are recovered exactly (``models.rank_head``)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, log_probs: Tensor, target: Tensor) -> Tensor:
+        from coral_pytorch.losses import corn_loss
+
+        from .models.rank_head import rank_logits
+
+        y = _single_label_target(log_probs, target, self.num_classes)
+        return corn_loss(rank_logits(log_probs), y, self.num_classes)
 
 
 def distillation_loss(student: Tensor, teacher: Tensor, multi_label: bool, temperature: float = 2.0) -> Tensor:

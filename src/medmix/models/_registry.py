@@ -66,6 +66,9 @@ def create_model(name: str, *, num_classes: int = 2, in_chans: int = 1, img_size
 
     ``drop_path_rate=None`` keeps the builder's own default (e.g. 0.1 for MedViT-S as in the official code)."""
     info = model_info(name)
+    ordinal_head = kwargs.pop("ordinal_head", None)  # "corn": the CORN head (models/rank_head.py) on any model
+    if ordinal_head not in (None, "corn"):
+        raise ConfigError(f"unknown ordinal head {ordinal_head!r}; the one there is: corn")
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     if in_chans < 1:
@@ -83,6 +86,10 @@ def create_model(name: str, *, num_classes: int = 2, in_chans: int = 1, img_size
                              **kwargs)
     except TypeError as e:  # an option the model's constructor does not take
         raise ConfigError(f"model {name!r}: {e}") from None
+    if ordinal_head == "corn":
+        from .rank_head import attach_corn_head
+
+        attach_corn_head(model, num_classes)
     model.medmix_name = name  # type: ignore[attr-defined]
     return model
 
