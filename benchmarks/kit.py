@@ -1,0 +1,149 @@
+"""The recipe kit on the real MedMNIST sets: default model, tuned single model, ensemble, distilled model, beside
+the reference rows measured here and the published ones.
+
+    python benchmarks/kit.py [--datasets breastmnist] [--budget 10m] [--seeds 0 1 2] [--data-dir ~/medmnist] [--reuse]
+
+Per set, in order (every choice made on the validation split; the test split is read once per reported run):
+
+1. ``default``: the package defaults, one run per seed;
+2. ``tuned``: ``medmix tune`` for ``--budget`` (a study stored under runs/bench/kit/<set>/tune; with ``--reuse`` a
+   finished study is not extended), then its best recipe trained once per seed with ``train --config``;
+3. ``ensemble``: the tuned runs of all seeds averaged with test-time views chosen on val (``medmix ensemble
+   --tta auto``); one ensemble per set, so it has no spread over seeds;
+4. ``distilled``: the default model trained with the ensemble as ``--teacher``, one run per seed.
+
+Each row gives test ACC / AUC (mean ± std over seeds), the training time per run (the tuning time separately), and
+the inference cost of the model the row stands for: MACs per image and torch images/s (batch 256, the run's
+precision). Writes results/kit.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from _common import DEFAULT_DATA, RESULTS, command_line, fmt, machine, table, train_or_reuse, write_results
+
+ROOT = Path("runs/bench/kit")
+REFERENCE = "medmnist_table"  # the reference rows measured here (benchmarks/medmnist_table.py)
+
+
+def cost(run_dir: Path, data_dir: str) -> tuple[float | None, float]:
+    """MACs per image and torch batch-256 images/s of a run's model (median of 5 passes)."""
+    import torch
+
+    from medmix.catalog import count_macs
+    from medmix.inference import predict_logits, resolve_precision
+    from medmix.run import Run
+
+    run = Run.load(run_dir)
+    model = run.build_model()
+    macs = count_macs(model, int(run.meta["img_size"]), run.task.n_channels)
+    images = run.training_data(data_dir).splits["test"].images
+    batch = images[torch.arange(256) % len(images)]
+    tf, p = run.transform(), resolve_precision(run.meta.get("precision", "fp32"))
+    predict_logits(model, batch, tf, 256, p)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        predict_logits(model, batch, tf, 256, p)
+        times.append(time.perf_counter() - t)
+    return macs, 256 / statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=["breastmnist", "retinamnist", "pneumoniamnist"])
+    ap.add_argument("--budget", default="10m", help="tuning budget per set")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--data-dir", default=DEFAULT_DATA)
+    ap.add_argument("--reuse", action="store_true")
+    a = ap.parse_args()
+
+    from medmix.data.medmnist import file_name
+    from medmix.ensemble import make_ensemble
+    from medmix.inference import set_threads
+    from medmix.tune import tune
+
+    set_threads()
+    rows, t_all = [], time.perf_counter()
+    for ds in a.datasets:
+        if not (Path(a.data_dir) / file_name(ds, 28)).is_file():
+            print(f"{ds}: not in {a.data_dir}, skipped", file=sys.stderr)
+            continue
+        base = ROOT / ds
+
+        def record(kind: str, runs: list, dirs: list[Path], extra: dict | None = None) -> None:
+            macs, img_s = cost(dirs[0], a.data_dir)
+            rows.append({"dataset": ds, "kind": kind, "seeds": len(runs), "test_acc": [r.test["acc"] for r in runs],
+                         "test_auc": [r.test["auc"] for r in runs], "val_acc": [r.val["acc"] for r in runs],
+                         "val_auc": [r.val["auc"] for r in runs], "seconds": [r.seconds for r in runs],
+                         "macs": macs, "infer_img_s": img_s, **(extra or {})})
+            print(f"{ds} {kind}: test ACC {fmt(rows[-1]['test_acc'])} AUC {fmt(rows[-1]['test_auc'])}",
+                  file=sys.stderr, flush=True)
+
+        dirs = [base / f"default-s{s}" for s in a.seeds]
+        runs = [train_or_reuse(d, a.reuse, dataset=ds, data_dir=a.data_dir, seed=s) for d, s in zip(dirs, a.seeds)]
+        record("default", runs, dirs)
+
+        study = base / "tune"
+        t0 = time.perf_counter()
+        if not (a.reuse and (study / "best.json").is_file()):
+            tune(ds, budget=a.budget, out=study, data_dir=a.data_dir,
+                 say=lambda s: print(f"  {ds} tune: {s}", file=sys.stderr, flush=True))
+        tune_seconds = time.perf_counter() - t0
+        summary = json.loads((study / "summary.json").read_text())
+        best = json.loads((study / "best.json").read_text())
+        best = {k: v for k, v in best.items() if k not in ("seed", "data_dir")}
+        tdirs = [base / f"tuned-s{s}" for s in a.seeds]
+        truns = [train_or_reuse(d, a.reuse, **{**best, "data_dir": a.data_dir, "seed": s}) for d, s in
+                 zip(tdirs, a.seeds)]
+        record("tuned", truns, tdirs, {"recipe": best, "tune_trials": summary["n_complete"],
+                                       "tune_seconds": summary.get("seconds_this_process", tune_seconds)})
+
+        ens = base / "ensemble"
+        if not (a.reuse and (ens / "ensemble.json").is_file()):
+            make_ensemble(tdirs, ens, tta="auto", data_dir=a.data_dir, overwrite=True)
+        e = json.loads((ens / "ensemble.json").read_text())
+        from types import SimpleNamespace
+
+        record("ensemble", [SimpleNamespace(test=e["test"], val=e["val"], seconds=e["seconds"])], [ens],
+               {"views": e["views"], "members": len(e["members"])})
+
+        ddirs = [base / f"distilled-s{s}" for s in a.seeds]
+        druns = [train_or_reuse(d, a.reuse, dataset=ds, data_dir=a.data_dir, seed=s, teacher=str(ens))
+                 for d, s in zip(ddirs, a.seeds)]
+        record("distilled", druns, ddirs)
+
+    ref = json.loads((RESULTS / f"{REFERENCE}.json").read_text()) if (RESULTS / f"{REFERENCE}.json").is_file() else {}
+    m = machine()
+    md = ["# The recipe kit on MedMNIST (28 px): default, tuned, ensemble, distilled", "",
+          f"Command: `{command_line()}`  ", f"Machine: {m['description']}; native bf16: {m['native_bf16']}. "
+          f"Total {time.perf_counter() - t_all:.0f} s (reused runs count 0).", ""]
+    for ds in a.datasets:
+        mine = [r for r in rows if r["dataset"] == ds]
+        if not mine:
+            continue
+        out = [[r["kind"], r["seeds"], fmt(r["test_acc"]), fmt(r["test_auc"]), fmt(r["val_acc"]), fmt(r["val_auc"]),
+                f"{statistics.median(r['seconds']):.0f}", f"{(r['macs'] or 0) / 1e6:.1f}", f"{r['infer_img_s']:,.0f}"]
+               for r in mine]
+        for s in ref.get("summary", []):
+            if s["dataset"] == ds and s["model"] != "hybrid_mixer_small":
+                out.append([f"reference: {s['model']} ({s['recipe']})", s["n_seeds"],
+                            f"{s['test_acc'][0]:.3f} ± {s['test_acc'][1]:.3f}",
+                            f"{s['test_auc'][0]:.3f} ± {s['test_auc'][1]:.3f}", "", "",
+                            f"{s['seconds'][0]:.0f}", "", ""])
+        tuned = next((r for r in mine if r["kind"] == "tuned"), None)
+        md += [f"## {ds}", "", table(["model", "seeds", "test ACC", "test AUC", "val ACC", "val AUC",
+                                      "train s/run (median)", "MMACs/img", "infer img/s (torch)"], out), ""]
+        if tuned:
+            md += [f"Tuning: {tuned['tune_trials']} complete trials in {tuned['tune_seconds']:.0f} s; best recipe "
+                   f"`{json.dumps(tuned['recipe'])}`.", ""]
+    write_results("kit", {"command": command_line(), "machine": m, "rows": rows}, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
