@@ -6,7 +6,8 @@
 Writes results/ordinal_sweep.{json,md,png}: test ACC, AUC (official semantics), MAE and QWK, mean +- std over seeds,
 per model and alpha, beside Table 2 of "Medical Image Classification Based on Transformer Model and Ordinal Loss"
 (Liu; MedViT, ACC only). alpha = 0 is plain cross-entropy. One extra row per model trains the formula exactly as
-printed in the paper (variant "printed", alpha = 0.2) unless --no-printed. A run is ``MODEL[:RECIPE]`` (recipes in
+printed in the paper (variant "printed", alpha = 0.2) unless --no-printed, and one the CORN head and loss
+(coral-pytorch; Shi, Cao and Raschka) unless --no-corn. A run is ``MODEL[:RECIPE]`` (recipes in
 benchmarks/_common.py); ``--table-only`` trains nothing and tabulates the finished runs.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--alphas", type=float, nargs="+", default=sorted(LIU_TABLE2))
     ap.add_argument("--no-printed", action="store_true", help="skip the as-printed variant row")
+    ap.add_argument("--no-corn", action="store_true", help="skip the CORN row (--loss corn, coral-pytorch)")
     ap.add_argument("--reuse", action="store_true", help="read finished runs, resume interrupted ones")
     ap.add_argument("--table-only", action="store_true", help="train nothing; tabulate the finished runs")
     ap.add_argument("--keep-committed", action="store_true",
@@ -48,7 +50,8 @@ def main() -> None:
     set_threads()
     specs = [(m, r or "medmix") for m, _, r in (s.partition(":") for s in a.runs)]
     runs = []
-    variants = [("peaked", al) for al in a.alphas] + ([] if a.no_printed else [("printed", 0.2)])
+    variants = [("peaked", al) for al in a.alphas] + ([] if a.no_printed else [("printed", 0.2)]) + \
+        ([] if a.no_corn else [("corn", 0.0)])
     t0 = time.perf_counter()
     for model, rec in specs:
         for variant, alpha in variants:
@@ -58,7 +61,9 @@ def main() -> None:
                 kw["monitor"] = "acc"
                 r = train_or_reuse(run_dir(model, rec, variant, alpha, seed), a.reuse or a.table_only,
                                    reuse_only=a.table_only, dataset="retinamnist", data_dir=a.data_dir, model=model,
-                                   loss="ordinal", alpha=alpha, margin=0.1, ordinal_variant=variant, seed=seed, **kw)
+                                   seed=seed, **kw, **({"loss": "corn"} if variant == "corn" else
+                                                       {"loss": "ordinal", "alpha": alpha, "margin": 0.1,
+                                                        "ordinal_variant": variant}))
                 if r is None:
                     continue
                 row = {"model": model, "recipe": rec, "variant": variant, "alpha": alpha, "seed": seed,
@@ -101,7 +106,9 @@ def main() -> None:
                                                            "val_acc", "seconds")}}
             summary.append(s)
             paper = LIU_TABLE2.get(alpha) if variant == "peaked" else None
-            rows.append([f"{alpha:.1f}" + (" (as printed)" if variant == "printed" else ""), len(rs),
+            label = "CORN (`--loss corn`)" if variant == "corn" else \
+                f"{alpha:.1f}" + (" (as printed)" if variant == "printed" else "")
+            rows.append([label, len(rs),
                          fmt(r["test_acc"] for r in rs), fmt(r["test_auc"] for r in rs),
                          fmt(r["test_mae"] for r in rs), fmt(r["test_qwk"] for r in rs),
                          f"{paper:.3f}" if paper is not None else "–",
