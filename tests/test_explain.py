@@ -265,3 +265,96 @@ def test_quadrant_helper_is_sound():
     cams = np.zeros((1, 28, 28), np.float32)
     cams[0, 2, 20] = 1.0
     assert quadrant_mass(cams)["top-right"] == 1.0 and set(quadrant_mass(cams)) == set(QUADRANTS)
+
+
+# ----------------------------------------------------------------------------------------------- the overlay and panel
+def _half_map(side: int = 28) -> np.ndarray:
+    """0 on the left half, 1 on the right third, a ramp between: a map with exact 0s and 1s at its own size."""
+    m = np.zeros((side, side), np.float32)
+    m[:, side // 2:] = np.linspace(0.0, 1.0, side - side // 2, dtype=np.float32)
+    m[:, -(side // 3):] = 1.0
+    return m
+
+
+def test_overlay_is_transparent_without_evidence_and_the_top_colour_at_the_maximum():
+    from matplotlib import colormaps
+
+    from medmix.imaging import CAM_ALPHA_MAX, CAM_LUT, cam_colors, cam_overlay
+
+    rgb = np.random.default_rng(0).random((28, 28, 3), dtype=np.float32)
+    cam = _half_map()
+    out = cam_overlay(rgb, cam)
+    none, full = cam == 0.0, cam == 1.0
+    assert none.sum() == 28 * 15 and full.sum() == 28 * 9
+    assert np.array_equal(out[none], rgb[none])  # bit for bit: zero evidence draws nothing
+    want = (1 - CAM_ALPHA_MAX) * rgb[full] + CAM_ALPHA_MAX * CAM_LUT[-1]
+    np.testing.assert_allclose(out[full], want, atol=1e-6)
+    assert np.abs(out[full] - rgb[full]).max() > 0.1
+    mid = cam_overlay(np.zeros((1, 1, 3), np.float32), np.full((1, 1), 0.5, np.float32), alpha_max=0.8)
+    np.testing.assert_allclose(mid[0, 0], 0.4 * cam_colors(0.5), atol=1e-6)  # opacity = a_max * value
+    # the table is matplotlib's "turbo" (to its 8-bit rounding), binned the way its colour bar bins it
+    x = np.linspace(0.0, 1.0, 2001)
+    assert np.abs(cam_colors(x) - colormaps["turbo"](x)[:, :3]).max() <= 0.5 / 255 + 1e-6
+    with pytest.raises(ConfigError, match="alpha_max"):
+        cam_overlay(rgb, cam, alpha_max=1.5)
+
+
+def _panel_for(cam: np.ndarray, method: str = "gradcam++"):
+    from medmix.explain import _panel
+
+    img = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (1, 28, 28), dtype=np.uint8))
+    return img, _panel(img, cam, [("blob", 0.7), ("absent", 0.3)], "blob", "case.png: blob (70.0%)", method)
+
+
+def test_panel_has_a_labelled_colour_bar_the_method_and_outlines(tmp_path):
+    from matplotlib.contour import ContourSet
+
+    from medmix.imaging import CAM_LUT, enlarged_rgb
+    from medmix.metrics import save_figure
+
+    img, fig = _panel_for(_half_map())
+    assert len(fig.axes) == 4  # input, overlay, colour bar, probabilities (it was 3 without the colour bar)
+    labels = [a.get_ylabel() for a in fig.axes]
+    (label,) = [t for t in labels if "evidence" in t]
+    assert "Grad-CAM++ evidence for 'blob'" in label and "scaled per image" in label
+    cax = fig.axes[labels.index(label)]
+    assert [t.get_text() for t in cax.get_yticklabels()][0].startswith("0") and cax.get_ylim() == (0.0, 1.0)
+    overlay_ax = fig.axes[1]
+    assert overlay_ax.get_title() == "Grad-CAM++ for 'blob'"
+    (contours,) = [c for c in overlay_ax.get_children() if isinstance(c, ContourSet)]
+    np.testing.assert_allclose(contours.levels, [0.5, 0.8])
+    shown = np.asarray(overlay_ax.images[0].get_array())
+    big = enlarged_rgb(img.numpy(), 224)
+    assert shown.shape == big.shape
+    assert np.array_equal(shown[:, :100], big[:, :100])  # the left half has no evidence: the input untouched
+    assert np.abs(shown[:, -60:] - big[:, -60:]).max() > 0.1
+    from matplotlib.collections import QuadMesh
+
+    (solids,) = [c for c in cax.collections if isinstance(c, QuadMesh)]  # the bar: the overlay's colours over grey
+    cmap = solids.cmap
+    np.testing.assert_allclose(cmap(1.0)[:3], 0.4 * 0.5 + 0.6 * CAM_LUT[-1], atol=1e-6)
+    np.testing.assert_allclose(cmap(0.0)[:3], [0.5, 0.5, 0.5], atol=1e-6)  # no evidence: just what lies beneath
+    png = save_figure(fig, tmp_path / "panel.png")
+    with Image.open(png) as im:
+        assert im.width >= 1200 and im.height >= 450
+
+
+def test_panel_names_class_agnostic_methods_and_an_empty_map():
+    _, fig = _panel_for(_half_map(), "eigencam")
+    assert fig.axes[1].get_title() == "EigenCAM (class-agnostic)"
+    assert any("EigenCAM activation (class-agnostic)" in a.get_ylabel() for a in fig.axes)
+    img, fig = _panel_for(np.zeros((28, 28), np.float32), "gradcam")
+    from matplotlib.contour import ContourSet
+
+    from medmix.imaging import enlarged_rgb
+
+    assert fig.axes[1].get_title().startswith("Grad-CAM for 'blob'\n(no positive evidence")
+    assert not [c for c in fig.axes[1].get_children() if isinstance(c, ContourSet)]
+    assert np.array_equal(np.asarray(fig.axes[1].images[0].get_array()), enlarged_rgb(img.numpy(), 224))
+
+
+def test_every_method_has_a_display_name():
+    from medmix.explain import _METHOD_NAMES, _method_title
+
+    assert set(_METHOD_NAMES) == set(METHODS)
+    assert _method_title("gradcam") == "Grad-CAM" and _method_title("eigencam") == "EigenCAM (class-agnostic)"

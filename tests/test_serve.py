@@ -238,3 +238,62 @@ def test_explain_default_method_is_the_cli_default(client):
     params = spec["paths"]["/v1/explain"]["post"]["parameters"]
     method = next(p for p in params if p["name"] == "method")
     assert method["schema"]["default"] == DEFAULT_METHOD
+
+
+# ----------------------------------------------------------------------------------------------- the Grad-CAM picture
+def _left_dark_right_hot(side: int = 28) -> np.ndarray:
+    """0 on the left half (exactly), 1 on the right third (exactly), a ramp between."""
+    m = np.zeros((side, side), np.float32)
+    m[:, side // 2:] = np.linspace(0.0, 1.0, side - side // 2, dtype=np.float32)
+    m[:, -(side // 3):] = 1.0
+    return m
+
+
+def test_overlay_png_keeps_the_anatomy_and_draws_a_scale_strip():
+    from medmix.imaging import CAM_ALPHA_MAX, CAM_LUT, enlarged_rgb
+    from medmix.serve.app import overlay_png
+
+    image = np.random.default_rng(0).integers(0, 256, (1, 28, 28), dtype=np.uint8)
+    png = overlay_png(image, _left_dark_right_hot())
+    assert len(png) < 60_000  # a 28 px input at 280 px plus the strip
+    out = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    big = np.rint(enlarged_rgb(image, 280) * 255).astype(int)
+    h, w = big.shape[:2]
+    assert out.shape == (h, w + 48, 3)
+    assert np.array_equal(out[:, :130], big[:, :130])  # no evidence: the input pixels, untouched
+    hot = np.rint(((1 - CAM_ALPHA_MAX) * big[:, 200:] / 255 + CAM_ALPHA_MAX * CAM_LUT[-1]) * 255)
+    assert np.abs(out[:, 200:w] - hot).max() <= 1  # the map at 1: the top colour at opacity alpha_max
+    assert np.abs(out[:, 200:w] - big[:, 200:]).max() > 25
+    bar = out[:, w + 12]  # the middle column of the strip: high at the top, low (mid-grey, untinted) at the bottom
+    top = np.rint((0.5 * (1 - CAM_ALPHA_MAX) + CAM_ALPHA_MAX * CAM_LUT[-1]) * 255)
+    assert np.abs(bar[10] - top).max() <= 1 and np.abs(bar[h - 11] - 128).max() <= 1
+    labels = out[:, w + 21:].max(axis=2)
+    assert labels[:30].max() > 200 and labels[-30:].max() > 200 and labels[100:180].max() < 40  # "high", "low"
+    legacy = np.asarray(Image.open(io.BytesIO(overlay_png(image, _left_dark_right_hot(), image_weight=0.55))))
+    want = np.rint((0.55 * big[:, 200:] / 255 + 0.45 * CAM_LUT[-1]) * 255)
+    assert np.abs(legacy[:, 200:w].astype(int) - want).max() <= 1  # the old keyword: the image's weight at the max
+
+
+def test_explain_png_carries_the_scale_strip_and_stays_small(client, test_images):
+    r = client.post("/v1/explain", files={"files": ("x.png", png_bytes(test_images[2]), "image/png")})
+    assert r.status_code == 200 and r.headers["x-medmix-method"] == "gradcam++"
+    assert 1_000 < len(r.content) < 100_000
+    img = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).astype(int)
+    h, w = img.shape[:2]
+    assert h == 280 and w == 280 + 48
+    bar = img[:, 280 + 12]
+    assert bar[10, 0] > bar[10, 2] + 40 and abs(bar[h - 11] - 128).max() <= 1  # red at "high", grey at "low"
+
+
+def test_page_has_the_grad_cam_legend_with_the_method_names(client):
+    import json
+
+    from medmix.explain import _CLASS_AGNOSTIC, _METHOD_NAMES
+
+    html = client.get("/").text
+    for el in ('id="camlegend"', 'id="cammethod"', 'id="camwhat"'):
+        assert el in html
+    names = json.loads(re.search(r"const CAM_NAMES = (\{.*?\});", html, re.S).group(1))
+    assert names == _METHOD_NAMES  # the page names a method as the panels do
+    assert set(json.loads(re.search(r"const CLASS_AGNOSTIC = (\[.*?\]);", html).group(1))) == _CLASS_AGNOSTIC
+    assert 'r.headers.get("X-Medmix-Method")' in html and "scaled per image" in html

@@ -13,7 +13,9 @@ layer that outputs tokens ``(B, N, D)`` is reshaped back to its 2-D grid (the mo
 ``gradcam_reshape_transform`` if it has one, else a square grid, dropping a leading class token).
 
 Each image gets a PNG panel: the input (enlarged with nearest-neighbour so a 28 px image stays readable), the
-heatmap overlaid on it, and the top-k probabilities with the explained class marked.
+heatmap over it (the anatomy at full opacity, the map on top with an opacity rising with its value, outlines at 50 %
+and 80 % of its maximum) with a colour bar that says what the values mean, and the top-k probabilities with the
+explained class marked.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from .cam_methods import DEFAULT_METHOD, METHODS
 from .errors import ConfigError
 from .generalist_predictor import GeneralistPredictor
-from .imaging import as_inputs, enlarged_rgb
+from .imaging import CAM_COLORMAP, CAM_LUT, as_inputs, cam_overlay, enlarged_rgb, resize_cam
 from .paths import check_writable_dir
 from .predict import Predictor, load_predictor
 
@@ -170,22 +172,79 @@ def _resize_map(m: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.clip(t[0, 0].numpy(), 0.0, 1.0)
 
 
+# the names the literature uses, for figure titles and colour-bar labels (the keys are the CLI's --method values)
+_METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "layercam": "LayerCAM", "xgradcam": "XGrad-CAM",
+                 "hirescam": "HiResCAM", "eigencam": "EigenCAM"}
+_CLASS_AGNOSTIC = {"eigencam"}  # the first principal component of the feature map: the same map for every class
+_CONTOUR_LEVELS = (0.5, 0.8)  # outlines of the hot region, as fractions of the map's maximum
+
+
+def _method_title(method: str) -> str:
+    """``"gradcam++"`` -> ``"Grad-CAM++"``; a class-agnostic method says so (``"EigenCAM (class-agnostic)"``)."""
+    name = _METHOD_NAMES.get(method, method)
+    return f"{name} (class-agnostic)" if method in _CLASS_AGNOSTIC else name
+
+
+def _evidence_label(method: str, explained: str) -> str:
+    """What the colour-bar values mean: the method's evidence for the explained class, min-max scaled per image."""
+    what = (f"{_METHOD_NAMES.get(method, method)} activation (class-agnostic)" if method in _CLASS_AGNOSTIC
+            else f"{_METHOD_NAMES.get(method, method)} evidence for {explained!r}")
+    return f"{what}\nmin-max scaled per image (1 = its strongest)"
+
+
+def _colour_bar(fig: Any, ax: Any, method: str, explained: str) -> Any:
+    """The colour bar beside the overlay: the overlay's colours (:data:`~medmix.imaging.CAM_LUT`) at the opacity they
+    are drawn with, over mid-grey, so "low" reads as "just the anatomy"; the contour levels are marked on it."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+
+    v = np.linspace(0.0, 1.0, len(CAM_LUT), dtype=np.float32)
+    shown = cam_overlay(np.full((1, len(v), 3), 0.5, np.float32), v[None])[0]  # as drawn over mid-grey
+    sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=ListedColormap(shown, name=f"{CAM_COLORMAP}-over-grey"))
+    cbar = fig.colorbar(sm, ax=ax, fraction=0.05, pad=0.02, aspect=25)
+    cbar.set_ticks([0.0, *_CONTOUR_LEVELS, 1.0], labels=["0 none", *(f"{c:g}" for c in _CONTOUR_LEVELS), "1 max"])
+    cbar.ax.tick_params(labelsize=8)
+    for level, style in zip(_CONTOUR_LEVELS, ("--", "-")):
+        cbar.ax.axhline(level, color="white", lw=1.0, ls=style)
+    cbar.set_label(_evidence_label(method, explained), fontsize=8)
+    return cbar
+
+
 def _panel(img: torch.Tensor, cam: np.ndarray, probs: Sequence[tuple[str, float]], explained: str, title: str,
            method: str) -> Any:
-    """The figure of one image: the input, the heatmap over it and the top probabilities (``explained`` in red)."""
-    from pytorch_grad_cam.utils.image import show_cam_on_image
+    """The figure of one image: the input, the heatmap over it with its colour bar, and the top probabilities
+    (``explained`` in red). The overlay keeps the anatomy at full opacity and lays the heatmap on top with an opacity
+    rising with the map (:func:`medmix.imaging.cam_overlay`, the same drawing as the server's), so a reader sees
+    the tissue under a hot area and no tint where there is no evidence; thin white outlines mark 50 % (dashed) and
+    80 % (solid) of the map's maximum. Returns the matplotlib figure (the caller saves it)."""
+    from matplotlib import patheffects
+    from matplotlib.collections import Collection
 
     from .metrics import _new_figure
 
     big = enlarged_rgb(img.numpy(), PANEL_SIDE)
-    overlay = show_cam_on_image(big, _resize_map(cam, big.shape[:2]), use_rgb=True, image_weight=0.55)
-    fig = _new_figure(12.0, 4.2)
-    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.25]})
-    what = "class-agnostic" if method == "eigencam" else f"for {explained!r}"
-    for ax, shown, heading in ((axes[0], big, f"input ({img.shape[-1]}x{img.shape[-2]} px)"),
-                               (axes[1], overlay, f"{method} {what}")):
+    m = resize_cam(cam, big.shape[:2])
+    overlay = np.clip(cam_overlay(big, m), 0.0, 1.0)
+    fig = _new_figure(12.5, 4.4)
+    fig.set_layout_engine("constrained")  # places the colour bar beside the overlay at its height
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1.12, 1.05]})
+    name = _method_title(method)
+    heading = name if method in _CLASS_AGNOSTIC else f"{name} for {explained!r}"
+    peak = float(m.max())
+    if peak <= 0.0:
+        heading += "\n(no positive evidence: nothing drawn)"
+    for ax, shown, head in ((axes[0], big, f"input ({img.shape[-1]}x{img.shape[-2]} px)"), (axes[1], overlay, heading)):
         ax.imshow(shown, interpolation="nearest")
-        ax.set(title=heading, xticks=[], yticks=[])
+        ax.set(xticks=[], yticks=[])
+        ax.set_title(head, fontsize=10)
+    axes[1].set_xlabel("no tint = no evidence; outlines at 50 % (dashed)\nand 80 % (solid) of the maximum", fontsize=8)
+    if peak > 0.0 and np.ptp(m) > 0.0:
+        outline = [patheffects.withStroke(linewidth=2.0, foreground="black")]  # visible on dark and bright tissue
+        lines = axes[1].contour(m, levels=[c * peak for c in _CONTOUR_LEVELS], colors="white",
+                                linewidths=[0.8, 1.1], linestyles=["--", "-"])
+        for artist in [lines] if isinstance(lines, Collection) else lines.collections:  # matplotlib < 3.8: per level
+            artist.set_path_effects(outline)
+    _colour_bar(fig, axes[1], method, explained)
     names, vals = [n for n, _ in probs][::-1], [p for _, p in probs][::-1]
     ax = axes[2]
     ax.barh(range(len(vals)), vals, color=["tab:red" if n == explained else "tab:blue" for n in names])
@@ -193,9 +252,9 @@ def _panel(img: torch.Tensor, cam: np.ndarray, probs: Sequence[tuple[str, float]
     for i, v in enumerate(vals):
         ax.text(min(v + 0.02, 0.98), i, f"{v:.1%}", va="center", ha="right" if v > 0.8 else "left", fontsize=9,
                 color="white" if v > 0.8 else "black")
-    ax.set(xlim=(0, 1), xlabel="probability (calibrated)", title=f"top-{len(vals)} probabilities (red: explained)")
+    ax.set(xlim=(0, 1), xlabel="probability (calibrated)")
+    ax.set_title(f"top-{len(vals)} probabilities (red: explained)", fontsize=10)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
     return fig
 
 

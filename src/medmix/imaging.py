@@ -20,8 +20,9 @@ inverted, PALETTE COLOR expanded and YBR converted to RGB. Files without pixels,
 transfer syntaxes that no installed pydicom plugin decodes are refused with one line (:class:`DicomError`).
 
 The answer of one image (:func:`describe`: label, confidence, distribution; :func:`format_answer`: as text), the
-blank-image statistic (:func:`pixel_std`) and the picture under a Grad-CAM heatmap (:func:`enlarged_rgb`) are here
-too, torch-free, so the torch predictors and the ONNX Runtime one (and the server) share the code.
+blank-image statistic (:func:`pixel_std`), the picture under a Grad-CAM heatmap (:func:`enlarged_rgb`) and the heatmap
+drawn over it (:func:`cam_overlay`: per-pixel opacity rising with the map, the Turbo colour map) are here too,
+torch-free and matplotlib-free, so the torch predictors and the ONNX Runtime one (and the server) share the code.
 """
 from __future__ import annotations
 
@@ -43,9 +44,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ConfigError, ImageError
 from .task_kinds import MULTI_LABEL, ORDINAL
 
-__all__ = ["DICOM_SUFFIXES", "IMAGE_SUFFIXES", "MAX_PIXELS", "DicomError", "ImageTooLarge", "as_inputs", "describe",
-           "enlarged_rgb", "format_answer", "image_header", "image_size", "is_dicom", "load_image_np", "open_image",
-           "per_class", "pixel_std"]
+__all__ = ["CAM_ALPHA_MAX", "CAM_COLORMAP", "CAM_LUT", "DICOM_SUFFIXES", "IMAGE_SUFFIXES", "MAX_PIXELS", "DicomError",
+           "ImageTooLarge", "as_inputs", "cam_colors", "cam_overlay", "describe", "enlarged_rgb", "format_answer",
+           "image_header", "image_size", "is_dicom", "load_image_np", "open_image", "per_class", "pixel_std",
+           "resize_cam"]
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".npy", *DICOM_SUFFIXES}
@@ -443,6 +445,67 @@ def enlarged_rgb(image: np.ndarray, side: int) -> np.ndarray:
     a = (np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a[:3]).transpose(1, 2, 0)
     f = max(1, math.ceil(side / max(a.shape[:2])))
     return np.repeat(np.repeat(a, f, axis=0), f, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------- Grad-CAM overlay
+CAM_ALPHA_MAX = 0.6  # the heatmap's opacity where the map is 1: 40 % of the anatomy still shows under the hottest spot
+CAM_COLORMAP = "turbo"
+# Google's Turbo colour map (Anton Mikhailov, 2019, Apache-2.0), the 256 entries matplotlib ships as "turbo", as RGB
+# bytes: jet's blue -> green -> yellow -> red order that readers of Grad-CAM figures know, without jet's bright bands
+# at cyan and yellow that read as edges the map does not have. Kept here so the torch-free server draws it too.
+_TURBO_HEX = (
+    "30123b32154333184a341b51351e5836215f37246638276d392a733a2d793b2f803c32863d358b3e38913f3b973f3e9c"
+    "4040a24143a74146ac4249b1424bb5434eba4451bf4454c34456c74559cb455ccf455ed34661d64664da4666dd4669e0"
+    "466be3476ee64771e94773eb4776ee4778f0477bf2467df44680f64682f84685fa4687fb458afc458cfd448ffe4391fe"
+    "4294ff4196ff4099ff3e9bfe3d9efe3ba0fd3aa3fc38a5fb37a8fa35abf833adf731aff52fb2f42eb4f22cb7f02ab9ee"
+    "28bceb27bee925c0e723c3e422c5e220c7df1fc9dd1ecbda1ccdd81bd0d51ad2d21ad4d019d5cd18d7ca18d9c818dbc5"
+    "18ddc218dec018e0bd19e2bb19e3b91ae4b61ce6b41de7b21fe9af20eaac22ebaa25eca727eea42aefa12cf09e2ff19b"
+    "32f29835f39438f4913cf58e3ff68a43f78746f8844af8804ef97d52fa7a55fa7659fb735dfc6f61fc6c65fd6969fd66"
+    "6dfe6271fe5f75fe5c79fe597dff5680ff5384ff5188ff4e8bff4b8fff4992ff4796fe4499fe429cfe409ffd3fa1fd3d"
+    "a4fc3ca7fc3aa9fb39acfb38affa37b1f936b4f836b7f735b9f635bcf534bef434c1f334c3f134c6f034c8ef34cbed34"
+    "cdec34d0ea34d2e935d4e735d7e535d9e436dbe236dde037dfdf37e1dd37e3db38e5d938e7d739e9d539ebd339ecd13a"
+    "eecf3aefcd3af1cb3af2c93af4c73af5c53af6c33af7c13af8be39f9bc39faba39fbb838fbb637fcb336fcb136fdae35"
+    "fdac34fea933fea732fea431fea130fe9e2ffe9b2dfe992cfe962bfe932afe9029fd8d27fd8a26fc8725fc8423fb8122"
+    "fb7e21fa7b1ff9781ef9751df8721cf76f1af66c19f56918f46617f36315f26014f15d13f05b12ef5811ed5510ec530f"
+    "eb500eea4e0de84b0ce7490ce5470be4450ae2430ae14109df3f08dd3d08dc3b07da3907d83706d63506d43305d23105"
+    "d02f05ce2d04cc2b04ca2a04c82803c52603c32503c12302be2102bc2002b91e02b71d02b41b01b21a01af1801ac1701"
+    "a91601a71401a41301a112019e10019b0f01980e01950d01920b018e0a018b09028808028507028106027e05027a0403"
+)
+CAM_LUT = np.frombuffer(bytes.fromhex(_TURBO_HEX), np.uint8).reshape(256, 3).astype(np.float32) / 255.0
+
+
+def cam_colors(values: Any) -> np.ndarray:
+    """Heatmap values in [0, 1] (any shape) -> float32 RGB ``(..., 3)`` of :data:`CAM_LUT`, binned like matplotlib's
+    ``ListedColormap`` (``floor(v * 256)``), so a colour bar drawn from the same table shows the very same colours."""
+    v = np.clip(np.nan_to_num(np.asarray(values, np.float32)), 0.0, 1.0)
+    return CAM_LUT[np.minimum((v * len(CAM_LUT)).astype(np.intp), len(CAM_LUT) - 1)]
+
+
+def resize_cam(cam: Any, hw: tuple[int, int]) -> np.ndarray:
+    """A ``(h, w)`` heatmap -> float32 ``(H, W)`` (bilinear, clipped to [0, 1]); unchanged when already that size."""
+    m = np.clip(np.nan_to_num(np.asarray(cam, np.float32)), 0.0, 1.0)
+    if m.ndim != 2:
+        raise ConfigError(f"a heatmap must be 2-D (H, W), got shape {m.shape}")
+    if m.shape == tuple(hw):
+        return m
+    big = Image.fromarray(m, mode="F").resize((int(hw[1]), int(hw[0])), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(big, np.float32), 0.0, 1.0)
+
+
+def cam_overlay(rgb: np.ndarray, cam: Any, alpha_max: float = CAM_ALPHA_MAX) -> np.ndarray:
+    """The picture under a reader's eyes: float RGB ``(H, W, 3)`` in [0, 1] at full opacity, the heatmap (resized to
+    it, see :func:`resize_cam`) composited on top in :func:`cam_colors` with a per-pixel opacity ``alpha_max * cam``.
+    Where the map is 0 the pixel is the input's exactly, so the anatomy is never tinted where there is no evidence;
+    where it is 1 it is ``(1 - alpha_max) * input + alpha_max * top colour``. A fixed blend over the whole image (the
+    usual ``show_cam_on_image``) washes the anatomy out everywhere and paints "no evidence" dark blue instead."""
+    if not 0.0 <= float(alpha_max) <= 1.0:
+        raise ConfigError(f"alpha_max must be in [0, 1], got {alpha_max}")
+    base = np.asarray(rgb, np.float32)
+    if base.ndim != 3 or base.shape[-1] != 3:
+        raise ConfigError(f"the image under a heatmap must be RGB (H, W, 3), got shape {base.shape}")
+    m = resize_cam(cam, base.shape[:2])
+    a = (np.float32(alpha_max) * m)[..., None]
+    return base * (np.float32(1.0) - a) + cam_colors(m) * a
 
 
 # ----------------------------------------------------------------------------------------------- answers

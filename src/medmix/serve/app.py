@@ -6,9 +6,11 @@ Endpoints (OpenAPI docs at ``/docs``):
   ``{"model", "backend", "latency_ms", "predictions": [{"file", "label", ...}]}``, each prediction with the keys of
   ``medmix predict --json`` (:func:`medmix.imaging.describe`: calibrated, ``probabilities`` the full distribution)
   and ``in_distribution``/``ood_score`` when the checkpoint carries an OOD threshold.
-* ``POST /v1/explain`` — one image -> a PNG: the input with its Grad-CAM heatmap overlaid (torch backend only; the
-  ONNX backend answers 501). Query ``method`` (gradcam, gradcam++, ...) and ``target_class`` (name or index;
-  default: the predicted class). The prediction travels in ``X-Medmix-*`` headers (URL-encoded).
+* ``POST /v1/explain`` — one image -> a PNG: the input with its Grad-CAM heatmap overlaid (the anatomy at full
+  opacity, the map on top with opacity rising with its value) and a low-to-high colour scale strip at its right
+  (torch backend only; the ONNX backend answers 501). Query ``method`` (gradcam, gradcam++, ...) and
+  ``target_class`` (name or index; default: the predicted class). The prediction travels in ``X-Medmix-*`` headers
+  (URL-encoded).
 * ``GET /v1/model`` — checkpoint metadata: model, task, classes, dataset, metrics, sizes, limits.
 * ``GET /health`` — liveness; ``GET /`` — the page (``static/index.html``, self-contained, no CDN).
 
@@ -196,16 +198,41 @@ class Batcher:
 
 
 # ----------------------------------------------------------------------------------------------- Grad-CAM picture
-def overlay_png(image: np.ndarray, cam: np.ndarray, side: int = 280, image_weight: float = 0.55) -> bytes:
-    """uint8 ``(C, H, W)`` image and a ``(h, w)`` heatmap in [0, 1] -> PNG of the heatmap (the jet colour map) over
-    the image, enlarged (nearest neighbour for the image, bilinear for the heatmap) to at least ``side`` pixels."""
+def overlay_png(image: np.ndarray, cam: np.ndarray, side: int = 280, image_weight: float | None = None, *,
+                alpha_max: float | None = None) -> bytes:
+    """uint8 ``(C, H, W)`` image and a ``(h, w)`` heatmap in [0, 1] -> PNG of the image enlarged to at least ``side``
+    pixels (nearest neighbour) with the heatmap (bilinear) drawn over it the way ``medmix explain`` draws it
+    (:func:`medmix.imaging.cam_overlay`: the anatomy at full opacity, the Turbo colours on top with an opacity of
+    ``alpha_max * value``, so no tint where there is no evidence), and at its right a colour scale strip from "low"
+    (transparent) to "high" drawn at the same opacities over mid-grey, so the PNG explains itself wherever it ends up.
+    ``image_weight`` (the former fixed blend weight of the image) is still taken: the image's weight where the map is
+    strongest, i.e. ``alpha_max = 1 - image_weight``; default :data:`~medmix.imaging.CAM_ALPHA_MAX`."""
+    from PIL import ImageDraw, ImageFont
+
+    from ..imaging import CAM_ALPHA_MAX, cam_overlay
+
+    if alpha_max is None:
+        alpha_max = CAM_ALPHA_MAX if image_weight is None else 1.0 - float(image_weight)
     big = enlarged_rgb(image, side)
     h, w = big.shape[:2]
-    m = Image.fromarray(np.asarray(cam, np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR)
-    heat = np.clip(1.5 - np.abs(4.0 * np.clip(np.asarray(m), 0.0, 1.0)[..., None] - np.float32([3, 2, 1])), 0, 1)  # jet
-    out = image_weight * big + (1.0 - image_weight) * heat
+    pic = cam_overlay(big, cam, alpha_max)
+    gap, bar, text_w, pad = 6, 12, 30, min(10, h // 8)  # the strip: a gap, the bar, room for its labels; margins
+    canvas = np.full((h, w + gap + bar + text_w, 3), 17 / 255, np.float32)  # #111, the frame of the page
+    canvas[:, :w] = pic
+    ramp = np.linspace(1.0, 0.0, h - 2 * pad, dtype=np.float32)[:, None].repeat(bar, axis=1)  # top = high
+    canvas[pad:h - pad, w + gap:w + gap + bar] = cam_overlay(np.full(ramp.shape + (3,), 0.5, np.float32), ramp,
+                                                             alpha_max)
+    out = Image.fromarray(np.clip(np.rint(canvas * 255), 0, 255).astype(np.uint8))
+    try:
+        font = ImageFont.load_default(size=11)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    draw, x = ImageDraw.Draw(out), w + gap + bar + 3
+    for word, top in (("high", True), ("low", False)):  # placed by their ink boxes (bitmap fonts take no anchor)
+        x0, y0, x1, y1 = draw.textbbox((0, 0), word, font=font)
+        draw.text((x - x0, pad - y0 if top else h - pad - y1), word, fill=(230, 230, 230), font=font)
     buf = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    out.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
 
 
