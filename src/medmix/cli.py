@@ -115,7 +115,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=_Default(None), help=_help("dataset"))
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="a JSON file of these settings (e.g. `medmix tune`'s best.json, or a run's config.json); "
-                             "options given on the command line win")
+                             "options given on the command line win (default: none)")
     several = parser.add_argument_group("several datasets (--dataset a,b,...)")
     for f in _cli_fields(TrainConfig) + [f for f in _cli_fields(GeneralistConfig) if f.name in GENERALIST_ONLY]:
         m = f.metadata
@@ -252,17 +252,32 @@ def cmd_tune(a: argparse.Namespace) -> None:
 
 @command("evaluate", "metrics of a checkpoint on a split", CHECKPOINT, DATA_DIR,
          arg("--split", choices=("train", "val", "test"), default="test", help="split to evaluate"),
-         arg("--out", help="write the confusion matrix and reliability diagram PNGs here (default: no figures)"),
+         arg("--out", help="write the confusion matrix and reliability diagram PNGs here (with --corruptions: "
+                           "robustness.json and robustness.png) (default: no figures)"),
          arg("--report", default=None, metavar="DIR",
              help="write DIR/report.md (metrics, calibration, per-class table, official MedMNIST rows) with its "
                   "figures (confusion, ROC, reliability, most confident mistakes) (default: no report)"),
          arg("--precision", choices=("auto", "bf16", "fp32", "run"), default="run",
              help="run: the precision the run was trained and evaluated in (so figures match metrics.json); auto: "
-                  "bf16 where the CPU has native bf16"), JSON, threads=True)
+                  "bf16 where the CPU has native bf16"),
+         arg("--corruptions", action="store_true",
+             help="corruption robustness instead: balanced error under MedMNIST-C's corruptions of the run's dataset "
+                  "(a generic list for other data), BE and rBE against MedMNIST-C's AlexNet baseline; with --out, "
+                  "writes robustness.json and robustness.png there"),
+         arg("--severities", type=int, nargs="+", default=None, metavar="S",
+             help="--corruptions: severities 1..5 to apply (default: all five; BE and rBE need all five)"),
+         arg("--corruption-names", nargs="+", default=None, metavar="NAME",
+             help="--corruptions: only these corruptions of the dataset's list (default: all of them)"),
+         JSON, threads=True)
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from .evaluation import evaluate, format_generalist, format_temperature
     from .report import format_metrics
 
+    if a.corruptions:
+        return _evaluate_corruptions(a)
+    used = [f for f, v in (("--severities", a.severities), ("--corruption-names", a.corruption_names)) if v]
+    if used:
+        raise ConfigError(f"{', '.join(used)} only appl{'ies' if len(used) == 1 else 'y'} with --corruptions")
     m = evaluate(a.checkpoint, data_dir=a.data_dir, split=a.split, out=a.out, report=a.report, precision=a.precision)
     if a.json:
         return _print_json(m)
@@ -280,6 +295,26 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
                       ("report", "report")):
         if m.get(key):
             print(f"{what}: {m[key]}")
+
+
+def _evaluate_corruptions(a: argparse.Namespace) -> None:
+    """`medmix evaluate RUN --corruptions`: the robustness table, and robustness.json / .png with --out."""
+    from .paths import check_writable_dir
+    from .robustness import SEVERITIES, evaluate_corruptions, format_robustness, write_robustness
+
+    if a.report is not None:
+        raise ConfigError("--report does not apply with --corruptions (use --out DIR for robustness.json and .png)")
+    if a.out is not None:
+        check_writable_dir(a.out, "--out")
+    r = evaluate_corruptions(a.checkpoint, a.data_dir, split=a.split, severities=a.severities or SEVERITIES,
+                             names=a.corruption_names, precision=a.precision)
+    if a.out is not None:
+        r = write_robustness(r, a.out)
+    if a.json:
+        return _print_json(r)
+    print(format_robustness(r))
+    if a.out is not None:
+        print(f"written: {r['json']}, {r['png']}")
 
 
 @command("predict", "classify images with a checkpoint", CHECKPOINT, IMAGES,

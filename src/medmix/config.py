@@ -99,7 +99,8 @@ class TrainConfig(RecipeConfig):
                              "(e.g. 1.0; 0 = off); with --mixup too, each mixed batch uses one of the two")
     mix_prob: float = opt(1.0, "share of training batches mixed when --mixup or --cutmix is on, 0..1")
     teacher: str | None = opt(None, "distil from this run or ensemble of the same dataset (`medmix ensemble`): the "
-                                    "loss adds the teacher's soft labels on every augmented batch", type=str)
+                                    "loss adds the teacher's soft labels on every augmented batch (default: none)",
+                                type=str)
     distill_weight: float = opt(0.5, "--teacher: weight of the soft-label term, 0..1 (the hard labels get the rest)")
     distill_temperature: float = opt(2.0, "--teacher: softening temperature of the soft labels")
     monitor: str = opt("auto", "validation metric that picks the best epoch (auto: AUC for binary/multi-label, else "
