@@ -11,7 +11,8 @@ from typing import Any
 SIZES = (28, 64, 128, 224)
 PRECISIONS = ("auto", "bf16", "fp32")
 OPTIMIZERS = ("adam", "adamw", "sgd")
-AUGMENTS = ("none", "radiology", "ultrasound", "rotation_free", "rotate_flip_zoom", "medvit_paper")
+AUGMENTS = ("none", "radiology", "ultrasound", "rotation_free", "rotate_flip_zoom", "medvit_paper",
+            "radiology_strong", "ultrasound_strong", "fundus_strong", "ct_mri_strong")
 
 
 def opt(default: Any = None, help: str = "", *, type: Any = None, choices: tuple | None = None,  # noqa: A002

@@ -37,7 +37,8 @@ from .engine import SingleTask, TrainConfig, TrainResult, _monitor, _score, laun
 from .errors import ConfigError, require_extra
 from .small_data import MIN_VAL_FOR_MODEL_SELECTION
 
-AUGMENT_CHOICES = ("none", "radiology", "ultrasound", "rotation_free", "rotate_flip_zoom")
+AUGMENT_CHOICES = ("none", "radiology", "ultrasound", "rotation_free", "rotate_flip_zoom", "radiology_strong",
+                   "ultrasound_strong", "fundus_strong", "ct_mri_strong")
 MODELS = ("hybrid_mixer_small", "cnn_transformer")
 
 
@@ -203,7 +204,13 @@ def tune(dataset: str, *, budget: str | float | None = "20m", trials: int | None
             f"{_short(kw)}")
         return value
 
-    study.optimize(objective, n_trials=trials, timeout=seconds, catch=())
+    try:
+        study.optimize(objective, n_trials=trials, timeout=seconds, catch=())
+    except ValueError as e:  # Optuna refuses a categorical parameter whose choices changed within a study
+        if "dynamic value space" not in str(e):
+            raise
+        raise ConfigError(f"study {name!r} was made with another search space (an older medmix); continue it "
+                          f"with that version, or start a new study (another --out, --storage or --study)") from None
     return summarise(study, out, base, models, time.perf_counter() - t_start)
 
 
