@@ -167,22 +167,11 @@ def tta_figure(doc: dict, path: Path) -> None:
 TRAIN_MODELS = (DEFAULT_MODEL, "resnet18_28", "medvit_small", "cnn_transformer")
 
 
-def matmul_peak(dtype, n: int = 1024, reps: int = 10) -> float:
-    """FLOP/s of the faster of an n and a 2n square matmul (median of ``reps``): the large-kernel speed of this CPU."""
-    import torch
+def matmul_peak(dtype) -> float:
+    """FLOP/s of the faster of a 1024 and a 2048 square matmul: the large-kernel speed of this CPU."""
+    from models import matmul_peak as square_peak
 
-    best = 0.0
-    for size in (n, 2 * n):
-        x, y = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-        for _ in range(2):
-            x @ y
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - t)
-        best = max(best, 2 * size ** 3 / statistics.median(times))
-    return best
+    return max(square_peak(dtype, n) for n in (1024, 2048))
 
 
 class Stepper:
