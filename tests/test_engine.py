@@ -149,7 +149,7 @@ def test_existing_run_directory_needs_overwrite(packed_data, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,error", [
-    ({"epochs": 0}, ConfigError), ({"batch_size": 0}, ConfigError), ({"optimizer": "sgd"}, ConfigError),
+    ({"epochs": 0}, ConfigError), ({"batch_size": 0}, ConfigError), ({"optimizer": "lion"}, ConfigError),
     ({"precision": "fp8"}, ConfigError), ({"monitor": "speed"}, ConfigError), ({"schedule": "linear"}, ConfigError),
     ({"augment": "wild"}, ConfigError), ({"model": "no_such_model"}, UnknownNameError),
 ])
