@@ -79,6 +79,7 @@ def time_to(c: dict, target: float) -> float | None:
 
 def part_tta(a) -> dict:
     from medmix.data.medmnist import file_name
+    from medmix.inference import resolve_precision
 
     runs = []
     for ds in SETS:
@@ -98,9 +99,8 @@ def part_tta(a) -> dict:
                     c = curve(partial)  # stopped for time: the epochs it trained, no test read
                     runs.append({"dataset": ds, "label": label, "model": model, "recipe": rec, "seed": seed,
                                  "epochs": len(c["epoch"]), "planned_epochs": kw.get("epochs"), "partial": True,
-                                 "train_seconds": c["seconds"][-1], "precision": "bf16" if "bf16" in
-                                 (partial / "config.json").read_text() or "auto" in
-                                 (partial / "config.json").read_text() else "fp32",
+                                 "train_seconds": c["seconds"][-1], "precision": resolve_precision(
+                                     json.loads((partial / "config.json").read_text())["precision"]),
                                  "best_val_acc": max(c["val_acc"]), "test_acc": None, "test_auc": None, "curve": c})
                     continue
                 r = train_or_reuse(out, a.reuse, dataset=ds, data_dir=a.data_dir, model=model, seed=seed,
