@@ -94,7 +94,10 @@ def test_export_checks_itself_and_embeds_metadata(exported, trained_run):
     assert doc["data_size"] == meta["data_size"] and doc["img_size"] == meta["img_size"]
     if meta.get("ood"):  # the checkpoint's OOD detector travels as an output plus its threshold
         assert doc["ood"]["method"] == meta["ood"]["method"] and doc["ood"]["threshold"] == meta["ood"]["threshold"]
-        assert r["outputs"] == ["logits", "probabilities", "ood_score"] and r["max_rel_diff_ood_score"] <= 1e-3
+        assert r["outputs"][:3] == ["logits", "probabilities", "ood_score"] and r["max_rel_diff_ood_score"] <= 1e-3
+        if meta["ood"].get("gate"):  # and the modality gate as two more outputs with its threshold
+            assert r["outputs"][3:] == ["modality_score", "modality_probabilities"]
+            assert doc["ood"]["gate"]["threshold"] == meta["ood"]["gate"]["threshold"]
     # dynamic batch axis
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].shape[0] == "batch"

@@ -116,6 +116,9 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="a JSON file of these settings (e.g. `medmix tune`'s best.json, or a run's config.json); "
                              "options given on the command line win (default: none)")
+    parser.add_argument("--recipe", default="default", choices=("default", "tuned"),
+                        help="tuned: start from the recipe `medmix tune` found for this dataset (medmix.recipes; "
+                             "--config and the options given win); default: the options' defaults")
     several = parser.add_argument_group("several datasets (--dataset a,b,...)")
     for f in _cli_fields(TrainConfig) + [f for f in _cli_fields(GeneralistConfig) if f.name in GENERALIST_ONLY]:
         m = f.metadata
@@ -155,6 +158,10 @@ def train_kwargs(a: argparse.Namespace) -> dict:
     kw = {**config_file(a.config, TrainConfig), **kw}
     if not isinstance(a.dataset, _Default):
         kw["dataset"] = a.dataset
+    if a.recipe != "default":
+        from .recipes import recipe
+
+        kw = {**recipe(a.recipe, kw.get("dataset")), **kw}
     if "dataset" not in kw and not isinstance(kw.get("resume"), str):
         raise ConfigError("--dataset is required (or --resume RUN_DIR to continue a run)")
     return kw
@@ -349,15 +356,17 @@ def cmd_predict(a: argparse.Namespace) -> None:
          arg("--top-k", type=int, default=3, help="probabilities shown in the panel"), JSON, threads=True)
 def cmd_explain(a: argparse.Namespace) -> None:
     from .explain import explain
+    from .imaging import ood_warning
 
     results = explain(a.checkpoint, a.images, a.out, method=a.method, target_class=a.target_class, top_k=a.top_k)
     if a.json:
         return _print_json([{k: v for k, v in r.items() if k != "cam"} for r in results])
     for r in results:
         routed = f"routed to {r['dataset']} ({r['dataset_confidence']:.2%}) -> " if "dataset" in r else ""
-        ood = "; WARNING: out of distribution" if r.get("in_distribution") is False else ""
         print(f"{r['file']}: {routed}{r['label']} (confidence {r['confidence']:.2%}); {r['method']} for "
-              f"{r['explained_class']!r} -> {r['png']}{ood}")
+              f"{r['explained_class']!r} -> {r['png']}")
+        if (w := ood_warning(r)) is not None:
+            print(f"  {w}")
 
 
 @command("ensemble", "average several runs (and test-time views) into one checkpoint",
@@ -487,7 +496,7 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 @command("quickstart", "train, evaluate and predict on the embedded BreastMNIST",
          arg("--out", default="runs/quickstart", help="run directory (replaced if it exists)"),
-         arg("--epochs", type=int, default=40, help="training epochs"),
+         arg("--epochs", type=int, default=None, help="training epochs (default: the tuned recipe's, 30)"),
          arg("--quiet", action="store_true", help="no progress bars or per-epoch lines"), threads=True)
 def cmd_quickstart(a: argparse.Namespace) -> None:
     from .quickstart import quickstart

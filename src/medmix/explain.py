@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from .cam_methods import DEFAULT_METHOD, METHODS
 from .errors import ConfigError
 from .generalist_predictor import GeneralistPredictor
-from .imaging import CAM_COLORMAP, CAM_LUT, as_inputs, cam_overlay, enlarged_rgb, resize_cam
+from .imaging import CAM_COLORMAP, CAM_LUT, as_inputs, cam_overlay, enlarged_rgb, ood_warning, resize_cam
+from .inference import probabilities
 from .paths import check_writable_dir
 from .predict import Predictor, load_predictor
 
@@ -211,9 +212,9 @@ def _colour_bar(fig: Any, ax: Any, method: str, explained: str) -> Any:
 
 
 def _panel(img: torch.Tensor, cam: np.ndarray, probs: Sequence[tuple[str, float]], explained: str, title: str,
-           method: str) -> Any:
+           method: str, warning: str | None = None) -> Any:
     """The figure of one image: the input, the heatmap over it with its colour bar, and the top probabilities
-    (``explained`` in red). The overlay keeps the anatomy at full opacity and lays the heatmap on top with an opacity
+    (``explained`` in red), and ``warning`` (an out-of-distribution verdict) in red under the title. The overlay keeps the anatomy at full opacity and lays the heatmap on top with an opacity
     rising with the map (:func:`medmix.imaging.cam_overlay`, the same drawing as the server's), so a reader sees
     the tissue under a hot area and no tint where there is no evidence; thin white outlines mark 50 % (dashed) and
     80 % (solid) of the map's maximum. Returns the matplotlib figure (the caller saves it)."""
@@ -254,7 +255,11 @@ def _panel(img: torch.Tensor, cam: np.ndarray, probs: Sequence[tuple[str, float]
                 color="white" if v > 0.8 else "black")
     ax.set(xlim=(0, 1), xlabel="probability (calibrated)")
     ax.set_title(f"top-{len(vals)} probabilities (red: explained)", fontsize=10)
-    fig.suptitle(title, fontsize=10)
+    if warning:
+        import textwrap
+
+        title += "\n" + "\n".join(textwrap.wrap(warning, 140))
+    fig.suptitle(title, fontsize=10, color="firebrick" if warning else "black")
     return fig
 
 
@@ -278,9 +283,11 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
     (name or index) is explained for every image; by default each image's predicted (most probable) class.
     Returns one dict per image: ``file``, ``png`` (``<stem>_<method>.png``, e.g. ``scan_gradcam.png``), ``label``,
     ``confidence``, ``explained_class``, ``explained_index``, ``explained_probability``, ``probabilities`` (top-k)
-    and ``cam`` (float32 ``(H, W)`` in [0, 1] at the size of the loaded image). A generalist routes each image to a
-    dataset and explains that head's class; its results add ``dataset``, ``dataset_confidence`` (after ``png``) and
-    ``in_distribution`` (last) when it has an OOD threshold.
+    and ``cam`` (float32 ``(H, W)`` in [0, 1] at the size of the loaded image), then, when the checkpoint has OOD
+    data, the out-of-distribution verdict as :class:`~medmix.predict.Predictor` reports it (``in_distribution``,
+    ``ood_score`` and the modality gate's fields); the panel shows it as a warning under the title. A generalist
+    routes each image to a dataset and explains that head's class; its results add ``dataset``,
+    ``dataset_confidence`` (after ``png``) and ``in_distribution`` (last) when it has an OOD threshold.
     """
     from .metrics import save_figure
 
@@ -311,9 +318,9 @@ def explain(checkpoint: Any, images: Iterable[Any], out_dir: str | os.PathLike, 
             top.append((classes[k], float(p[k])))
         cam = _resize_map(cam, tuple(img.shape[-2:]))
         png = out / f"{_stem(name, i, used)}_{method.replace('+', 'p')}.png"
-        title = (f"{Path(name).name}: {route}{label} ({conf:.1%})  -  {checkpoint.meta['model']}, "
-                 f"explaining {classes[k]!r}")
-        save_figure(_panel(img, cam, top, classes[k], title, method), png)
+        what = "class-agnostic map" if method in _CLASS_AGNOSTIC else f"explaining {classes[k]!r}"
+        title = f"{Path(name).name}: {route}{label} ({conf:.1%})  -  {checkpoint.meta['model']}, {what}"
+        save_figure(_panel(img, cam, top, classes[k], title, method, ood_warning(tail)), png)
         results.append({"file": name, "png": str(png), **head, "label": label, "confidence": conf,
                         "explained_class": classes[k], "explained_index": k, "explained_probability": float(p[k]),
                         "method": method, "probabilities": {n: round(v, 6) for n, v in top}, "cam": cam, **tail})
@@ -329,12 +336,13 @@ def explained(pred: Any, batch: torch.Tensor, target_class: int | str | None, me
     of the model output."""
     if not isinstance(pred, GeneralistPredictor):
         fixed = resolve_class(target_class, pred.class_names)
-        probs = pred.probabilities(batch)
+        logits, oods = pred.logits_and_ood(batch)  # the OOD verdict rides along with the one forward pass
+        probs = probabilities(logits, pred.info.task, pred.temperature)
         targets = [fixed if fixed is not None else int(torch.argmax(p)) for p in probs]
         cams = cam_array(pred.model, pred.transform(batch), targets, method=method)
         answers = [pred._describe("", p, None) for p in probs]
-        return cams, [(pred.class_names, p, k, d["label"], float(d["confidence"]), "", {}, {})
-                      for p, k, d in zip(probs, targets, answers)]
+        return cams, [(pred.class_names, p, k, d["label"], float(d["confidence"]), "", {}, o or {})
+                      for p, k, d, o in zip(probs, targets, answers, oods)]
     a = pred.analyse(batch)
     rows, columns = [], []
     for i in range(len(batch)):

@@ -47,6 +47,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,8 @@ from .data.tasks import MULTI_LABEL
 from .errors import ConfigError, MedmixError, require_extra
 from .inference import extract
 from .metrics import medmnist_acc, medmnist_auc, predict_labels
-from .ood import EXTRA_MEANS, EXTRA_PRECISION, Detector, mahalanobis_score
+from .modality import GATE_SIZE, load_gate
+from .ood import EXTRA_MEANS, EXTRA_PRECISION, Detector, GateDetector, mahalanobis_score
 from .paths import check_writable_file
 from .run import Run
 from .small_data import warn
@@ -69,6 +71,7 @@ META_KEY = "medmix"
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "probabilities")
 OOD_OUTPUT = "ood_score"
+GATE_OUTPUTS = ("modality_score", "modality_probabilities")
 OOD_RTOL = 1e-3
 
 # --int8. Measured on the default model (hybrid_mixer_small, BreastMNIST, 28 px): quantizing every op ONNX Runtime
@@ -99,6 +102,32 @@ class _Exported(nn.Module):
         if ood == "mahalanobis":
             self.register_buffer("means", stats[EXTRA_MEANS].float().clone())
             self.register_buffer("precision", stats[EXTRA_PRECISION].float().clone())
+        self.gate = None
+
+    def add_gate(self, gate: GateDetector, mean: Any, std: Any, side: int) -> None:
+        """Also output the modality gate's score and probabilities, computed from the normalised input (a model
+        whose input side is its data side): de-normalised to [0, 1], channels to 3, reduced to the gate's 28 px by
+        fixed matrices equal to ``F.interpolate(antialias=True)`` (which ONNX cannot export), as
+        :func:`medmix.modality.gate_inputs` does."""
+        self.gate = load_gate()[0]
+        self.register_buffer("g_mean", torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.register_buffer("g_std", torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
+        eye = torch.eye(side).reshape(side, 1, 1, side)  # one-hot rows: the resize weights of each input pixel
+        w = F.interpolate(eye, size=(1, GATE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        self.register_buffer("g_resize", w.reshape(side, GATE_SIZE).T.contiguous() if side != GATE_SIZE else None)
+        self.register_buffer("g_means", gate.stats[EXTRA_MEANS].float().clone())
+        self.register_buffer("g_precision", gate.stats[EXTRA_PRECISION].float().clone())
+
+    def _gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = x * self.g_std + self.g_mean
+        if v.shape[1] == 1:
+            v = v.expand(-1, 3, -1, -1)
+        if self.g_resize is not None:
+            v = self.g_resize @ v @ self.g_resize.T
+        f = self.gate.forward_head(self.gate.forward_features((v - 0.5) / 0.5), pre_logits=True)
+        diff = f[:, None, :] - self.g_means[None]
+        score = ((diff @ self.g_precision) * diff).sum(-1).min(dim=1).values.clamp_min(0.0)
+        return score, torch.softmax(self.gate.head(f), dim=1)
 
     def forward(self, x: torch.Tensor):
         if self.ood == "mahalanobis":
@@ -120,10 +149,12 @@ class _Exported(nn.Module):
         else:  # energy
             t, multi = self.energy_t, self.spans[0][2]
             score = -t * (F.softplus(logits / t).sum(1) if multi else torch.logsumexp(logits / t, dim=1))
+        if self.gate is not None:
+            return logits, probs, score, *self._gate(x)
         return logits, probs, score
 
 
-def onnx_metadata(meta: dict, opset: int, detector=None) -> dict:
+def onnx_metadata(meta: dict, opset: int, detector=None, gate: bool = False, gate_note: str = "") -> dict:
     """The JSON object embedded as ``metadata_props["medmix"]``."""
     task = meta["task"]
     out = {"format": 1, "classes": list(task["class_names"]), "task": task, "mean": meta["mean"], "std": meta["std"],
@@ -137,6 +168,14 @@ def onnx_metadata(meta: dict, opset: int, detector=None) -> dict:
         out["ood"] = {"method": detector.method, "threshold": detector.threshold, "output": OOD_OUTPUT,
                       "tpr": meta["ood"].get("tpr"), "split": meta["ood"].get("split"),
                       "min_pixel_std": detector.min_pixel_std}  # the blank-image guard
+        if gate:
+            out["ood"]["gate"] = {"threshold": detector.gate.threshold, "output": GATE_OUTPUTS[0],
+                                  "probabilities_output": GATE_OUTPUTS[1], "classes": detector.gate.classes,
+                                  "tpr": detector.gate.block.get("tpr"), "gate": detector.gate.block.get("gate")}
+            out["output_names"] += list(GATE_OUTPUTS)
+        elif isinstance(meta.get("ood"), dict) and isinstance(meta["ood"].get("gate"), dict):
+            out["ood"]["gate"] = None  # in the checkpoint but not in this graph (see export_onnx)
+            out["ood"]["gate_note"] = gate_note
     if is_generalist(meta):  # what the ONNX Runtime backend needs to route
         g, ood = meta["generalist"], meta.get("ood") if isinstance(meta.get("ood"), dict) else {}
         out["generalist"] = {"datasets": [{k: d[k] for k in ("name", "task", "columns", "threshold") if k in d}
@@ -188,7 +227,18 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
         spans = [(0, len(task["class_names"]), task["task"] == MULTI_LABEL, meta.get("temperature", 1.0))]
         wrapped = _Exported(model, spans, detector.method if detector else None, detector.stats if detector else None,
                             float(detector.temperature) if detector else 1.0).eval()
-    outputs = list(OUTPUT_NAMES) + ([OOD_OUTPUT] if wrapped.ood else [])
+    gate_note = ""
+    if detector is not None and detector.gate is not None:
+        if s != d:
+            gate_note = (f"the model's input side ({s}) differs from its data side ({d}): the gate's view of the image "
+                         f"cannot be rebuilt in the graph; the ONNX backend applies the model's own score only")
+        elif int8:
+            gate_note = "int8 graphs carry no modality gate; the ONNX backend applies the model's own score only"
+        else:
+            wrapped.add_gate(detector.gate, meta["mean"], meta["std"], d)
+            wrapped.eval()
+    outputs = list(OUTPUT_NAMES) + ([OOD_OUTPUT] if wrapped.ood else []) + (list(GATE_OUTPUTS) if wrapped.gate
+                                                                          is not None else [])
     transform = run.transform(channels_last=False)
 
     g = torch.Generator().manual_seed(seed)
@@ -205,7 +255,7 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
     proto = onnx.load_from_string(buf.getvalue())
-    doc = onnx_metadata(meta, int(opset), detector)
+    doc = onnx_metadata(meta, int(opset), detector, wrapped.gate is not None, gate_note)
     onnx.helper.set_model_props(proto, {META_KEY: json.dumps(doc), "classes": json.dumps(doc["classes"]),
                                         "task": task["task"], "model": meta["model"], "medmix_version": __version__})
     proto.producer_name, proto.producer_version = "medmix", __version__
@@ -235,6 +285,15 @@ def export_onnx(checkpoint: str | os.PathLike, out_path: str | os.PathLike, opse
             raise MedmixError(f"{src}: the ONNX OOD score ({detector.method if detector else 'mahalanobis'}) "
                               f"disagrees with torch: relative difference {diff_ood:.3g} > {OOD_RTOL:g}; the file "
                               f"was not written")
+    if wrapped.gate is not None:  # against the gate as predictors apply it, on the same uint8 images
+        raw = torch.randint(0, 256, (check_batch, c, d, d), dtype=torch.uint8, generator=torch.Generator()
+                            .manual_seed(seed + 1))
+        o_gate = sess.run(list(GATE_OUTPUTS), {INPUT_NAME: transform(raw).contiguous().numpy()})
+        ref_score = detector.gate(raw)[0]
+        diff_gate = float((np.abs(o_gate[0] - ref_score) / np.maximum(1.0, np.abs(ref_score))).max())
+        if not diff_gate <= OOD_RTOL:
+            raise MedmixError(f"{src}: the ONNX modality-gate score disagrees with torch: relative difference "
+                              f"{diff_gate:.3g} > {OOD_RTOL:g}; the file was not written")
 
     int8_doc = None
     if int8:

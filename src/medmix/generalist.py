@@ -381,10 +381,11 @@ def _fit_trust(model: nn.Module, members: Sequence[_Member], tf: BatchTransform,
     if not cfg.ood:
         return {}
     gen = torch.Generator().manual_seed(cfg.seed)
-    feats, labels, offset = [], [], 0
+    feats, labels, offset, fitted = [], [], 0, []
     for m in members:
         tr = m.splits["train"]
         idx = torch.randperm(len(tr), generator=gen)[:MAX_OOD_IMAGES_PER_DATASET]
+        fitted.append(tr.images[idx])
         feats.append(extract(model, tr.images[idx], tf, cfg.eval_batch_size, precision=precision)[1])
         # classes of the Mahalanobis model: the (dataset, class) pairs; multi-label datasets get one Gaussian
         ml = m.info.task == MULTI_LABEL
@@ -409,6 +410,10 @@ def _fit_trust(model: nn.Module, members: Sequence[_Member], tf: BatchTransform,
                    "tpr": ood_mod.TPR, "split": "val", "split_by_dataset": splits, "min_pixel_std_by_dataset": min_std,
                    "n_fit": int(sum(len(f) for f in feats)), "n_means": int(stats[ood_mod.EXTRA_MEANS].shape[0]),
                    "feature_dim": int(stats[ood_mod.EXTRA_MEANS].shape[1])}
+    if ood_mod.gate_available():  # the modality gate, one Gaussian per (dataset, class) on its features
+        meta["ood"]["gate"], gate_stats, _ = ood_mod.fit_gate(
+            torch.cat(fitted), torch.cat(labels), torch.cat([m.splits["val"].images for m in members]), MULTI_CLASS)
+        stats.update(gate_stats)
     return stats
 
 

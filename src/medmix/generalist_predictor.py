@@ -4,6 +4,7 @@ training loop, so the predictor, the CLI's predict and the server stay free of i
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,7 +16,7 @@ from .data.tasks import MULTI_CLASS, TaskInfo
 from .errors import ConfigError, check_top_k
 from .imaging import as_inputs, describe, format_answer, per_class, pixel_std
 from .inference import extract, probabilities
-from .ood import EXTRA_MEANS, EXTRA_PRECISION, mahalanobis_score
+from .ood import EXTRA_MEANS, EXTRA_PRECISION, GateDetector, mahalanobis_score
 from .run import Run
 
 
@@ -45,6 +46,12 @@ class GeneralistPredictor:
         self.ood = self.meta.get("ood") if isinstance(self.meta.get("ood"), dict) else None
         self.stats = {k: extras[k] for k in (EXTRA_MEANS, EXTRA_PRECISION)} if self.ood and extras and \
             EXTRA_MEANS in extras else None
+        self.gate = None
+        if self.stats is not None and isinstance(self.ood.get("gate"), dict):
+            try:
+                self.gate = GateDetector(self.ood["gate"], extras)
+            except ConfigError as e:  # fitted on another gate version: the model's own score still works
+                warnings.warn(f"modality gate not used: {e}", stacklevel=2)
 
     def load(self, src: Any, name: str | None = None) -> torch.Tensor:
         return load_image(src, self.channels, self.img_size, name)
@@ -67,7 +74,11 @@ class GeneralistPredictor:
             floor = np.array([float(guard.get(n, self.ood.get("min_pixel_std") or 0.0)) for n in self.names])
             blank = pixel_std(images) < floor[index.numpy()]
             out["ood_score"] = scores
-            out["in_distribution"] = (scores <= thresholds[index.numpy()]) & ~blank
+            out["over"], out["blank"] = scores > thresholds[index.numpy()], blank
+            out["in_distribution"] = ~out["over"] & ~blank
+            if self.gate is not None:
+                out["gate"] = self.gate(images)
+                out["in_distribution"] &= out["gate"][1]
         return out
 
     def predict(self, inputs: Iterable[Any], dataset: str | None = None, top_k: int | None = None) -> list[dict]:
@@ -88,6 +99,13 @@ class GeneralistPredictor:
             if a["ood_score"] is not None:
                 r["in_distribution"] = bool(a["in_distribution"][i])
                 r["ood_score"] = round(float(a["ood_score"][i]), 6)
+            if a.get("gate") is not None:
+                gs, gok, guess = a["gate"]
+                r.update(modality_score=round(float(gs[i]), 6), modality_match=bool(gok[i]), looks_like=guess[i][0],
+                         looks_like_probability=round(guess[i][1], 6))
+            if a["ood_score"] is not None and not r["in_distribution"]:
+                r["flagged_by"] = [n for n, hit in (("features", a["over"][i]), ("modality", a.get("gate") is not None
+                                                    and not a["gate"][1][i]), ("blank", a["blank"][i])) if hit]
             out.append(r)
         return out
 

@@ -549,13 +549,28 @@ def describe(p: Any, class_names: Sequence[str], task: str, thresholds: Sequence
     return out
 
 
+def ood_warning(r: dict, unlike: str = "does not look like the training data") -> str | None:
+    """The one-line warning of an out-of-distribution answer (None when in distribution or unknown): the image
+    ``unlike`` the training data, which check flagged it (the model's own score, the modality gate or both) and what
+    the modality gate takes it for."""
+    if r.get("in_distribution") is not False:
+        return None
+    by = r.get("flagged_by", ["features"])
+    why = [f"modality score {r['modality_score']:.4g}"] if "modality" in by and "modality_score" in r else []
+    why += [f"OOD score {r['ood_score']:.4g}"] if "features" in by and "ood_score" in r else []
+    why += ["blank image"] if "blank" in by else []
+    seen = (f"; it looks like a {r['looks_like']} ({r['looks_like_probability']:.0%})" if "looks_like" in r
+            and r.get("modality_match") is False else "")
+    return f"WARNING: out of distribution ({', '.join(why) or 'flagged'}): this image {unlike}{seen}; do not " \
+           f"trust the label"
+
+
 def format_answer(r: dict, first: str, unlike: str) -> str:
     """A readable block of one answer: the line ``first``, a warning when out of distribution (the image ``unlike``
     the training data), the expected grade and the distribution sorted by probability (multi-label: yes/no)."""
     lines = [first]
-    if r.get("in_distribution") is False:
-        lines.append(f"  WARNING: out of distribution (OOD score {r['ood_score']:.4g}): this image {unlike}; do not "
-                     f"trust the label")
+    if (w := ood_warning(r, unlike)) is not None:
+        lines.append(f"  {w}")
     if "expected_grade" in r:
         lines.append(f"  expected grade {r['expected_grade']:.2f}")
     w = max(len(c) for c in r["probabilities"])

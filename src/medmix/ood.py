@@ -19,6 +19,16 @@ against all other modalities 1.000 / 0.982 / 1.000 for BreastMNIST / PneumoniaMN
 Gaussian noise 1.000 / 0.998 / 1.000, where the energy score reaches only 0.62 / 0.67 / 0.41 and 0.17 / 0.57 / 0.39
 (a small classifier's logits can be large on images it has never seen).
 
+The model's own score only knows the model's training images. A model trained on 546 ultrasound images may put a
+hand X-ray or a CT slice right beside its classes (measured: 25 of 48 MedNIST images passed a quickstart model
+before the gate). The **modality gate** adds what every model lacks (:mod:`medmix.modality`): a small network
+shipped with medmix that was trained to tell imaging modalities apart. Per run, :func:`fit_gate` fits a Gaussian
+per class on the gate's features of the training images and places a threshold on the val images at ``GATE_TPR``
+(98 %); the model's own threshold is then placed so that both checks together still keep ``TPR`` (95 %) of the val
+images. An image is in distribution only when it passes both (and the blank guard); predictions say which check
+flagged it (``flagged_by``) and what the gate takes it for (``looks_like``). ``results/ood.md`` measures the rule
+per model and modality.
+
 A blank guard completes the score: an image whose pixel standard deviation is below half the 0.1% quantile of the
 training images' (``min_pixel_std``; a constant image) is flagged whatever its score, because a featureless input can
 land near a class mean in feature space (measured: a PneumoniaMNIST model's Mahalanobis score alone flags a third of
@@ -28,6 +38,7 @@ one predictions use) and the Mahalanobis statistics in the checkpoint; :class:`D
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import numpy as np
@@ -38,9 +49,11 @@ from .data.tasks import MULTI_LABEL
 from .errors import ConfigError
 from .imaging import pixel_std  # noqa: F401  (ood.pixel_std: the blank guard's statistic, torch-free)
 from .inference import extract  # noqa: F401  (ood.extract: features for the scores below)
+from .modality import gate_available, gate_outputs, load_gate
 
-__all__ = ["DEFAULT_SCORE", "SCORES", "TPR", "Detector", "energy_score", "extract", "fit", "fit_from_features",
-           "fit_mahalanobis", "mahalanobis_score", "min_pixel_std", "pixel_std", "threshold_at_tpr"]
+__all__ = ["DEFAULT_SCORE", "GATE_TPR", "SCORES", "TPR", "Detector", "GateDetector", "energy_score", "extract", "fit",
+           "fit_from_features", "fit_gate", "fit_mahalanobis", "mahalanobis_score", "min_pixel_std", "pixel_std",
+           "threshold_at_tpr"]
 
 SCORES = ("mahalanobis", "energy")
 DEFAULT_SCORE = "mahalanobis"
@@ -49,6 +62,9 @@ MIN_STD_QUANTILE = 0.001  # blank guard: half this quantile of the training imag
 MAX_FIT_IMAGES = 20_000  # training images used to fit the Gaussian (a fixed random subset above this)
 EXTRA_MEANS = "ood.mahalanobis.means"
 EXTRA_PRECISION = "ood.mahalanobis.precision"
+GATE_TPR = 0.98  # share of validation images the modality gate keeps (the run's own score keeps TPR of them)
+EXTRA_GATE_MEANS = "ood.gate.means"
+EXTRA_GATE_PRECISION = "ood.gate.precision"
 
 
 # ----------------------------------------------------------------------------------------------- scores
@@ -97,14 +113,25 @@ def mahalanobis_score(features: Any, stats: dict[str, torch.Tensor]) -> np.ndarr
     return d.min(1).values.clamp_min(0.0).numpy()
 
 
-def threshold_at_tpr(in_scores: Any, tpr: float = TPR, train_scores: Any = None) -> float:
+def threshold_at_tpr(in_scores: Any, tpr: float = TPR, train_scores: Any = None, passed: Any = None,
+                     train_passed: Any = None) -> float:
     """The smallest threshold with at least ``tpr`` of ``in_scores`` at or below it (``in_distribution = score <=
-    threshold``); given ``train_scores`` (a validation split too small to place it on), of both pooled."""
+    threshold``); given ``train_scores`` (a validation split too small to place it on), of both pooled.
+
+    ``passed`` (and ``train_passed``): boolean masks of the images another check already lets through (the modality
+    gate); the threshold is then placed so that ``tpr`` of *all* images pass both checks (the largest score of the
+    passed ones when that share cannot be reached)."""
     parts = [in_scores] if train_scores is None else [train_scores, in_scores]
-    s = np.sort(np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for v in parts]))
+    s = np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for v in parts])
     if len(s) == 0 or not np.isfinite(s).all():
         raise ConfigError("need finite in-distribution scores to fix an OOD threshold")
-    k = min(len(s) - 1, max(0, int(np.ceil(tpr * len(s))) - 1))
+    n = len(s)
+    if passed is not None:
+        masks = [passed] if train_scores is None else [train_passed, passed]
+        keep = np.concatenate([np.asarray(m, dtype=bool).reshape(-1) for m in masks])
+        s = s[keep] if keep.any() else s
+    s = np.sort(s)
+    k = min(len(s) - 1, max(0, int(np.ceil(tpr * n)) - 1))
     return float(s[k])
 
 
@@ -116,14 +143,16 @@ def min_pixel_std(train_images: Any) -> float:
 # ----------------------------------------------------------------------------------------------- fitting
 def fit_from_features(train_features: Any, train_labels: Any, val_logits: Any, val_features: Any, task: str, *,
                       method: str = DEFAULT_SCORE, tpr: float = TPR, energy_temperature: float = 1.0,
-                      train_logits: Any = None) -> tuple[dict, dict[str, torch.Tensor]]:
+                      train_logits: Any = None, passed: tuple[Any, Any] | None = None
+                      ) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(meta block, checkpoint extras)`` from features of the training split and logits/features of the validation
     split. The block: ``method`` (the score predictions use), ``threshold`` (its), ``thresholds`` (both scores),
     ``temperature`` (of the energy), ``tpr``, ``split`` ("val"), ``n_val``, ``n_fit``, ``feature_dim``.
 
     ``train_logits`` given (a validation split too small to place a threshold on): the thresholds are placed on the
     training and validation scores pooled (``split`` "train+val"); training images sit closer to the statistics
-    fitted on them, so the threshold is stricter."""
+    fitted on them, so the threshold is stricter. ``passed``: the (val, train) masks of images the modality gate
+    lets through; the thresholds then keep ``tpr`` of the images through both checks together."""
     if method not in SCORES:
         raise ConfigError(f"unknown OOD score {method!r}; use one of {', '.join(SCORES)}")
     stats = fit_mahalanobis(train_features, train_labels, task)
@@ -134,7 +163,8 @@ def fit_from_features(train_features: Any, train_labels: Any, val_logits: Any, v
 
     val_scores = scores(val_logits, val_features)
     train_scores = scores(train_logits, train_features) if train_logits is not None else {}
-    thresholds = {k: threshold_at_tpr(v, tpr, train_scores.get(k)) for k, v in val_scores.items()}
+    pv, pt = passed if passed is not None else (None, None)
+    thresholds = {k: threshold_at_tpr(v, tpr, train_scores.get(k), pv, pt) for k, v in val_scores.items()}
     block = {"method": method, "threshold": thresholds[method], "thresholds": thresholds,
              "temperature": float(energy_temperature), "tpr": float(tpr),
              "split": "val" if train_logits is None else "train+val",
@@ -146,10 +176,11 @@ def fit_from_features(train_features: Any, train_labels: Any, val_logits: Any, v
 def fit(model: nn.Module, train_images: torch.Tensor, train_labels: Any, val_images: torch.Tensor, transform,
         task: str, *, method: str = DEFAULT_SCORE, tpr: float = TPR, batch_size: int = 256,
         max_fit_images: int = MAX_FIT_IMAGES, seed: int = 0, val: tuple[torch.Tensor, torch.Tensor] | None = None,
-        pool_train: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+        pool_train: bool = False, gate: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
     """Fit the OOD statistics of ``model`` on un-augmented training images (``transform`` must not augment) and
     fix the thresholds on the validation images (``pool_train``: on the training and validation images together);
-    ``val`` may pass their already computed ``(logits, features)``.
+    ``val`` may pass their already computed ``(logits, features)``. ``gate``: also fit the modality gate's Gaussian
+    (:mod:`medmix.modality`, ``block["gate"]``) on the same uint8 images.
     Returns ``(meta["ood"] block, checkpoint extras)``."""
     labels = torch.as_tensor(np.asarray(train_labels)) if not isinstance(train_labels, torch.Tensor) else train_labels
     min_std = min_pixel_std(train_images)
@@ -158,10 +189,65 @@ def fit(model: nn.Module, train_images: torch.Tensor, train_labels: Any, val_ima
         train_images, labels = train_images[idx], labels[idx]
     train_logits, train_features = extract(model, train_images, transform, batch_size)
     val_logits, val_features = val if val is not None else extract(model, val_images, transform, batch_size)
+    gate_block, gate_stats, passed = None, {}, None
+    if gate and gate_available():  # first: the model's own threshold is placed on the images the gate passes
+        gate_block, gate_stats, passed = fit_gate(train_images, labels.numpy(), val_images, task,
+                                                  pool_train=pool_train)
     block, stats = fit_from_features(train_features, labels.numpy(), val_logits, val_features, task, method=method,
-                                     tpr=tpr, train_logits=train_logits if pool_train else None)
+                                     tpr=tpr, train_logits=train_logits if pool_train else None, passed=passed)
     block["min_pixel_std"] = min_std
+    if gate_block is not None:
+        block["gate"] = gate_block
+        stats.update(gate_stats)
     return block, stats
+
+
+# ----------------------------------------------------------------------------------------------- modality gate
+def fit_gate(train_images: torch.Tensor, train_labels: Any, val_images: torch.Tensor, task: str, *,
+             tpr: float = GATE_TPR, pool_train: bool = False
+             ) -> tuple[dict, dict[str, torch.Tensor], tuple[np.ndarray, np.ndarray | None]]:
+    """The gate block of ``meta["ood"]``, its checkpoint extras and the (val, train or None) masks of the images it
+    passes, fitted on a run's (un-augmented) uint8 training images and thresholded on its validation images
+    (``pool_train``: on both together). The block: ``threshold``, ``tpr``, ``n_fit``, ``feature_dim``, ``gate`` (the
+    weights' md5), ``modalities`` (the gate's most probable modality over the training images, as shares) and
+    ``split``."""
+    _, info = load_gate()
+    f_train, p_train = gate_outputs(train_images)
+    f_val, _ = gate_outputs(val_images)
+    raw = fit_mahalanobis(f_train, train_labels, task)  # keyed as ood's own statistics, for mahalanobis_score
+    val_scores = mahalanobis_score(f_val, raw)
+    train_scores = mahalanobis_score(f_train, raw) if pool_train else None
+    stats = {EXTRA_GATE_MEANS: raw[EXTRA_MEANS], EXTRA_GATE_PRECISION: raw[EXTRA_PRECISION]}
+    top = np.bincount(p_train.argmax(1), minlength=len(info["classes"])) / max(1, len(p_train))
+    t = threshold_at_tpr(val_scores, tpr, train_scores)
+    block = {"threshold": t, "tpr": float(tpr),
+             "split": "train+val" if pool_train else "val", "n_fit": int(len(f_train)),
+             "feature_dim": int(f_train.shape[1]), "gate": info["md5"],
+             "modalities": {c: round(float(s), 4) for c, s in zip(info["classes"], top) if s > 0}}
+    return block, stats, (val_scores <= t, None if train_scores is None else train_scores <= t)
+
+
+class GateDetector:
+    """Applies a checkpoint's gate block (``meta["ood"]["gate"]``) and statistics to uint8 images."""
+
+    def __init__(self, block: dict, extras: dict[str, torch.Tensor]) -> None:
+        if EXTRA_GATE_MEANS not in extras or EXTRA_GATE_PRECISION not in extras:
+            raise ConfigError("this checkpoint has a modality-gate block but no gate statistics")
+        self.block, self.threshold = block, float(block["threshold"])
+        self.stats = {EXTRA_MEANS: extras[EXTRA_GATE_MEANS], EXTRA_PRECISION: extras[EXTRA_GATE_PRECISION]}
+        model, info = load_gate()
+        if block.get("gate") != info["md5"]:
+            raise ConfigError("this checkpoint's modality-gate statistics were fitted on another version of the gate "
+                              f"(weights {block.get('gate')}, installed {info['md5']})")
+        self.classes = list(info["classes"])
+
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, list[tuple[str, float]]]:
+        """Per image: the gate score (higher = less like the run's training modality), ``in_distribution``
+        (score at or below the threshold) and the gate's most probable modality with its probability."""
+        f, p = gate_outputs(images)
+        s = mahalanobis_score(f, self.stats) if len(f) else np.zeros(0)
+        k = p.argmax(1) if len(p) else np.zeros(0, dtype=int)
+        return s, s <= self.threshold, [(self.classes[j], float(p[i, j])) for i, j in enumerate(k)]
 
 
 # ----------------------------------------------------------------------------------------------- applying
@@ -182,6 +268,12 @@ class Detector:
         self.temperature = float(block.get("temperature", 1.0))
         self.min_pixel_std = float(block.get("min_pixel_std") or 0.0)
         self.stats = None
+        self.gate: GateDetector | None = None
+        if isinstance(block.get("gate"), dict):
+            try:
+                self.gate = GateDetector(block["gate"], extras or {})
+            except ConfigError as e:  # a checkpoint fitted on another gate version: its own score still works
+                warnings.warn(f"modality gate not used: {e}", stacklevel=2)
         if self.method == "mahalanobis":
             if not extras or EXTRA_MEANS not in extras or EXTRA_PRECISION not in extras:
                 raise ConfigError("this checkpoint has no Mahalanobis statistics")
@@ -214,15 +306,36 @@ class Detector:
             return mahalanobis_score(features, self.stats)
         return energy_score(logits, self.temperature, self.task)
 
-    def flags(self, scores: Any, images: Any = None) -> np.ndarray:
-        """``in_distribution`` per row: score at or below the threshold and (given the uint8 ``images``) not blank."""
+    def flags(self, scores: Any, images: Any = None, gate: tuple | None = None) -> np.ndarray:
+        """``in_distribution`` per row: score at or below the threshold and, given the uint8 ``images``, not blank
+        and passed by the modality gate (``gate``: its already computed ``GateDetector`` output)."""
         ok = np.asarray(scores, dtype=np.float64) <= self.threshold
         if images is not None and self.min_pixel_std > 0:
             ok &= pixel_std(images) >= self.min_pixel_std
+        if images is not None and self.gate is not None:
+            ok &= (gate if gate is not None else self.gate(torch.as_tensor(images)))[1]
         return ok
 
     def __call__(self, logits: Any, features: Any = None, images: Any = None) -> list[dict]:
         """One ``{"in_distribution": bool, "ood_score": float}`` per row; ``images`` (uint8, as given to the model)
-        enable the blank guard."""
+        enable the blank guard and, when the checkpoint has one, the modality gate, which adds ``modality_score``,
+        ``modality_match`` (its own verdict) and ``looks_like`` / ``looks_like_probability`` (the gate's most
+        probable modality); a flagged row adds ``flagged_by``: which of "features" (the model's own score),
+        "modality" (the gate) and "blank" (the blank guard) flagged it."""
         s = self.scores(logits, features)
-        return [{"in_distribution": bool(f), "ood_score": round(float(v), 6)} for v, f in zip(s, self.flags(s, images))]
+        g = self.gate(torch.as_tensor(images)) if images is not None and self.gate is not None else None
+        flags = self.flags(s, images, g)
+        blank = (pixel_std(images) < self.min_pixel_std if images is not None and self.min_pixel_std > 0
+                 else np.zeros(len(s), dtype=bool))
+        out = []
+        for i, (v, f) in enumerate(zip(s, flags)):
+            r = {"in_distribution": bool(f), "ood_score": round(float(v), 6)}
+            if g is not None:
+                r.update(modality_score=round(float(g[0][i]), 6), modality_match=bool(g[1][i]), looks_like=g[2][i][0],
+                         looks_like_probability=round(g[2][i][1], 6))
+            if not f:  # which checks flagged it: the model's own score, the modality gate, the blank guard
+                r["flagged_by"] = [n for n, hit in (("features", float(v) > self.threshold),
+                                                    ("modality", g is not None and not g[1][i]),
+                                                    ("blank", bool(blank[i]))) if hit]
+            out.append(r)
+        return out

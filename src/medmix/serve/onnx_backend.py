@@ -152,8 +152,23 @@ class OnnxPredictor:
         floor = float(self.meta["ood"].get("min_pixel_std") or 0.0)
         stds = pixel_std(images) if images is not None else np.full(n, np.inf)
         scores = outputs[self.meta["ood"].get("output", "ood_score")]
-        return [{"in_distribution": bool(float(v) <= self.ood_threshold and s >= floor),
-                 "ood_score": round(float(v), 6)} for v, s in zip(scores, stds)]
+        gate = self.meta["ood"].get("gate")
+        out = []
+        for i, (v, s) in enumerate(zip(scores, stds)):
+            over, blank = float(v) > self.ood_threshold, bool(s < floor)
+            r = {"in_distribution": not (over or blank), "ood_score": round(float(v), 6)}
+            miss = False
+            if gate:  # the modality gate, in the graph (medmix.export), applied as medmix.ood.Detector applies it
+                gs, gp = float(outputs[gate["output"]][i]), outputs[gate["probabilities_output"]][i]
+                miss, k = gs > float(gate["threshold"]), int(np.argmax(gp))
+                r["in_distribution"] = r["in_distribution"] and not miss
+                r.update(modality_score=round(gs, 6), modality_match=not miss, looks_like=gate["classes"][k],
+                         looks_like_probability=round(float(gp[k]), 6))
+            if not r["in_distribution"]:
+                r["flagged_by"] = [name for name, hit in (("features", over), ("modality", miss), ("blank", blank))
+                                   if hit]
+            out.append(r)
+        return out
 
     def predict_arrays(self, images: Sequence[np.ndarray], names: Sequence[str], top_k: int | None = None
                        ) -> list[dict]:
