@@ -148,3 +148,19 @@ def test_a_bad_config_file_is_one_line(tmp_path, capsys):
     f.write_text(json.dumps({"dataset": "breastmnist", "learning_rate": 1}))
     assert main(["train", "--config", str(f)]) == 2
     assert "unknown setting(s) learning_rate" in capsys.readouterr().err
+
+
+def test_recipe_tuned_starts_from_the_shipped_recipe_and_given_options_win(tmp_path, capsys):
+    from medmix.recipes import TUNED
+
+    out = tmp_path / "t"
+    assert main(["train", "--dataset", "breastmnist", "--data-dir", str(ASSETS), "--recipe", "tuned", "--epochs", "1",
+                 "--precision", "fp32", "--out", str(out), "--quiet", "--no-ood", "--no-calibrate"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    want = TUNED["breastmnist"][0]
+    assert cfg["model"] == want["model"] == "cnn_transformer" and cfg["lr"] == want["lr"]
+    assert cfg["label_smoothing"] == want["label_smoothing"] and cfg["epochs"] == 1  # the option given wins
+    capsys.readouterr()
+    assert main(["train", "--dataset", "pathmnist", "--recipe", "tuned", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medmix: error: no tuned recipe for 'pathmnist'")
