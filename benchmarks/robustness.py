@@ -2,6 +2,7 @@
 
     python benchmarks/robustness.py [--data-dir ~/medmnist] [--datasets pneumoniamnist breastmnist retinamnist]
                                     [--seeds 0 1 2] [--reuse] [--epochs N] [--severities 1 2 3 4 5]
+                                    [--corrupt P --name robustness_corrupt]
 
 For each of PneumoniaMNIST, BreastMNIST and RetinaMNIST found in the data dir (28 px), the package's default recipe
 (benchmarks/_common.py ``medmix``) is trained per seed into runs/bench/robustness/<set>-s<seed> (``--reuse``: finished
@@ -11,6 +12,12 @@ Writes results/robustness.{json,md,png}: the clean and corrupted balanced error 
 per corruption and overall, mean +- std over the seeds, beside MedMNIST-C's AlexNet baseline (measured at 224 px),
 and the mean absolute pixel change of each corruption, which shows the ones that barely alter a 28 px image.
 ``--name`` changes the results' file stem (for trial runs that must not replace the committed results).
+
+``--corrupt P``: the variant trained with MedMNIST-C corruption augmentation (``medmix train --corrupt P``: each
+training image corrupted with probability P by one of its set's corruptions at a random severity), into
+``<runs-root>-corrupt<P>/<set>-s<seed>``; pass a ``--name`` of its own (e.g. ``robustness_corrupt``). Its test
+corruptions are the kinds the training drew from (other random draws), so it measures robustness to corruptions
+of the kinds seen in training.
 """
 from __future__ import annotations
 
@@ -54,7 +61,13 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="read finished runs and their robustness results")
     ap.add_argument("--runs-root", default="runs/bench/robustness")
     ap.add_argument("--name", default="robustness", help="results file stem: results/<name>.{json,md,png}")
+    ap.add_argument("--corrupt", type=float, default=0.0, metavar="P",
+                    help="train with MedMNIST-C corruption augmentation of this probability (medmix train --corrupt "
+                         "P) into <runs-root>-corrupt<P> (default 0: the plain recipe, into --runs-root)")
     a = ap.parse_args()
+    if not 0.0 <= a.corrupt <= 1.0:
+        raise SystemExit(f"--corrupt must be in [0, 1], got {a.corrupt}")
+    runs_root = f"{a.runs_root}-corrupt{a.corrupt:g}" if a.corrupt > 0 else a.runs_root
 
     from medmix.data.medmnist import file_name
     from medmix.inference import set_threads
@@ -65,12 +78,12 @@ def main() -> None:
     present = [d for d in a.datasets if (Path(a.data_dir) / file_name(d, 28)).is_file()]
     if not present:
         raise SystemExit(f"none of {', '.join(a.datasets)} found in {a.data_dir}")
-    kw = recipe("medmix", epochs=a.epochs)
+    kw = recipe("medmix", epochs=a.epochs, corrupt=a.corrupt if a.corrupt > 0 else None)
     t0 = time.perf_counter()
     runs = []
     for ds in present:
         for seed in a.seeds:
-            out = run_dir(a.runs_root, ds, seed)
+            out = run_dir(runs_root, ds, seed)
             tr = train_or_reuse(out, a.reuse, dataset=ds, data_dir=a.data_dir, seed=seed, **kw)
             r = robustness_of(out, a.data_dir, severities, a.reuse)
             runs.append({"dataset": ds, "seed": seed, "run": str(out), "best_epoch": tr.best_epoch,
@@ -94,9 +107,11 @@ def main() -> None:
         v = [x for x in values if x is not None]
         return fmt(v, digits) if v else "-"
 
-    md = ["# Corruption robustness (MedMNIST-C corruptions) of the default model, beside MedMNIST-C's AlexNet", "",
-          f"Command: `{command_line()}`  ", f"Machine: {machine()['description']}.", "",
-          f"Each set: the default recipe (`medmix train --dataset SET`, at most {kw.get('epochs', 30)} epochs) per "
+    trained = f" trained with corruption augmentation (--corrupt {a.corrupt:g})" if a.corrupt > 0 else ""
+    md = [f"# Corruption robustness (MedMNIST-C corruptions) of the default model{trained}, beside MedMNIST-C's "
+          "AlexNet", "", f"Command: `{command_line()}`  ", f"Machine: {machine()['description']}.", "",
+          f"Each set: the default recipe (`medmix train --dataset SET"
+          f"{f' --corrupt {a.corrupt:g}' if a.corrupt > 0 else ''}`, at most {kw.get('epochs', 30)} epochs) per "
           f"seed ({', '.join(map(str, a.seeds))}); its test split corrupted with the set's MedMNIST-C corruptions at "
           f"severities {', '.join(map(str, severities))} (corruption seed 0: the same corrupted images for every "
           "seed). Balanced error = 1 - balanced accuracy (binary: positive probability > the run's threshold; "
@@ -112,6 +127,12 @@ def main() -> None:
           "corruptions with AlexNet at 224 px: a like-for-like comparison only in kind. rBE divides by AlexNet's "
           "corrupted - clean error, which is near zero or negative for some corruptions (marked †); those rows "
           "can dominate the mean rBE.", ""]
+    if a.corrupt > 0:
+        md += [f"**Training augmentation.** Every training image was corrupted with probability {a.corrupt:g} by one "
+               "of its set's MedMNIST-C corruptions, drawn at random, at a random severity 1-5 (before the recipe's "
+               "own augmentation; validation and test images are not). The test corruptions are therefore of the "
+               "kinds seen in training (with other random draws): these numbers measure robustness to known "
+               "corruption kinds, not to unseen ones. Compare with the plain recipe's results/robustness.md.", ""]
     overview, summary, sections = [], [], []
     for ds in present:
         rs = [r for r in runs if r["dataset"] == ds]
@@ -154,7 +175,8 @@ def main() -> None:
         sections += [f"- {n}" for n in notes] + [""]
     md += [table(["set", "seeds", "clean ACC", "clean balanced error", "corrupted balanced error",
                   "AlexNet clean → corrupted (224 px)", "BE", "rBE"], overview), "", *sections]
-    write_results(a.name, {"command": command_line(), "machine": machine(), "seeds": a.seeds,
+    write_results(a.name, {"command": command_line(), "machine": machine(), "seeds": a.seeds, "corrupt": a.corrupt,
+                           "runs_root": runs_root,
                            "severities": severities, "recipe": {"name": "medmix", **kw}, "runs": runs,
                            "summary": summary, "total_seconds": total,
                            "alexnet_baseline": {d: ALEXNET_BASELINE[d] for d in present if d in ALEXNET_BASELINE},

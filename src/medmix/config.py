@@ -99,6 +99,9 @@ class TrainConfig(RecipeConfig):
     cutmix: float = opt(0.0, "CutMix: paste a box of another training image, its area ~ Beta(a, a) with this a "
                              "(e.g. 1.0; 0 = off); with --mixup too, each mixed batch uses one of the two")
     mix_prob: float = opt(1.0, "share of training batches mixed when --mixup or --cutmix is on, 0..1")
+    corrupt: float = opt(0.0, "augmentation with the MedMNIST-C corruptions of the dataset's modality "
+                              "(medmix.corruptions): each training image is corrupted with this probability by one "
+                              "corruption drawn at random at a random severity 1-5 (0 = off)")
     teacher: str | None = opt(None, "distil from this run or ensemble of the same dataset (`medmix ensemble`): the "
                                     "loss adds the teacher's soft labels on every augmented batch (default: none)",
                                 type=str)

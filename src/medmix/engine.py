@@ -27,6 +27,7 @@ from ._version import __version__
 from .atomic import atomic_write_text
 from .checkpoint import GENERALIST, is_generalist, load_checkpoint, save_checkpoint
 from .config import OPTIMIZERS, RecipeConfig, TrainConfig  # noqa: F401  (medmix.engine.TrainConfig, as before)
+from .corruptions import Corruption, corruption_set_name, corruptions_for, random_corruptions
 from .data import (NORMALIZATIONS, BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset,
                    normalization)
 from .data.mixing import BatchMix
@@ -92,6 +93,7 @@ def check_recipe(cfg: RecipeConfig) -> None:
         _range("mixup", cfg.mixup, 0.0, 100.0)
         _range("cutmix", cfg.cutmix, 0.0, 100.0)
         _range("mix_prob", cfg.mix_prob, 0.0, 1.0)
+        _range("corrupt", cfg.corrupt, 0.0, 1.0)
         _range("distill_weight", cfg.distill_weight, 0.0, 1.0)
         _range("distill_temperature", cfg.distill_temperature, 0.0, 100.0, lo_open=True)
         _monitor(cfg.monitor, "binary-class")
@@ -269,6 +271,11 @@ class SingleTask(Task):
         self.teacher = self._teacher(cfg.teacher, bundle, mean, std) if cfg.teacher else None
         mix = BatchMix(cfg.mixup, cfg.cutmix, cfg.mix_prob)
         self.mix = mix if mix.enabled else None  # off: no random numbers drawn, runs unchanged
+        # MedMNIST-C corruptions of the set (a user's data: the generic list by channels); off: nothing drawn
+        flag = bundle.name if bundle.source.get("kind") == "medmnist" else None
+        if cfg.corrupt > 0 and info.n_channels not in (1, 3):
+            raise ConfigError(f"--corrupt needs images with 1 or 3 channels; {bundle.name} has {info.n_channels}")
+        self.corruptions = corruptions_for(flag, info.n_channels) if cfg.corrupt > 0 else None
         self.model_kwargs = dict(num_classes=info.num_classes, in_chans=info.n_channels, img_size=self.img_size,
                                  drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, **cfg.model_kwargs)
         if loss_name == "corn":  # rank-consistent head; its outputs are class log-probabilities
@@ -284,6 +291,10 @@ class SingleTask(Task):
                      "loss": loss_name, "augment": self.augment,
                      "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("quiet", "resume", "ddp")},
                      "monitor": self.monitor, "precision": self.precision}
+        if self.corruptions is not None:
+            self.meta["corrupt_augment"] = {"probability": cfg.corrupt, "severities": [1, 2, 3, 4, 5],
+                                            "corruption_set": corruption_set_name(flag, info.n_channels),
+                                            "corruptions": list(self.corruptions)}
         self.small_val = len(bundle.splits["val"]) < MIN_VAL_FOR_MODEL_SELECTION
         if self.small_val:
             warn(f"the validation split has {len(bundle.splits['val'])} images (fewer than "
@@ -359,7 +370,11 @@ class SingleTask(Task):
                 return None
             rows = distributed.shard(len(idx), ctx.rank, ctx.world_size)
             weight = (rows.stop - rows.start) * ctx.world_size / len(idx)  # DDP averages; this makes it a sum
-        x = self.train_tf(tr.images[idx], train=True, generator=self.gen, rows=rows)
+        images = tr.images[idx]
+        if self.corruptions is not None:  # on the stored uint8 images, before the resize and the augmentation
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.gen))
+            images = corrupt_batch(images, self.corruptions, self.cfg.corrupt, seed, rows)
+        x = self.train_tf(images, train=True, generator=self.gen, rows=rows)
         y = tr.labels[idx] if rows is None else tr.labels[idx[rows]]
         if ctx.device.type != "cpu":
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
@@ -429,6 +444,19 @@ class SingleTask(Task):
 
     def result_of_finished_run(self, final: Path, rank: int) -> TrainResult:
         return TrainResult.read(final, rank)
+
+
+def corrupt_batch(x: torch.Tensor, corruptions: dict[str, Corruption], p: float, seed: int,
+                  rows: slice | None = None) -> torch.Tensor:
+    """A uint8 ``(B, C, H, W)`` batch (C = 1 or 3) with each image corrupted with probability ``p`` by one of
+    ``corruptions`` at a random severity (:func:`medmix.corruptions.random_corruptions`, its draws from ``seed``);
+    ``rows``: only those rows are corrupted, with the pixels they would get without ``rows``."""
+    a = x.numpy()
+    if a.shape[1] not in (1, 3):
+        raise ConfigError(f"--corrupt needs images with 1 or 3 channels, got {a.shape[1]}")
+    images = a[:, 0] if a.shape[1] == 1 else np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+    out = random_corruptions(images, corruptions, p, seed, rows)
+    return torch.from_numpy(np.ascontiguousarray(out[:, None] if out.ndim == 3 else out.transpose(0, 3, 1, 2)))
 
 
 def write_run_files(run: Path, metrics_doc: dict, history: list[dict]) -> None:
