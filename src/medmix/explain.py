@@ -214,10 +214,11 @@ def _colour_bar(fig: Any, ax: Any, method: str, explained: str) -> Any:
 def _panel(img: torch.Tensor, cam: np.ndarray, probs: Sequence[tuple[str, float]], explained: str, title: str,
            method: str, warning: str | None = None) -> Any:
     """The figure of one image: the input, the heatmap over it with its colour bar, and the top probabilities
-    (``explained`` in red), and ``warning`` (an out-of-distribution verdict) in red under the title. The overlay keeps the anatomy at full opacity and lays the heatmap on top with an opacity
-    rising with the map (:func:`medmix.imaging.cam_overlay`, the same drawing as the server's), so a reader sees
-    the tissue under a hot area and no tint where there is no evidence; thin white outlines mark 50 % (dashed) and
-    80 % (solid) of the map's maximum. Returns the matplotlib figure (the caller saves it)."""
+    (``explained`` in red), and ``warning`` (an out-of-distribution verdict) in red under the title. The overlay
+    keeps the anatomy at full opacity and lays the heatmap on top with an opacity rising with the map
+    (:func:`medmix.imaging.cam_overlay`, the same drawing as the server's), so a reader sees the tissue under a hot
+    area and no tint where there is no evidence; thin white outlines mark 50 % (dashed) and 80 % (solid) of the
+    map's maximum. Returns the matplotlib figure (the caller saves it)."""
     from matplotlib import patheffects
     from matplotlib.collections import Collection
 

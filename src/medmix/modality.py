@@ -8,13 +8,13 @@ built by ``benchmarks/modality_gate.py``; its training data and their licences a
 trained to tell imaging modalities apart (chest X-ray, breast ultrasound, retinal fundus photo, abdomen / chest /
 head CT, breast MRI, hand X-ray, natural photos).
 
-Per run, at the end of training, :func:`medmix.ood.fit_gate` computes the gate's features of the run's training images and fits
-a Gaussian per class (shared Ledoit-Wolf covariance, as :func:`medmix.ood.fit_mahalanobis`); the threshold is placed
-on the validation images at ``medmix.ood.GATE_TPR``. A new image whose gate features are further than the threshold from every
-class is flagged. Because the gate's features separate modalities, images of another modality land far from a run's
-Gaussians even when the run's own model cannot tell them apart; because the Gaussians are the run's own, the gate
-also serves a run of a modality the gate never saw (a user's own images), only less sharply. The gate's most
-probable modality is reported beside the flag ("looks like a hand X-ray").
+Per run, at the end of training, :func:`medmix.ood.fit_gate` computes the gate's features of the run's training images
+and fits a Gaussian per class (shared Ledoit-Wolf covariance, as :func:`medmix.ood.fit_mahalanobis`); the threshold is
+placed on the validation images at ``medmix.ood.GATE_TPR``. A new image whose gate features are further than the
+threshold from every class is flagged. Because the gate's features separate modalities, images of another modality land
+far from a run's Gaussians even when the run's own model cannot tell them apart; because the Gaussians are the run's
+own, the gate also serves a run of a modality the gate never saw (a user's own images), only less sharply. The gate's
+most probable modality is reported beside the flag ("looks like a hand X-ray").
 
 Every image is seen by the gate at 28 x 28 pixels in 3 channels (grey images replicated), however the run itself
 sees it: the same coarse view whatever the run's size, so one set of weights serves every run.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
