@@ -158,7 +158,8 @@ def main() -> None:
         tuned = next((r for r in mine if r["kind"] == "tuned"), None)
         header = ["model", "seeds", "test ACC", "test AUC", "val ACC", "val AUC",
                   "train s/run (median; ensemble: members' sum)", "MMACs/img", "infer img/s (torch)"]
-        md += [f"## {ds}", "", f"Measured by `{mine[0]['command']}` on {mine[0]['machine']}.", "", table(header, out), ""]
+        md += [f"## {ds}", "", f"Measured by `{mine[0]['command']}` on {mine[0]['machine']}.", "",
+               table(header, out), ""]
         if tuned:
             md += [f"Tuning: {tuned['tune_trials']} complete trials in {tuned['tune_seconds']:.0f} s; best recipe "
                    f"`{json.dumps(tuned['recipe'])}`.", ""]

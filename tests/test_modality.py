@@ -159,3 +159,28 @@ def test_http_api_answers_a_dicom_upload_with_the_gate_fields(trained_run):
         assert p["in_distribution"] is False and p["modality_match"] is False and "modality" in p["flagged_by"]
         info = c.get("/v1/model").json()
         assert info["ood"]["gate"]["threshold"] > 0
+
+
+def test_onnx_export_carries_the_gate_and_the_onnx_backend_answers_like_torch(trained_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from medmix.export import export_onnx
+    from medmix.serve.onnx_backend import OnnxPredictor
+
+    r = export_onnx(trained_run.run_dir, tmp_path / "m.onnx")
+    assert r["outputs"][-2:] == ["modality_score", "modality_probabilities"] and r["ood"]["gate"]["threshold"] > 0
+    files = [dcm("CT_small.dcm"), dcm("MR_small.dcm")]
+    got, want = OnnxPredictor(tmp_path / "m.onnx").predict(files), Predictor(trained_run.run_dir).predict(files)
+    for g, w in zip(got, want):
+        assert g["in_distribution"] == w["in_distribution"] is False and g["flagged_by"] == w["flagged_by"]
+        assert g["looks_like"] == w["looks_like"]
+        assert g["modality_score"] == pytest.approx(w["modality_score"], rel=1e-3)
+
+
+def test_int8_export_states_that_it_carries_no_gate(trained_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from medmix.export import export_onnx
+
+    r = export_onnx(trained_run.run_dir, tmp_path / "q.onnx", int8=True, int8_force=True, data_dir=ASSETS,
+                    calibration_images=32)
+    assert "modality_score" not in r["outputs"] and r["ood"]["gate"] is None
+    assert "int8 graphs carry no modality gate" in r["ood"]["gate_note"]

@@ -92,7 +92,8 @@ def test_temperature_is_fitted_and_stored_at_train_end(trained_run):
 def test_ood_block_and_statistics_round_trip_with_weights_only_loading(trained_run):
     path = trained_run.run_dir / "best_model.pth"
     payload = torch.load(path, map_location="cpu", weights_only=True)  # no pickled objects: tensors and text only
-    assert set(payload["extras"]) == {ood.EXTRA_MEANS, ood.EXTRA_PRECISION, ood.EXTRA_GATE_MEANS, ood.EXTRA_GATE_PRECISION}
+    assert set(payload["extras"]) == {ood.EXTRA_MEANS, ood.EXTRA_PRECISION, ood.EXTRA_GATE_MEANS,
+                                      ood.EXTRA_GATE_PRECISION}
     state, meta, ts, extras = load_checkpoint(path, extras=True)
     assert len(load_checkpoint(path)) == 3  # the old 3-tuple is unchanged
     block = meta["ood"]
