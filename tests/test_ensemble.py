@@ -114,3 +114,16 @@ def test_bad_ensembles_are_one_line(members, tmp_path, capsys, packed_run):
         err = capsys.readouterr().err
         assert err.startswith("medmix: error:") and msg in err and err.count("\n") == 1, err
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
+
+
+def test_split_seed_lets_several_seeds_of_a_packed_dataset_form_an_ensemble(packed_data, tmp_path, capsys):
+    from conftest import TINY_TRAIN
+
+    a = train(dataset=str(packed_data), seed=2, split_seed=5, out=str(tmp_path / "a"), **TINY_TRAIN)
+    b = train(dataset=str(packed_data), seed=3, split_seed=5, out=str(tmp_path / "b"), **TINY_TRAIN)
+    c = train(dataset=str(packed_data), seed=3, out=str(tmp_path / "c"), **TINY_TRAIN)  # split by --seed 3
+    assert (a.run_dir / "split.json").read_text() == (b.run_dir / "split.json").read_text()
+    assert main(["ensemble", str(a.run_dir), str(b.run_dir), "--out", str(tmp_path / "ab")]) == 0
+    capsys.readouterr()
+    assert main(["ensemble", str(a.run_dir), str(c.run_dir), "--out", str(tmp_path / "ac")]) == 2
+    assert "--split-seed" in capsys.readouterr().err

@@ -56,6 +56,9 @@ class RecipeConfig:
     patience: int = opt(10, "early stopping: epochs without val improvement")
     precision: str = opt("auto", "auto: bf16 autocast where the CPU has native bf16, else fp32", choices=PRECISIONS)
     seed: int = opt(0, "random seed of the split, initialisation, data order and augmentation")
+    split_seed: int | None = opt(None, "seed of the train/val/test split of a class-folder or packed dataset "
+                                       "(default: --seed); give several seeds' runs one split seed to ensemble them "
+                                       "(MedMNIST files have official splits)", type=int)
     out: str | None = opt(None, "run directory (default runs/<dataset>-<model>-s<seed>-<time>)", type=str)
     overwrite: bool = opt(False, "replace an existing run directory")
     download: bool = opt(False, "download a missing MedMNIST file (needs internet)")

@@ -255,7 +255,9 @@ class SingleTask(Task):
         self.precision = resolve_precision(cfg.precision)
         torch.manual_seed(cfg.seed)
         split_file = resume.source / "split.json" if resume is not None else None
-        bundle = load_dataset(cfg.dataset, data_dir=cfg.data_dir, size=cfg.size, seed=cfg.seed, download=cfg.download,
+        split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+        bundle = load_dataset(cfg.dataset, data_dir=cfg.data_dir, size=cfg.size, seed=split_seed,
+                              download=cfg.download,
                               split_file=split_file if split_file is not None and split_file.is_file() else None)
         self.bundle, self.info = bundle, bundle.info
         info = bundle.info
@@ -352,8 +354,8 @@ class SingleTask(Task):
             from .data.folders import save_split
 
             b = self.bundle
-            save_split(run / "split.json", b.split_indices, self.cfg.seed, all_labels(b.split_indices, b.splits),
-                       b.source["path"])
+            save_split(run / "split.json", b.split_indices, int(b.source.get("split_seed", self.cfg.seed)),
+                       all_labels(b.split_indices, b.splits), b.source["path"])
 
     def begin_epoch(self, epoch: int) -> None:
         self.gen.manual_seed(epoch_seed(self.cfg.seed, epoch))  # data order and augmentation, equal on every process

@@ -77,7 +77,7 @@ def check_members(runs: Sequence[Run]) -> None:
         if _split_of(r) != _split_of(first):
             raise ConfigError(f"{r.path} was trained on another train/val/test split than {first.path} (a class-"
                               f"folder or packed dataset is split by --seed): its test images may be another "
-                              f"member's training images; train the members on one split")
+                              f"member's training images; train the members on one split (--split-seed N)")
 
 
 def make_ensemble(runs: Sequence[str | os.PathLike | Run], out: str | os.PathLike, *, tta: Any = "none",

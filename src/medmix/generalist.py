@@ -93,7 +93,8 @@ class GeneralistResult(TrainResult):
 
 
 def _load_members(cfg: GeneralistConfig) -> tuple[list[_Member], int, int]:
-    bundles: list[DataBundle] = [load_dataset(n, data_dir=cfg.data_dir, size=cfg.size, seed=cfg.seed,
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    bundles: list[DataBundle] = [load_dataset(n, data_dir=cfg.data_dir, size=cfg.size, seed=split_seed,
                                               download=cfg.download) for n in cfg.datasets]
     names = [b.name for b in bundles]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -198,8 +199,9 @@ class MixtureTask(Task):
 
         for m in self.members:
             if m.split_indices is not None:
-                save_split(run / f"split_{m.name}.json", m.split_indices, self.cfg.seed,
-                           all_labels(m.split_indices, m.splits), m.source["path"])
+                save_split(run / f"split_{m.name}.json", m.split_indices,
+                           int(m.source.get("split_seed", self.cfg.seed)), all_labels(m.split_indices, m.splits),
+                           m.source["path"])
 
     def batches(self):
         return self.sampler.batches(self.steps_per_epoch)
