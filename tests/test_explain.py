@@ -358,3 +358,19 @@ def test_every_method_has_a_display_name():
 
     assert set(_METHOD_NAMES) == set(METHODS)
     assert _method_title("gradcam") == "Grad-CAM" and _method_title("eigencam") == "EigenCAM (class-agnostic)"
+
+
+def test_a_class_agnostic_method_is_not_titled_as_explaining_a_class(trained_run, tmp_path, monkeypatch):
+    import numpy as np
+
+    import medmix.explain as ex
+
+    seen = []
+    real = ex._panel
+    monkeypatch.setattr(ex, "_panel", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    img = np.full((28, 28), 90, np.uint8)
+    img[8:20, 8:20] = 200
+    ex.explain(trained_run.run_dir, [img], tmp_path / "e", method="eigencam")
+    ex.explain(trained_run.run_dir, [img], tmp_path / "g", method="gradcam")
+    assert "class-agnostic map" in seen[0] and "explaining" not in seen[0]
+    assert "explaining" in seen[1]
