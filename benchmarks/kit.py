@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--data-dir", default=DEFAULT_DATA)
     ap.add_argument("--reuse", action="store_true")
+    ap.add_argument("--only-reuse", nargs="*", default=[], choices=["distilled"],
+                    help="rows of these kinds are tabulated from finished runs only; none is trained")
     ap.add_argument("--keep-committed", action="store_true",
                     help="keep the committed results/kit.json rows of sets this command does not run")
     a = ap.parse_args()
@@ -117,9 +119,12 @@ def main() -> None:
                [ens], {"views": e["views"], "members": len(e["members"]), "build_seconds": e["seconds"]})
 
         ddirs = [base / f"distilled-s{s}" for s in a.seeds]
-        druns = [train_or_reuse(d, a.reuse, dataset=ds, data_dir=a.data_dir, seed=s, teacher=str(ens))
-                 for d, s in zip(ddirs, a.seeds)]
-        record("distilled", druns, ddirs)
+        druns = [train_or_reuse(d, a.reuse, reuse_only="distilled" in a.only_reuse, dataset=ds,
+                                data_dir=a.data_dir, seed=s, teacher=str(ens)) for d, s in zip(ddirs, a.seeds)]
+        if all(r is not None for r in druns):
+            record("distilled", druns, ddirs)
+        else:
+            print(f"{ds} distilled: not all runs finished; row left out (--only-reuse distilled)", file=sys.stderr)
 
     ref = json.loads((RESULTS / f"{REFERENCE}.json").read_text()) if (RESULTS / f"{REFERENCE}.json").is_file() else {}
     m = machine()
