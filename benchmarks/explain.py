@@ -3,7 +3,8 @@
     python benchmarks/explain.py [--datasets breastmnist pneumoniamnist retinamnist] [--images 200] [--reuse]
 
 Writes results/explain.{json,md}. For each set the default model is trained with medmix's defaults (seed 0; with
-``--reuse`` a finished run in runs/bench/explain is read back). On the first ``--images`` test images, each method
+``--reuse`` a finished run in runs/bench/explain is read back). On the first ``--images`` images of ``--split``
+(default val: the default method is a choice, so it is made off the test split), each method
 of ``medmix explain`` explains the predicted class, and each map is scored with pytorch-grad-cam's ROAD
 (remove-and-debias, Rong et al. 2022; ``ROADCombined`` over removal percentiles 20/40/60/80: half the drop in the
 class's softmax score when the least relevant pixels are imputed away minus when the most relevant are; higher =
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=["breastmnist", "pneumoniamnist", "retinamnist"])
     ap.add_argument("--data-dir", default=DEFAULT_DATA)
     ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--split", default="val", choices=["val", "test"], help="images the maps are scored on")
     ap.add_argument("--ring", type=int, default=3, help="border ring width in pixels (28 px images: 3)")
     ap.add_argument("--out", default="runs/bench/explain")
     ap.add_argument("--reuse", action="store_true")
@@ -87,7 +89,7 @@ def main() -> None:
         from medmix.run import Run
 
         bundle = Run.load(run).training_data(a.data_dir)
-        images = bundle.splits["test"].images[:a.images]
+        images = bundle.splits[a.split].images[:a.images]
         x = p.transform(images).contiguous()
         classes = p.probabilities(images).argmax(1).tolist()
         h, w = x.shape[-2:]
@@ -107,7 +109,7 @@ def main() -> None:
         print(name, {k: round(v["road"], 4) for k, v in per.items()}, flush=True)
     md = [f"# Grad-CAM faithfulness (ROAD) and border heat (`{command_line()}`)", "",
           f"Machine: {doc['machine']['description']}. Default model (hybrid_mixer_small, medmix's defaults, seed 0) "
-          f"per set; the first {a.images} test images; each method explains the predicted class. ROAD combined "
+          f"per set; the first {a.images} {a.split} images; each method explains the predicted class. ROAD combined "
           f"over removal percentiles {PERCENTILES} (mean ± standard error over images; higher is more faithful). "
           f"Ring: the outer {a.ring} px, whose share of the image area is "
           + ", ".join(f"{v['ring_area_share']:.2f} ({k})" for k, v in doc["sets"].items()) + ".", "",
