@@ -142,16 +142,7 @@ def test_bad_probabilities_in_the_library():
 
 
 # ----------------------------------------------------------------------------------------------- the command line
-def refused(argv, capsys, fragment: str) -> str:
-    """Exit 2 with exactly one ``medmix: error:`` line naming ``fragment`` and nothing on stdout."""
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    assert rc == 2, err
-    assert "Traceback" not in err and out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("medmix: error: "), err
-    assert fragment in lines[0], lines[0]
-    return lines[0]
+from test_bad_inputs import refused  # noqa: E402  (one definition of the one-line refusal check)
 
 
 @pytest.mark.parametrize("value", ["1.5", "-0.2", "nan"])
