@@ -73,10 +73,10 @@ def test_gate_tells_the_embedded_ultrasound_from_pydicoms_ct_and_mr(breast):
 
 def test_threshold_with_a_passed_mask_keeps_the_share_of_all_images():
     s = np.arange(100, dtype=float)
-    assert threshold_at_tpr(s, 0.95) == 94.0
+    assert threshold_at_tpr(s, 0.95) == 95.0  # 96 of 100 kept: the split-conformal rank ceil(0.95 * 101)
     passed = np.ones(100, bool)
-    passed[[0, 1]] = False  # two images already flagged by the gate: three more for the score to flag
-    assert threshold_at_tpr(s, 0.95, passed=passed) == 96.0
+    passed[[0, 1]] = False  # two images already flagged by the gate: two more for the score to flag
+    assert threshold_at_tpr(s, 0.95, passed=passed) == 97.0
     assert threshold_at_tpr(s, 0.95, passed=np.arange(100) < 50) == 49.0  # unreachable: the largest passed score
 
 

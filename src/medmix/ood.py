@@ -115,8 +115,12 @@ def mahalanobis_score(features: Any, stats: dict[str, torch.Tensor]) -> np.ndarr
 
 def threshold_at_tpr(in_scores: Any, tpr: float = TPR, train_scores: Any = None, passed: Any = None,
                      train_passed: Any = None) -> float:
-    """The smallest threshold with at least ``tpr`` of ``in_scores`` at or below it (``in_distribution = score <=
-    threshold``); given ``train_scores`` (a validation split too small to place it on), of both pooled.
+    """The threshold (``in_distribution = score <= threshold``) at the split-conformal rank: the
+    ``ceil(tpr * (n + 1))``-th smallest of the ``n`` held-out scores, so that a new image exchangeable with them
+    passes with probability at least ``tpr``. (The plain ``ceil(tpr * n)``-th keeps ``tpr`` of the held-out images
+    themselves but only ``ceil(tpr * n) / (n + 1)`` of new ones in expectation: 93.7 % instead of 95 % on
+    BreastMNIST's 78 val images.) Given ``train_scores`` (a validation split too small to place it on), of both
+    pooled. Beyond the largest score (``n`` too small for the rank) the largest score is used.
 
     ``passed`` (and ``train_passed``): boolean masks of the images another check already lets through (the modality
     gate); the threshold is then placed so that ``tpr`` of *all* images pass both checks (the largest score of the
@@ -131,7 +135,7 @@ def threshold_at_tpr(in_scores: Any, tpr: float = TPR, train_scores: Any = None,
         keep = np.concatenate([np.asarray(m, dtype=bool).reshape(-1) for m in masks])
         s = s[keep] if keep.any() else s
     s = np.sort(s)
-    k = min(len(s) - 1, max(0, int(np.ceil(tpr * n)) - 1))
+    k = min(len(s) - 1, max(0, int(np.ceil(tpr * (n + 1))) - 1))
     return float(s[k])
 
 
