@@ -164,3 +164,43 @@ def test_recipe_tuned_starts_from_the_shipped_recipe_and_given_options_win(tmp_p
     assert main(["train", "--dataset", "pathmnist", "--recipe", "tuned", "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("medmix: error: no tuned recipe for 'pathmnist'")
+
+
+def test_recipe_auto_is_the_default_and_uses_a_tuned_recipe_only_where_it_won_on_val(tmp_path, capsys):
+    from medmix.recipes import TUNED, recipe
+
+    base = ["--data-dir", str(ASSETS), "--epochs", "1", "--precision", "fp32", "--no-ood", "--no-calibrate"]
+    assert main(["train", "--dataset", "breastmnist", *base, "--out", str(tmp_path / "auto")]) == 0
+    cfg = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert cfg["model"] == TUNED["breastmnist"].settings["model"] == "cnn_transformer"
+    assert cfg["lr"] == TUNED["breastmnist"].settings["lr"] and cfg["epochs"] == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("breastmnist's tuned recipe: model cnn_transformer") and "--recipe default" in err[0]
+    assert err[1].startswith("training ")  # the note comes with the training log, after the settings were accepted
+    # --recipe default: the package defaults; a model given on the command line wins over the tuned one
+    assert main(["train", "--dataset", "breastmnist", *base, "--recipe", "default", "--out", str(tmp_path / "d"),
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["model"] == "hybrid_mixer_small"
+    assert main(["train", "--dataset", "breastmnist", *base, "--model", "resnet18_28", "--out", str(tmp_path / "m"),
+                 "--quiet"]) == 0
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model"] == "resnet18_28" and cfg["label_smoothing"] == TUNED["breastmnist"].settings["label_smoothing"]
+    # a tuned recipe whose val gain was within noise, a dataset without one, several datasets: the package defaults
+    assert not TUNED["retinamnist"].is_default and recipe("auto", "retinamnist") == {}
+    assert recipe("auto", "pathmnist") == {} and recipe("auto", None) == {}
+    assert recipe("tuned", "retinamnist")["model_kwargs"] == {"embed_dim": 96, "depth": 2}
+    # a config file is taken as it is: auto adds nothing under it
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"dataset": "breastmnist", "epochs": 1}))
+    assert main(["train", "--config", str(f), *base, "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["model"] == "hybrid_mixer_small"
+
+
+def test_every_tuned_recipe_is_a_valid_config():
+    from medmix.config import TrainConfig
+    from medmix.engine import check_recipe
+    from medmix.recipes import TUNED
+
+    for name, t in TUNED.items():
+        check_recipe(TrainConfig(dataset=name, **t.settings))
+        assert "val ACC" in t.provenance and "test ACC" in t.provenance

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 from ._version import __version__
 from .cam_methods import DEFAULT_METHOD as DEFAULT_CAM_METHOD
+from .recipes import TUNED
 from .cam_methods import METHODS as CAM_METHODS
 from .config import GeneralistConfig, TrainConfig
 from .errors import ConfigError, MedmixError, require_extra
@@ -116,9 +117,12 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="a JSON file of these settings (e.g. `medmix tune`'s best.json, or a run's config.json); "
                              "options given on the command line win (default: none)")
-    parser.add_argument("--recipe", default="default", choices=("default", "tuned"),
+    parser.add_argument("--recipe", default="auto", choices=("auto", "default", "tuned"),
                         help="tuned: start from the recipe `medmix tune` found for this dataset (medmix.recipes; "
-                             "--config and the options given win); default: the options' defaults")
+                             "--config and the options given win); default: the options' defaults; auto (the "
+                             "default): the tuned recipe where it beat the options' defaults on val ("
+                             + ", ".join(k for k, t in TUNED.items() if t.is_default) + "), else the options' "
+                             "defaults; not applied with --config or --resume")
     several = parser.add_argument_group("several datasets (--dataset a,b,...)")
     for f in _cli_fields(TrainConfig) + [f for f in _cli_fields(GeneralistConfig) if f.name in GENERALIST_ONLY]:
         m = f.metadata
@@ -158,13 +162,31 @@ def train_kwargs(a: argparse.Namespace) -> dict:
     kw = {**config_file(a.config, TrainConfig), **kw}
     if not isinstance(a.dataset, _Default):
         kw["dataset"] = a.dataset
-    if a.recipe != "default":
-        from .recipes import recipe
+    if a.recipe == "tuned" or (a.recipe == "auto" and a.config is None and kw.get("resume") is None):
+        from .recipes import describe, recipe
 
-        kw = {**recipe(a.recipe, kw.get("dataset")), **kw}
+        settings = recipe(a.recipe, kw.get("dataset"))
+        if a.recipe == "auto" and settings and not kw.get("quiet"):
+            kw["log"] = _first_line_note(f"{kw['dataset']}'s tuned recipe: {describe(settings)} (options given win; "
+                                         f"--recipe default for the package defaults)")
+        kw = {**settings, **kw}
     if "dataset" not in kw and not isinstance(kw.get("resume"), str):
         raise ConfigError("--dataset is required (or --resume RUN_DIR to continue a run)")
     return kw
+
+
+def _first_line_note(note: str):
+    """A training log (stderr) that prints ``note`` before its first line: after the settings and the output
+    directory were accepted, so bad input still gets its one ``medmix: error:`` line alone."""
+    first = [True]
+
+    def log(line: str) -> None:
+        if first[0]:
+            first[0] = False
+            print(note, file=sys.stderr)
+        print(line, file=sys.stderr)
+
+    return log
 
 
 def config_file(path: str | None, cls) -> dict:
