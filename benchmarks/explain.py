@@ -81,34 +81,22 @@ def road_scores(model, x: torch.Tensor, maps: np.ndarray, classes: list[int]) ->
 def synthetic(seeds: list[int], steps: int = 40) -> dict:
     """Quadrant mass and ROAD per method on the test suite's one-quadrant task, one model per training seed."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from _quadrant import KWARGS, MODEL, QUADRANT, SIDE, make_images, quadrant_mass
+    from _quadrant import KWARGS, MODEL, QUADRANT, SIDE, make_images, quadrant_mass, train_quadrant
 
     from medmix.data import BatchTransform
     from medmix.models import create_model
 
-    images, labels = make_images(1024, seed=0)
-    mean, std = [float(images.mean() / 255)], [float(images.std() / 255)]
-    tf = BatchTransform(SIDE, mean, std)
-    x, y = torch.from_numpy(images)[:, None], torch.from_numpy(labels)
     held, held_labels = make_images(96, seed=5)
-    xt = tf(torch.from_numpy(held[held_labels == 1])[:, None]).contiguous()
     truth = np.zeros((SIDE, SIDE), np.float32)
     truth[QUADRANT] = 1
     out: dict = {m: {"mass": [], "road": []} for m in METHODS}
     out["(reference) true quadrant"] = {"mass": [], "road": []}
-    for seed in seeds:  # the same plain loop as tests/_quadrant.trained, per seed
-        torch.manual_seed(seed)
+    for seed in seeds:
+        state, mean, std = train_quadrant(seed, steps)
         model = create_model(MODEL, **KWARGS)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        gen = torch.Generator().manual_seed(seed)
-        model.train()
-        for _ in range(steps):
-            idx = torch.randint(0, len(x), (32,), generator=gen)
-            loss = torch.nn.functional.cross_entropy(model(tf(x[idx])), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        model.load_state_dict(state)
         model.eval()
+        xt = BatchTransform(SIDE, mean, std)(torch.from_numpy(held[held_labels == 1])[:, None]).contiguous()
         classes = [1] * len(xt)
         maps = {m: cam_array(model, xt, 1, method=m) for m in METHODS}
         maps["(reference) true quadrant"] = np.repeat(truth[None], len(xt), 0)

@@ -13,6 +13,7 @@ import torch.nn as nn
 from _quadrant import CLASSES, QUADRANTS, make_images, quadrant_mass, trained, write_run
 from PIL import Image
 
+from medmix.cam_methods import DEFAULT_METHOD
 from medmix.cli import build_parser, main
 from medmix.data import BatchTransform
 from medmix.errors import ConfigError
@@ -38,6 +39,9 @@ def image_files(tmp_path_factory):
         Image.fromarray(images[i]).save(p)
         paths.append(p)
     return paths
+
+
+DEFAULT_SUFFIX = DEFAULT_METHOD.replace("+", "p")  # panels are <stem>_<method>.png, "+" spelt "p"
 
 
 # ----------------------------------------------------------------------------------------------- localisation
@@ -98,7 +102,7 @@ def test_explain_writes_a_panel_per_image(ckpt, image_files, tmp_path):
     predicted = Predictor(ckpt).predict(image_files)
     assert [r["file"] for r in results] == [str(p) for p in image_files]
     for r, p, path in zip(results, predicted, image_files):
-        assert r["png"] == str(out / f"{path.stem}_gradcampp.png")
+        assert r["png"] == str(out / f"{path.stem}_{DEFAULT_SUFFIX}.png")
         with open(r["png"], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         with Image.open(r["png"]) as im:
@@ -110,7 +114,8 @@ def test_explain_writes_a_panel_per_image(ckpt, image_files, tmp_path):
         assert r["cam"].shape == (28, 28) and 0 <= r["cam"].min() and r["cam"].max() <= 1
         assert list(r["probabilities"]) == list(p["probabilities"])[:2]
     assert [r["label"] for r in results] == ["blob", "blob", "absent"]
-    assert sorted(f.name for f in out.iterdir()) == sorted(f"{p.stem}_gradcampp.png" for p in image_files)  # no temp
+    # no temporary files left
+    assert sorted(f.name for f in out.iterdir()) == sorted(f"{p.stem}_{DEFAULT_SUFFIX}.png" for p in image_files)
 
 
 def test_explain_other_methods_and_array_inputs(ckpt, tmp_path):
@@ -159,7 +164,7 @@ def test_cli_explain(ckpt, image_files, tmp_path, capsys):
     assert main(["explain", str(ckpt), str(image_files[0]), "--out", str(out), "--class", "absent", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["explained_class"] == "absent" and "cam" not in rows[0]
-    assert (out / f"{image_files[0].stem}_gradcampp.png").is_file()
+    assert (out / f"{image_files[0].stem}_{DEFAULT_SUFFIX}.png").is_file()
 
     assert main(["explain", str(ckpt), str(image_files[0]), "--out", str(out), "--class", "1",
                  "--method", "layercam", "--top-k", "1"]) == 0

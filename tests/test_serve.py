@@ -276,7 +276,9 @@ def test_overlay_png_keeps_the_anatomy_and_draws_a_scale_strip():
 
 def test_explain_png_carries_the_scale_strip_and_stays_small(client, test_images):
     r = client.post("/v1/explain", files={"files": ("x.png", png_bytes(test_images[2]), "image/png")})
-    assert r.status_code == 200 and r.headers["x-medmix-method"] == "gradcam++"
+    from medmix.cam_methods import DEFAULT_METHOD
+
+    assert r.status_code == 200 and r.headers["x-medmix-method"] == DEFAULT_METHOD
     assert 1_000 < len(r.content) < 100_000
     img = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).astype(int)
     h, w = img.shape[:2]
