@@ -26,14 +26,14 @@ RECIPE_NAMES = ("auto", "default", "tuned")
 
 TUNED: dict[str, Tuned] = {
     "breastmnist": Tuned(
-        {"model": "cnn_transformer", "epochs": 30, "patience": 10, "optimizer": "adam", "lr": 1.846e-3,
+        {"model": "cnn_transformer", "epochs": 30, "patience": 10, "optimizer": "adam", "lr": 0.001846316577722323,
          "weight_decay": 1e-4, "batch_size": 128, "augment": "none", "label_smoothing": 0.1, "drop_rate": 0.0},
         "medmix tune breastmnist --budget 12m (6 complete trials, best val ACC 0.897); 3 seeds: val ACC 0.897 +- "
         "0.013 against the package defaults' 0.833 +- 0.026; test ACC 0.874 +- 0.004, AUC 0.892 +- 0.010 (defaults "
         "0.829 / 0.868); 46 s per run on 2 AVX-512 BF16 cores (results/kit.md)", True),
     "retinamnist": Tuned(
         {"model": "hybrid_mixer_small", "model_kwargs": {"embed_dim": 96, "depth": 2}, "epochs": 30, "patience": 10,
-         "optimizer": "adamw", "lr": 3.494e-3, "weight_decay": 1e-3, "batch_size": 128, "augment": "none",
+         "optimizer": "adamw", "lr": 0.0034943658059573626, "weight_decay": 1e-3, "batch_size": 128, "augment": "none",
          "label_smoothing": 0.1, "drop_rate": 0.0, "mixup": 0.2, "cutmix": 1.0, "ema": 0.998},
         "medmix tune retinamnist --budget 12m (15 trials); 3 seeds: val ACC 0.617 +- 0.000 against the package "
         "defaults' 0.597 +- 0.048 (a gain below the defaults' standard error, 0.028: not the default); test ACC "
