@@ -3,7 +3,7 @@
 >>> from medmix.explain import explain
 >>> r = explain("runs/quickstart", ["scan.png"], "explanations")[0]
 >>> r["png"], r["label"], r["explained_class"], r["cam"].shape
-('explanations/scan_gradcampp.png', 'malignant', 'malignant', (28, 28))
+('explanations/scan_gradcam.png', 'malignant', 'malignant', (28, 28))
 
 Images are loaded and converted exactly like :class:`medmix.predict.Predictor` does (same decoding, resize,
 normalisation and calibration temperature). The heatmap is taken at ``model.gradcam_layer``, the module whose
