@@ -325,10 +325,17 @@ def test_export_a_generalist_and_route_in_onnx_runtime(gen_run, tmp_path, capsys
     for i, im in enumerate(images):
         Image.fromarray(im).save(tmp_path / f"{i}.png")
         paths.append(str(tmp_path / f"{i}.png"))
-    want = GeneralistPredictor(r.run_dir).predict(paths)
+    torch_predictor = GeneralistPredictor(r.run_dir)
+    want = torch_predictor.predict(paths)
     got = OnnxPredictor(tmp_path / "gen.onnx").predict(paths)
+    thresholds = torch_predictor.ood["thresholds_by_dataset"]
     for w, g in zip(want, got):
-        assert (g["dataset"], g["label"], g["in_distribution"]) == (w["dataset"], w["label"], w["in_distribution"])
+        assert (g["dataset"], g["label"]) == (w["dataset"], w["label"])
+        assert g["ood_score"] == pytest.approx(w["ood_score"], rel=1e-4)
+        # the verdict agrees, except for a score within the engines' rounding of its threshold: the thresholds sit
+        # on a held-out score (the split-conformal rank), and these generated test images can repeat a val image
+        if abs(w["ood_score"] - float(thresholds[w["dataset"]])) > 1e-4 * abs(w["ood_score"]):
+            assert g["in_distribution"] == w["in_distribution"]
         assert g["confidence"] == pytest.approx(w["confidence"], abs=1e-4)
         assert g["dataset_confidence"] == pytest.approx(w["dataset_confidence"], abs=1e-4)
     assert {g["dataset"] for g in got[:8]} == {"pneumoniamnist", "stripes"} and got[-1]["in_distribution"] is False
