@@ -104,10 +104,14 @@ def rates(pred, images) -> dict:
 
 
 def rank_threshold(scores: np.ndarray, tpr: float, rule: str, passed: np.ndarray | None = None) -> float:
-    n = len(scores)
-    kept = int(np.ceil(tpr * (n + 1 if rule == "conformal" else n)))
+    """``conformal``: medmix's own :func:`medmix.ood.threshold_at_tpr`; ``plain``: the same with the
+    ``ceil(tpr * n)``-th score, the rule it replaced."""
+    from medmix.ood import threshold_at_tpr
+
+    if rule == "conformal":
+        return threshold_at_tpr(scores, tpr, passed=passed)
     s = np.sort(scores if passed is None or not passed.any() else scores[passed])
-    return float(s[min(len(s) - 1, max(0, kept - 1))])
+    return float(s[min(len(s) - 1, max(0, int(np.ceil(tpr * len(scores))) - 1))])
 
 
 def val_halves(pred, images, n_splits: int, seed: int = 0) -> dict:

@@ -13,11 +13,11 @@ from typing import Any, Callable, Sequence
 
 from ._version import __version__
 from .cam_methods import DEFAULT_METHOD as DEFAULT_CAM_METHOD
-from .recipes import TUNED
 from .cam_methods import METHODS as CAM_METHODS
 from .config import GeneralistConfig, TrainConfig
 from .errors import ConfigError, MedmixError, require_extra
 from .paths import check_writable_file
+from .recipes import TUNED
 
 # subcommand -> (help, option adders, function, whether it sets the torch threads first), in `medmix --help` order
 COMMANDS: dict[str, tuple[str, tuple[Callable, ...], Callable, bool]] = {}
