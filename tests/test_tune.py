@@ -187,6 +187,7 @@ def test_recipe_auto_is_the_default_and_uses_a_tuned_recipe_only_where_it_won_on
     assert cfg["model"] == "resnet18_28" and cfg["label_smoothing"] == TUNED["breastmnist"].settings["label_smoothing"]
     # a tuned recipe whose val gain was within noise, a dataset without one, several datasets: the package defaults
     assert not TUNED["retinamnist"].is_default and recipe("auto", "retinamnist") == {}
+    assert not TUNED["pneumoniamnist"].is_default and recipe("auto", "pneumoniamnist") == {}
     assert recipe("auto", "pathmnist") == {} and recipe("auto", None) == {}
     assert recipe("tuned", "retinamnist")["model_kwargs"] == {"embed_dim": 96, "depth": 2}
     # a config file is taken as it is: auto adds nothing under it
@@ -204,3 +205,13 @@ def test_every_tuned_recipe_is_a_valid_config():
     for name, t in TUNED.items():
         check_recipe(TrainConfig(dataset=name, **t.settings))
         assert "val ACC" in t.provenance and "test ACC" in t.provenance
+        assert len(t.val_acc) == len(t.defaults_val_acc) >= 3 and all(0 <= v <= 1 for v in t.val_acc)
+
+
+def test_a_tuned_recipe_is_the_default_only_for_a_val_gain_above_the_defaults_standard_error():
+    from medmix.recipes import Tuned
+
+    defaults = (0.80, 0.84, 0.88)  # mean 0.84, sample std 0.04, standard error 0.0231
+    assert Tuned({}, "", (0.87, 0.87, 0.87), defaults).is_default  # +0.030
+    assert not Tuned({}, "", (0.86, 0.86, 0.86), defaults).is_default  # +0.020: within noise
+    assert not Tuned({}, "", (0.83, 0.83, 0.83), defaults).is_default  # a loss
