@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -86,8 +87,8 @@ import medmix.tune as tune
 
 original = tune._trial_task
 
-def killing(trial):
-    cls = original(trial)
+def killing(trial, *args):
+    cls = original(trial, *args)
 
     class Killed(cls):
         def validate(self):
@@ -123,6 +124,39 @@ def test_a_killed_study_resumes_its_interrupted_trial(tmp_path):
     assert run.is_dir() and not partial.exists()
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]  # epochs 1-2 from before the kill, 3 after
+
+
+def test_the_budget_stops_a_running_trial_at_an_epoch_and_the_next_tune_resumes_it(tmp_path, capsys, monkeypatch):
+    begin = SingleTask.begin_epoch
+
+    def slow_first_epoch(self, epoch):  # epoch 1 ends past the 1 s budget on any machine
+        begin(self, epoch)
+        if epoch == 1:
+            time.sleep(1.5)
+
+    monkeypatch.setattr(SingleTask, "begin_epoch", slow_first_epoch)
+    out = tmp_path / "b"
+    args = ["tune", "breastmnist", "--out", str(out), *TUNE[:3], "3", *TUNE[4:]]
+    assert main([*args, "--budget", "1s"]) == 0
+    captured = capsys.readouterr()
+    assert "trial 0: budget spent; stopped after epoch 1" in captured.err
+    assert "failed" not in captured.err and "Traceback" not in captured.err
+    assert "no trial finished yet" in captured.out
+    doc = json.loads((out / "summary.json").read_text())
+    assert [(t["number"], t["state"], t["stopped_at_budget"]) for t in doc["trials"]] == [(0, "fail", True)]
+    partial = out / "trials" / "trial-0000.partial"
+    assert (partial / "last.pth").is_file()  # the stopped trial's epoch 1, kept for the next tune
+    assert main([*args, "--trials", "1", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(t["number"], t["state"], t["retry_of"]) for t in doc["trials"]] == [(0, "fail", None), (1, "complete", 0)]
+    assert doc["best"]["number"] == 1
+    run = out / "trials" / "trial-0000"
+    assert run.is_dir() and not partial.exists()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]  # epoch 1 before the budget stopped it, 2-3 in the second tune
+    assert main([*args, "--trials", "1", "--json"]) == 0  # taken up once: a third tune runs a new trial
+    doc = json.loads(capsys.readouterr().out)
+    assert [(t["number"], t["retry_of"]) for t in doc["trials"]] == [(0, None), (1, 0), (2, None)]
 
 
 def test_tune_takes_a_class_folder_dataset(tmp_path):

@@ -248,7 +248,9 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 @command("tune", "search models and recipes for a dataset on its validation split (Optuna)",
          arg("dataset", help="a dataset name, a class-folder directory or an npz file"),
-         arg("--budget", default="20m", help="wall time for new trials, e.g. 20m, 90s, 1h30m (default: 20m)"),
+         arg("--budget", default="20m", help="wall time of this process, e.g. 20m, 90s, 1h30m: no trial starts after "
+                                            "it, and the running one stops at its next epoch (checkpointed; tune "
+                                            "the study again to resume it) (default: 20m)"),
          arg("--trials", type=int, default=None, help="at most this many trials (default: as the budget allows)"),
          arg("--out", default=None, help="study directory: trials/, best.json, summary.json (default "
                                          "runs/tune/<dataset>)"),

@@ -13,17 +13,22 @@ median of earlier trials at the same epoch (after 3 complete trials and 5 epochs
 The study lives in a storage that several processes, or machines, can share: by default the journal file
 ``<out>/study.journal`` (Optuna's ``JournalFileBackend``, with file locks); ``--storage`` takes another journal
 path or a database URL (``sqlite:///tune.db``, ``postgresql://...``: Optuna's RDBStorage, with heartbeats so a
-trial of a machine that died is retried). Each trial trains into ``<out>/trials/<hash of its parameters>``, so a
-study started again after a kill finds the interrupted trial (still "running" in the study, its process gone),
-marks it failed, queues its parameters again and resumes that run from its last epoch.
+trial of a machine that died is retried). Each trial trains into ``<out>/trials/trial-NNNN`` (NNNN: its first
+attempt's number), so a study started again after a kill finds the interrupted trial (still "running" in the
+study, its process gone), marks it failed, queues its parameters again and resumes that run from its last epoch.
 
-The budget stops new trials once spent (the running one finishes); ``--trials`` caps the number instead or too.
+The budget is this process's wall time: no trial starts after it, and the running one stops at its first epoch
+boundary past it, its last epoch checkpointed (Optuna records it as failed, with ``stopped_at_budget``); the next
+``medmix tune`` of the study queues its parameters again and resumes it from that epoch, as after a kill. So
+``--budget 20m`` ends within one epoch of 20 minutes and loses no training. ``--trials`` caps the number instead
+or too.
 ``<out>/best.json`` holds the best trial's settings as ``TrainConfig`` fields (dataset, model and recipe; epochs
 and seed as tuned) and ``<out>/summary.json`` every trial; ``medmix train --config <out>/best.json`` trains it.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -108,19 +113,34 @@ def _trial_dir(out: Path, trial: Any) -> Path:
 
 
 def _requeue_orphans(study: Any) -> list[int]:
-    """Trials still "running" whose process on this machine is gone (a killed tune): failed, and their
-    parameters queued again (their run directory, named by the parameters, resumes)."""
+    """Trials still "running" whose process on this machine is gone (a killed tune), and trials a budget stopped
+    that nobody has taken up again: (marked failed and) their parameters queued again, with their first attempt's
+    number, so their run directory resumes."""
     from optuna.trial import TrialState
 
     host, again = socket.gethostname(), []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.user_attrs.get("owner", {})
-        if owner.get("host") != host or _alive(int(owner.get("pid", -1))):
+    trials = study.get_trials(deepcopy=False)
+    taken = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs
+             and t.state != TrialState.FAIL}  # a retry that is queued, running or done
+    taken |= {t.user_attrs["retry_of"] for t in trials if t.user_attrs.get("retry_of") is not None
+              and t.state == TrialState.FAIL and not t.user_attrs.get("stopped_at_budget")}
+    for t in trials:
+        first = int(t.user_attrs.get("retry_of", t.number))
+        if t.state == TrialState.RUNNING:
+            owner = t.user_attrs.get("owner", {})
+            if owner.get("host") != host or _alive(int(owner.get("pid", -1))):
+                continue
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        elif not (t.state == TrialState.FAIL and t.user_attrs.get("stopped_at_budget")) or first in taken:
             continue
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        study.enqueue_trial(t.params, user_attrs={"retry_of": first})
+        taken.add(first)
         again.append(t.number)
     return again
+
+
+class BudgetSpent(Exception):
+    """Raised at an epoch boundary of a trial once the study's wall-time budget in this process is spent."""
 
 
 def _alive(pid: int) -> bool:
@@ -178,6 +198,7 @@ def tune(dataset: str, *, budget: str | float | None = "20m", trials: int | None
         say(f"resuming interrupted trial(s) {', '.join(map(str, again))}")
     owner = {"host": socket.gethostname(), "pid": os.getpid()}
     t_start = time.perf_counter()
+    deadline = None if seconds is None else t_start + seconds
 
     def objective(trial: Any) -> float:
         trial.set_user_attr("owner", owner)
@@ -190,7 +211,15 @@ def tune(dataset: str, *, budget: str | float | None = "20m", trials: int | None
             if (run_dir / "metrics.json").is_file():  # trained to the end before a kill stopped the study
                 r = TrainResult.read(run_dir)
             else:
-                r = launch(cfg, set(), lambda s: None, _trial_task(trial))
+                r = launch(cfg, set(), lambda s: None, _trial_task(trial, deadline))
+        except BudgetSpent as e:  # recorded as failed (a NaN value), no new trial starts, the run dir is kept
+            trial.set_user_attr("stopped_at_budget", True)
+            trial.set_user_attr("seconds", time.perf_counter() - t0)
+            say(f"trial {trial.number}: budget spent; stopped after epoch {e.args[0]} (checkpointed; `medmix tune` "
+                f"of this study again resumes it)")
+            quiet_failure.numbers.add(trial.number)
+            study.stop()
+            return float("nan")
         except optuna.TrialPruned:
             shutil.rmtree(run_dir.with_name(run_dir.name + ".partial"), ignore_errors=True)
             say(f"trial {trial.number}: pruned after {time.perf_counter() - t0:.0f} s")
@@ -204,6 +233,8 @@ def tune(dataset: str, *, budget: str | float | None = "20m", trials: int | None
             f"{_short(kw)}")
         return value
 
+    quiet_failure = _QuietBudgetFailure()
+    optuna.logging.get_logger("optuna").addFilter(quiet_failure)
     try:
         study.optimize(objective, n_trials=trials, timeout=seconds, catch=())
     except ValueError as e:  # Optuna refuses a categorical parameter whose choices changed within a study
@@ -211,7 +242,21 @@ def tune(dataset: str, *, budget: str | float | None = "20m", trials: int | None
             raise
         raise ConfigError(f"study {name!r} was made with another search space (an older medmix); continue it "
                           f"with that version, or start a new study (another --out, --storage or --study)") from None
+    finally:
+        optuna.logging.get_logger("optuna").removeFilter(quiet_failure)
     return summarise(study, out, base, models, time.perf_counter() - t_start)
+
+
+class _QuietBudgetFailure(logging.Filter):
+    """Drops Optuna's warning that a trial stopped at the budget "failed" (medmix says what happened instead)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numbers: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        m = re.match(r"Trial (\d+) failed with value nan", record.getMessage())
+        return not (m and int(m.group(1)) in self.numbers)
 
 
 def _short(kw: dict) -> str:
@@ -220,13 +265,22 @@ def _short(kw: dict) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in keep.items())
 
 
-def _trial_task(trial: Any) -> type[SingleTask]:
-    """The single-dataset task of one trial: reports every epoch's val score to Optuna (which may prune it) and
-    never reads the test split."""
+def _trial_task(trial: Any, deadline: float | None = None) -> type[SingleTask]:
+    """The single-dataset task of one trial: reports every epoch's val score to Optuna (which may prune it), stops
+    at the first epoch boundary past ``deadline`` (``time.perf_counter()``; the previous epoch is checkpointed by
+    then) and never reads the test split."""
     import optuna
 
     class TrialTask(SingleTask):
         reads_test = False
+
+        def begin_epoch(self, epoch: int) -> None:
+            # never before this process's first epoch of the trial: a trial Optuna started inside the budget
+            # trains at least one epoch (and checkpoints it)
+            if getattr(self, "_trained_here", False) and deadline is not None and time.perf_counter() > deadline:
+                raise BudgetSpent(epoch - 1)
+            self._trained_here = True
+            super().begin_epoch(epoch)
 
         def validate(self):
             v = super().validate()
@@ -246,7 +300,9 @@ def summarise(study: Any, out: Path, base: TrainConfig, models: tuple[str, ...],
     done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     rows = [{"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
              "val": t.user_attrs.get("val"), "seconds": t.user_attrs.get("seconds"),
-             "run_dir": t.user_attrs.get("run_dir")} for t in study.get_trials(deepcopy=False)]
+             "run_dir": t.user_attrs.get("run_dir"), "retry_of": t.user_attrs.get("retry_of"),
+             "stopped_at_budget": bool(t.user_attrs.get("stopped_at_budget"))}
+            for t in study.get_trials(deepcopy=False)]
     doc: dict[str, Any] = {"study": study.study_name, "dataset": base.dataset, "trials": rows,
                            "n_complete": len(done), "seconds_this_process": seconds}
     out.mkdir(parents=True, exist_ok=True)
