@@ -2,6 +2,8 @@
 the reference rows measured here and the published ones.
 
     python benchmarks/kit.py [--datasets breastmnist] [--budget 10m] [--seeds 0 1 2] [--data-dir ~/medmnist] [--reuse]
+    python benchmarks/kit.py --recorded-recipes --reuse --keep-committed --only-reuse default distilled
+        # the later rows again from the committed recipes (no study), keeping the committed default/distilled rows
 
 Per set, in order (every choice made on the validation split; the test split is read once per reported run):
 
@@ -63,10 +65,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--data-dir", default=DEFAULT_DATA)
     ap.add_argument("--reuse", action="store_true")
-    ap.add_argument("--only-reuse", nargs="*", default=[], choices=["distilled"],
+    ap.add_argument("--only-reuse", nargs="*", default=[], choices=["default", "distilled", "distilled_tuned"],
                     help="rows of these kinds are tabulated from finished runs only; none is trained")
     ap.add_argument("--keep-committed", action="store_true",
-                    help="keep the committed results/kit.json rows of sets this command does not run")
+                    help="keep the committed results/kit.json rows this command does not produce (other sets, "
+                         "or kinds left out by --only-reuse)")
+    ap.add_argument("--recorded-recipes", action="store_true",
+                    help="take each set's tuned recipe and tuning figures from the committed results/kit.json "
+                         "instead of running (or reading) a study: rebuilds the later rows on another machine")
     ap.add_argument("--table-only", action="store_true",
                     help="run nothing: rewrite results/kit.{md,png} from the committed results/kit.json rows")
     a = ap.parse_args()
@@ -81,7 +87,7 @@ def main() -> None:
     set_threads()
     rows, t_all = [], time.perf_counter()
     committed = json.loads((RESULTS / "kit.json").read_text()).get("rows", []) if (
-        a.keep_committed and (RESULTS / "kit.json").is_file()) else []
+        (a.keep_committed or a.recorded_recipes) and (RESULTS / "kit.json").is_file()) else []
     for ds in a.datasets:
         if not (Path(a.data_dir) / file_name(ds, 28)).is_file():
             print(f"{ds}: not in {a.data_dir}, skipped", file=sys.stderr)
@@ -100,24 +106,38 @@ def main() -> None:
             print(f"{ds} {kind}: test ACC {fmt(rows[-1]['test_acc'])} AUC {fmt(rows[-1]['test_auc'])}",
                   file=sys.stderr, flush=True)
 
-        dirs = [base / f"default-s{s}" for s in a.seeds]
-        runs = [train_or_reuse(d, a.reuse, dataset=ds, data_dir=a.data_dir, seed=s) for d, s in zip(dirs, a.seeds)]
-        record("default", runs, dirs)
+        def seeded(kind: str, dirs: list[Path], **kw) -> None:
+            """One run per seed into ``dirs``, then the row (left out when --only-reuse finds unfinished runs)."""
+            runs = [train_or_reuse(d, a.reuse, reuse_only=kind in a.only_reuse, **{**kw, "data_dir": a.data_dir,
+                                                                                   "seed": s})
+                    for d, s in zip(dirs, a.seeds)]
+            if all(r is not None for r in runs):
+                record(kind, runs, dirs)
+            else:
+                print(f"{ds} {kind}: not all runs finished; row left out (--only-reuse {kind})", file=sys.stderr)
 
-        study = base / "tune"
-        t0 = time.perf_counter()
-        if not (a.reuse and (study / "best.json").is_file()):
-            tune(ds, budget=a.budget, out=study, data_dir=a.data_dir,
-                 say=lambda s: print(f"  {ds} tune: {s}", file=sys.stderr, flush=True))
-        tune_seconds = time.perf_counter() - t0
-        summary = json.loads((study / "summary.json").read_text())
-        best = json.loads((study / "best.json").read_text())
-        best = {k: v for k, v in best.items() if k not in ("seed", "data_dir")}
+        seeded("default", [base / f"default-s{s}" for s in a.seeds], dataset=ds)
+
+        recorded = [r for r in committed if r["dataset"] == ds and r["kind"] == "tuned"] if a.recorded_recipes else []
+        if a.recorded_recipes and not recorded:
+            raise SystemExit(f"kit.py: --recorded-recipes: results/kit.json has no tuned row of {ds}")
+        if recorded:
+            best, tuning = recorded[0]["recipe"], {k: recorded[0][k] for k in ("tune_trials", "tune_seconds")}
+        else:
+            study = base / "tune"
+            t0 = time.perf_counter()
+            if not (a.reuse and (study / "best.json").is_file()):
+                tune(ds, budget=a.budget, out=study, data_dir=a.data_dir,
+                     say=lambda s: print(f"  {ds} tune: {s}", file=sys.stderr, flush=True))
+            summary = json.loads((study / "summary.json").read_text())
+            best = json.loads((study / "best.json").read_text())
+            best = {k: v for k, v in best.items() if k not in ("seed", "data_dir")}
+            tuning = {"tune_trials": summary["n_complete"],
+                      "tune_seconds": summary.get("seconds_this_process", time.perf_counter() - t0)}
         tdirs = [base / f"tuned-s{s}" for s in a.seeds]
         truns = [train_or_reuse(d, a.reuse, **{**best, "data_dir": a.data_dir, "seed": s}) for d, s in
                  zip(tdirs, a.seeds)]
-        record("tuned", truns, tdirs, {"recipe": best, "tune_trials": summary["n_complete"],
-                                       "tune_seconds": summary.get("seconds_this_process", tune_seconds)})
+        record("tuned", truns, tdirs, {"recipe": best, **tuning})
 
         ens = base / "ensemble"
         if not (a.reuse and (ens / "ensemble.json").is_file()):
@@ -129,30 +149,19 @@ def main() -> None:
         record("ensemble", [SimpleNamespace(test=e["test"], val=e["val"], seconds=sum(r.seconds for r in truns))],
                [ens], {"views": e["views"], "members": len(e["members"]), "build_seconds": e["seconds"]})
 
-        ddirs = [base / f"distilled-s{s}" for s in a.seeds]
-        druns = [train_or_reuse(d, a.reuse, reuse_only="distilled" in a.only_reuse, dataset=ds,
-                                data_dir=a.data_dir, seed=s, teacher=str(ens)) for d, s in zip(ddirs, a.seeds)]
-        if all(r is not None for r in druns):
-            record("distilled", druns, ddirs)
-        else:
-            print(f"{ds} distilled: not all runs finished; row left out (--only-reuse distilled)", file=sys.stderr)
-        tddirs = [base / f"distilled-tuned-s{s}" for s in a.seeds]
-        tdruns = [train_or_reuse(d, a.reuse, reuse_only="distilled" in a.only_reuse,
-                                 **{**best, "data_dir": a.data_dir, "seed": s, "teacher": str(ens)})
-                  for d, s in zip(tddirs, a.seeds)]
-        if all(r is not None for r in tdruns):
-            record("distilled_tuned", tdruns, tddirs)
+        seeded("distilled", [base / f"distilled-s{s}" for s in a.seeds], dataset=ds, teacher=str(ens))
+        seeded("distilled_tuned", [base / f"distilled-tuned-s{s}" for s in a.seeds], **best, teacher=str(ens))
 
     ref = json.loads((RESULTS / f"{REFERENCE}.json").read_text()) if (RESULTS / f"{REFERENCE}.json").is_file() else {}
     m = machine()
     for r in rows:
         r.setdefault("command", command_line())
         r.setdefault("machine", m["description"])
-    ran = {r["dataset"] for r in rows}
+    ran = {(r["dataset"], r["kind"]) for r in rows}
     if a.keep_committed and (RESULTS / "kit.json").is_file():
         old = json.loads((RESULTS / "kit.json").read_text())
         for r in old.get("rows", []):
-            if r["dataset"] not in ran:
+            if (r["dataset"], r["kind"]) not in ran:
                 if r["kind"] == "ensemble" and "build_seconds" not in r:  # written before members' time counted
                     tuned = next(t for t in old["rows"] if t["dataset"] == r["dataset"] and t["kind"] == "tuned")
                     r["build_seconds"], r["seconds"] = r["seconds"][0], [sum(tuned["seconds"])]
