@@ -67,3 +67,32 @@ def test_an_ensemble_teaches_through_the_command_line(trained_run, tmp_path, cap
                  "--model", "cnn_transformer", "--epochs", "1", "--batch-size", "64", "--precision", "fp32",
                  "--no-ood", "--out", str(tmp_path / "student"), "--quiet"]) == 0
     assert (tmp_path / "student" / "best_model.pth").is_file()
+
+
+def test_teacher_views_identity_drops_the_ensembles_views(trained_run, tmp_path, capsys):
+    """A shift-view ensemble with --teacher-views identity teaches exactly as the same members without views."""
+    from medmix.data.medmnist import ASSETS
+
+    for tta in ("shift", "none"):
+        assert main(["ensemble", str(trained_run.run_dir), "--tta", tta, "--out", str(tmp_path / tta), "--json"]) == 0
+    capsys.readouterr()
+
+    def student(name, teacher, *extra):
+        assert one_thread(lambda: main(["train", "--dataset", "breastmnist", "--data-dir", str(ASSETS), "--teacher",
+                                        str(teacher), "--model", "cnn_transformer", "--epochs", "1", "--batch-size",
+                                        "64", "--precision", "fp32", "--no-ood", "--out", str(tmp_path / name),
+                                        "--quiet", *extra])) == 0
+        return load_checkpoint(tmp_path / name / "last.pth")[0]
+
+    unviewed = student("a", tmp_path / "shift", "--teacher-views", "identity")
+    plain = student("b", tmp_path / "none")
+    viewed = student("c", tmp_path / "shift")
+    assert same(unviewed, plain)
+    assert not same(viewed, plain)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--dataset", "breastmnist", "--teacher-views", "all"])
+    assert e.value.code == 2 and "invalid choice: 'all'" in capsys.readouterr().err
+    from medmix.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown teacher_views 'all'"):
+        train(dataset="breastmnist", data_dir=str(ASSETS), teacher_views="all")

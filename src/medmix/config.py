@@ -110,6 +110,10 @@ class TrainConfig(RecipeConfig):
                                 type=str)
     distill_weight: float = opt(0.5, "--teacher: weight of the soft-label term, 0..1 (the hard labels get the rest)")
     distill_temperature: float = opt(2.0, "--teacher: softening temperature of the soft labels")
+    teacher_views: str = opt("teacher", "--teacher: the test-time views behind the soft labels: teacher = those the "
+                                        "teacher was built with (an ensemble's --tta), identity = none (cheaper: "
+                                        "the shift view costs four passes per member and step)",
+                             choices=("teacher", "identity"))
     monitor: str = opt("auto", "validation metric that picks the best epoch (auto: AUC for binary/multi-label, else "
                                "ACC)", choices=("auto", "acc", "auc", "loss", "f1"))
     tune_threshold: bool = opt(False, "multi-label: choose each label's decision threshold on the validation split")

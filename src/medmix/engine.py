@@ -96,6 +96,8 @@ def check_recipe(cfg: RecipeConfig) -> None:
         _range("corrupt", cfg.corrupt, 0.0, 1.0)
         _range("distill_weight", cfg.distill_weight, 0.0, 1.0)
         _range("distill_temperature", cfg.distill_temperature, 0.0, 100.0, lo_open=True)
+        if cfg.teacher_views not in ("teacher", "identity"):
+            raise ConfigError(f"unknown teacher_views {cfg.teacher_views!r}; use teacher or identity")
         _monitor(cfg.monitor, "binary-class")
         return
     if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
@@ -332,6 +334,8 @@ class SingleTask(Task):
         scale, shift = renormalisation(mean, std, t.meta["mean"], t.meta["std"])
         with torch.random.fork_rng(devices=[]):  # building it must not move the global RNG (the student's init)
             model = t.build_model().to(self.ctx.device).eval()
+        if self.cfg.teacher_views == "identity" and hasattr(model, "views"):  # an ensemble: its members, unviewed
+            model.views = ("identity",)
         for p in model.parameters():
             p.requires_grad_(False)
         as_map = dict(device=self.ctx.device, dtype=torch.float32)
