@@ -13,8 +13,9 @@ Per set, in order (every choice made on the validation split; the test split is 
 3. ``ensemble``: the tuned runs of all seeds averaged with test-time views chosen on val (``medmix ensemble
    --tta auto``); one ensemble per set, so it has no spread over seeds;
 4. ``distilled``: the default model trained with the ensemble as ``--teacher``, one run per seed;
-5. ``distilled_tuned``: the tuned recipe trained with the ensemble as ``--teacher``, one run per seed (a student
-   of the members' own size, so of their cost).
+5. ``distilled_tuned``: the tuned recipe trained with the ensemble as ``--teacher``, without the ensemble's
+   test-time views (``--teacher-views identity``: one pass per member and step), one run per seed (a student of
+   the members' own size, so of their cost).
 
 Each row gives test ACC / AUC (mean ± std over seeds), the training time per run (the tuning time separately), and
 the inference cost of the model the row stands for: MACs per image and torch images/s (batch 256, the run's
@@ -150,7 +151,8 @@ def main() -> None:
                [ens], {"views": e["views"], "members": len(e["members"]), "build_seconds": e["seconds"]})
 
         seeded("distilled", [base / f"distilled-s{s}" for s in a.seeds], dataset=ds, teacher=str(ens))
-        seeded("distilled_tuned", [base / f"distilled-tuned-s{s}" for s in a.seeds], **best, teacher=str(ens))
+        seeded("distilled_tuned", [base / f"distilled-tuned-s{s}" for s in a.seeds], **best, teacher=str(ens),
+               teacher_views="identity")
 
     ref = json.loads((RESULTS / f"{REFERENCE}.json").read_text()) if (RESULTS / f"{REFERENCE}.json").is_file() else {}
     m = machine()
