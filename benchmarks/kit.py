@@ -33,6 +33,7 @@ from pathlib import Path
 from _common import DEFAULT_DATA, RESULTS, command_line, fmt, machine, table, train_or_reuse, write_results
 
 ROOT = Path("runs/bench/kit")
+KINDS = ("default", "tuned", "ensemble", "distilled", "distilled_tuned")
 REFERENCE = "medmnist_table"  # the reference rows measured here (benchmarks/medmnist_table.py)
 
 
@@ -96,10 +97,7 @@ def main() -> None:
         base = ROOT / ds
 
         def record(kind: str, runs: list, dirs: list[Path], extra: dict | None = None) -> None:
-            same = [r for r in committed if r["dataset"] == ds and r["kind"] == kind
-                    and r["test_acc"] == [x.test["acc"] for x in runs]]
-            # the same runs as the committed row: keep its inference cost, measured when they were trained
-            macs, img_s = (same[0]["macs"], same[0]["infer_img_s"]) if same else cost(dirs[0], a.data_dir)
+            macs, img_s = cost(dirs[0], a.data_dir)  # every row of a set measured now, side by side
             rows.append({"dataset": ds, "kind": kind, "seeds": len(runs), "test_acc": [r.test["acc"] for r in runs],
                          "test_auc": [r.test["auc"] for r in runs], "val_acc": [r.val["acc"] for r in runs],
                          "val_auc": [r.val["auc"] for r in runs], "seconds": [r.seconds for r in runs],
@@ -170,6 +168,8 @@ def main() -> None:
                 r.setdefault("command", old.get("command"))
                 r.setdefault("machine", old.get("machine", {}).get("description"))
                 rows.append(r)
+    order = {k: i for i, k in enumerate(KINDS)}
+    rows.sort(key=lambda r: order.get(r["kind"], len(order)))  # the table's order within each set
     sets = [d for d in dict.fromkeys([*a.datasets, *(r["dataset"] for r in rows)]) if any(
         r["dataset"] == d for r in rows)]
     md = ["# The recipe kit on MedMNIST (28 px): default, tuned, ensemble, distilled", "",
