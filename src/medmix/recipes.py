@@ -45,7 +45,7 @@ TUNED: dict[str, Tuned] = {
          "weight_decay": 1e-4, "batch_size": 128, "augment": "none", "label_smoothing": 0.1, "drop_rate": 0.0},
         "medmix tune breastmnist --budget 12m (6 complete trials, best val ACC 0.897); 3 seeds: val ACC 0.897 +- "
         "0.013 against the package defaults' 0.833 +- 0.026; test ACC 0.874 +- 0.004, AUC 0.892 +- 0.010 (defaults "
-        "0.829 / 0.868); 46 s per run on 2 AVX-512 BF16 cores (results/kit.md)",
+        "0.829 / 0.868); 9 s per run on 2 idle AVX-512 BF16 cores, 46 s beside other jobs (results/kit.md)",
         (0.8974358974358975, 0.9102564102564102, 0.8846153846153846),
         (0.8589743589743589, 0.8333333333333334, 0.8076923076923077)),
     "retinamnist": Tuned(
@@ -54,7 +54,7 @@ TUNED: dict[str, Tuned] = {
          "label_smoothing": 0.1, "drop_rate": 0.0, "mixup": 0.2, "cutmix": 1.0, "ema": 0.998},
         "medmix tune retinamnist --budget 12m (15 trials); 3 seeds: val ACC 0.617 +- 0.000 against the package "
         "defaults' 0.597 +- 0.048 (a gain below the defaults' standard error, 0.028: not the default); test ACC "
-        "0.529 +- 0.019, AUC 0.729 +- 0.021 (defaults 0.528 / 0.737); 93-127 s per run (results/kit.md)",
+        "0.529 +- 0.019, AUC 0.729 +- 0.021 (defaults 0.528 / 0.737); 10 s per run on the idle CPU (results/kit.md)",
         (0.6166666666666667, 0.6166666666666667, 0.6166666666666667), (0.5416666666666666, 0.625, 0.625)),
     "pneumoniamnist": Tuned(
         {"model": "cnn_transformer", "epochs": 30, "patience": 10, "optimizer": "sgd", "lr": 0.07710253564584056,
