@@ -11,6 +11,7 @@ from typing import Any
 SIZES = (28, 64, 128, 224)
 PRECISIONS = ("auto", "bf16", "fp32")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+TEACHER_VIEWS = ("teacher", "identity")
 AUGMENTS = ("none", "radiology", "ultrasound", "rotation_free", "rotate_flip_zoom", "medvit_paper",
             "radiology_strong", "ultrasound_strong", "fundus_strong", "ct_mri_strong")
 
@@ -113,7 +114,7 @@ class TrainConfig(RecipeConfig):
     teacher_views: str = opt("teacher", "--teacher: the test-time views behind the soft labels: teacher = those the "
                                         "teacher was built with (an ensemble's --tta), identity = none (cheaper: "
                                         "the shift view costs four passes per member and step)",
-                             choices=("teacher", "identity"))
+                             choices=TEACHER_VIEWS)
     monitor: str = opt("auto", "validation metric that picks the best epoch (auto: AUC for binary/multi-label, else "
                                "ACC)", choices=("auto", "acc", "auc", "loss", "f1"))
     tune_threshold: bool = opt(False, "multi-label: choose each label's decision threshold on the validation split")

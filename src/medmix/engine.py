@@ -26,7 +26,7 @@ from . import distributed
 from ._version import __version__
 from .atomic import atomic_write_text
 from .checkpoint import GENERALIST, is_generalist, load_checkpoint, save_checkpoint
-from .config import OPTIMIZERS, RecipeConfig, TrainConfig  # noqa: F401  (medmix.engine.TrainConfig, as before)
+from .config import OPTIMIZERS, TEACHER_VIEWS, RecipeConfig, TrainConfig  # noqa: F401  (medmix.engine.TrainConfig, as before)
 from .corruptions import Corruption, corruption_set_name, corruptions_for, random_corruptions
 from .data import (NORMALIZATIONS, BatchTransform, DataBundle, Split, dataset_spec, get_policy, load_dataset,
                    normalization)
@@ -96,8 +96,8 @@ def check_recipe(cfg: RecipeConfig) -> None:
         _range("corrupt", cfg.corrupt, 0.0, 1.0)
         _range("distill_weight", cfg.distill_weight, 0.0, 1.0)
         _range("distill_temperature", cfg.distill_temperature, 0.0, 100.0, lo_open=True)
-        if cfg.teacher_views not in ("teacher", "identity"):
-            raise ConfigError(f"unknown teacher_views {cfg.teacher_views!r}; use teacher or identity")
+        if cfg.teacher_views not in TEACHER_VIEWS:
+            raise ConfigError(f"unknown teacher_views {cfg.teacher_views!r}; use {' or '.join(TEACHER_VIEWS)}")
         _monitor(cfg.monitor, "binary-class")
         return
     if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:

@@ -113,28 +113,24 @@ def _trial_dir(out: Path, trial: Any) -> Path:
 
 
 def _requeue_orphans(study: Any) -> list[int]:
-    """Trials still "running" whose process on this machine is gone (a killed tune), and trials a budget stopped
-    that nobody has taken up again: (marked failed and) their parameters queued again, with their first attempt's
-    number, so their run directory resumes."""
+    """Each trial's last attempt, where it is still "running" with its process on this machine gone (a killed
+    tune: marked failed) or was stopped by a budget: its parameters queued again under its first attempt's number,
+    so its run directory resumes."""
     from optuna.trial import TrialState
 
     host, again = socket.gethostname(), []
-    trials = study.get_trials(deepcopy=False)
-    taken = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs
-             and t.state != TrialState.FAIL}  # a retry that is queued, running or done
-    taken |= {t.user_attrs["retry_of"] for t in trials if t.user_attrs.get("retry_of") is not None
-              and t.state == TrialState.FAIL and not t.user_attrs.get("stopped_at_budget")}
-    for t in trials:
-        first = int(t.user_attrs.get("retry_of", t.number))
+    latest: dict[int, Any] = {}  # each trial's last attempt, by its first attempt's number
+    for t in study.get_trials(deepcopy=False):  # in number order
+        latest[int(t.user_attrs.get("retry_of", t.number))] = t
+    for first, t in latest.items():
         if t.state == TrialState.RUNNING:
             owner = t.user_attrs.get("owner", {})
             if owner.get("host") != host or _alive(int(owner.get("pid", -1))):
                 continue
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        elif not (t.state == TrialState.FAIL and t.user_attrs.get("stopped_at_budget")) or first in taken:
+        elif not (t.state == TrialState.FAIL and t.user_attrs.get("stopped_at_budget")):
             continue
         study.enqueue_trial(t.params, user_attrs={"retry_of": first})
-        taken.add(first)
         again.append(t.number)
     return again
 
